@@ -1,0 +1,4 @@
+"""The data contracts: pydantic models for Config, Inventory, Estimate and Plan.
+
+The JSON Schema files beside this module are generated from them: `python -m schemas`.
+"""

@@ -1,0 +1,4 @@
+from schemas.generate import write_all
+
+for path in write_all():
+    print(f"wrote {path}")

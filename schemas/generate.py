@@ -1,0 +1,36 @@
+"""Generate the JSON Schema files in this directory from the models."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from schemas.config import Config
+from schemas.inventory import Inventory
+from schemas.plan import Plan
+
+HERE = Path(__file__).parent
+SCHEMAS = {"config": Config, "plan": Plan, "inventory": Inventory}
+
+
+def schema_texts() -> dict[str, str]:
+    """File name stem -> the JSON text that belongs in <stem>.schema.json."""
+    texts = {}
+    for name, model in SCHEMAS.items():
+        mode = "validation" if name == "config" else "serialization"
+        schema = model.model_json_schema(mode=mode)
+        schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+        schema["$id"] = f"{name}.schema.json"
+        texts[name] = json.dumps(schema, indent=2, sort_keys=True) + "\n"
+    return texts
+
+
+def write_all() -> list[Path]:
+    written = []
+    for name, text in schema_texts().items():
+        path = HERE / f"{name}.schema.json"
+        if not path.exists() or path.read_text() != text:
+            path.write_text(text)
+            written.append(path)
+    return written
+

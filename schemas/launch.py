@@ -1,0 +1,40 @@
+"""Everything that decides how a model's llama-server child is started.
+
+Two equal `LaunchSpec`s start identical children: a reload keeps a child whose spec is unchanged
+and restarts one whose spec changed (supervisor/reload.py). The port is not part of it: the
+supervisor picks one per start.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from schemas.config import CacheType, Contract
+
+
+class LaunchSpec(Contract):
+    model: str = Field(description="The model's name in the config.")
+    file: str = Field(description="The GGUF file, absolute.")
+    mmproj: str | None = Field(None, description="Vision projector, absolute.")
+    ctx: int = Field(ge=0)
+    parallel: int = Field(ge=1)
+    kv_unified: bool
+    cache_type_k: CacheType
+    cache_type_v: CacheType
+    flash_attn: Literal["on", "off", "auto"]
+    batch: int = Field(ge=1)
+    ubatch: int = Field(ge=1)
+    gpu_layers: int = Field(ge=0, description="-ngl; 0 for a CPU model.")
+    devices: list[str] = Field(
+        default_factory=list,
+        description="GPU UUIDs the child sees, in order (CUDA_VISIBLE_DEVICES); empty: none.",
+    )
+    tensor_split: list[float] = Field(
+        default_factory=list, description="-ts fractions, one per device; empty for one device."
+    )
+    split_mode: Literal["none", "layer"] = Field("layer", description="-sm.")
+    main_gpu: int = Field(0, ge=0, description="-mg, an index into devices.")
+    args: list[str] = Field(default_factory=list, description="Extra arguments, global then model.")
+    env: dict[str, str] = Field(default_factory=dict, description="Extra environment.")

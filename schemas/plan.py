@@ -1,0 +1,69 @@
+"""The plan: where every model runs and why, as pure data.
+
+`plan` prints it and `serve` launches it; the same config, inventory and headers give
+byte-identical JSON (no timestamps, sorted keys in lists by name or index).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from schemas.config import Contract, Mode
+from schemas.estimate import Estimate
+from schemas.launch import LaunchSpec
+
+Placement = Literal["gpu", "split", "partial", "cpu", "unplaced"]
+
+
+class ModelShare(Contract):
+    model: str
+    bytes: int = Field(ge=0)
+
+
+class GpuPlan(Contract):
+    index: int
+    uuid: str
+    name: str
+    total_bytes: int
+    free_bytes: int = Field(description="Free when the inventory was taken.")
+    reserve_bytes: int = Field(description="Headroom kept free ([gpus] reserve).")
+    usable_bytes: int = Field(description="free - reserve: what the plan may fill.")
+    resident: list[ModelShare] = Field(description="Resident models' estimated bytes here.")
+    free_after_bytes: int = Field(description="usable minus the resident models.")
+
+
+class ModelPlan(Contract):
+    name: str
+    aliases: list[str] = Field(default_factory=list)
+    mode: Mode
+    priority: int
+    placement: Placement
+    gpus: list[int] = Field(default_factory=list, description="NVML indices used, in split order.")
+    gpu_layers: int = Field(0, description="Layers on GPUs, output layer counted.")
+    n_layers: int = Field(0, description="Repeating layers of the model.")
+    host_bytes: int = Field(0, description="Host RAM the model needs.")
+    estimate: Estimate | None = Field(None, description="The placed estimate, by component.")
+    header_source: Literal["file", "snapshot", "missing"] = Field(
+        "file", description="Where the GGUF header came from."
+    )
+    short_bytes: int = Field(0, description="For an unplaced model: how many bytes it lacks.")
+    reason: str = Field(description="Why this placement, in words.")
+    launch: LaunchSpec | None = Field(None, description="How its child starts; None if unplaced.")
+
+
+class Plan(Contract):
+    gpus: list[GpuPlan] = Field(default_factory=list)
+    models: list[ModelPlan] = Field(default_factory=list, description="By name.")
+    notes: list[str] = Field(default_factory=list, description="Plain statements about the plan.")
+    on_demand_groups: list[list[str]] = Field(
+        default_factory=list,
+        description="Sets of on-demand models that fit at the same time next to the residents.",
+    )
+
+    def model(self, name: str) -> ModelPlan:
+        for entry in self.models:
+            if entry.name == name:
+                return entry
+        raise KeyError(name)

@@ -1,0 +1,1 @@
+"""llama-smart-proxy: the behaviour (config loading, estimates, planning, children, the proxy)."""

@@ -1,0 +1,53 @@
+"""The exceptions a user can act on, translated to one line each at the CLI boundary.
+
+Everything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+class UserError(Exception):
+    """A mistake the user can fix (a file, a flag, the machine); printed without a traceback."""
+
+    exit_code = 2
+
+
+@dataclass(frozen=True)
+class ConfigProblem:
+    file: Path | None
+    line: int | None
+    key: str
+    message: str
+
+    def __str__(self) -> str:
+        where = str(self.file) if self.file else "<config>"
+        if self.line is not None:
+            where += f":{self.line}"
+        return f"{where}: {self.key}: {self.message}" if self.key else f"{where}: {self.message}"
+
+
+class ConfigError(UserError):
+    def __init__(self, problems: list[ConfigProblem]):
+        self.problems = problems
+        count = f"{len(problems)} problem{'s' if len(problems) != 1 else ''}"
+        super().__init__(f"invalid config ({count}):\n" + "\n".join(f"  {p}" for p in problems))
+
+
+class ModelFileError(UserError):
+    """A GGUF file that cannot be read: missing, truncated, not GGUF, a split part missing."""
+
+    def __init__(self, path: Path | str, problem: str):
+        self.path = Path(path)
+        self.problem = problem
+        super().__init__(f"{path}: {problem}")
+
+
+class InventoryError(UserError):
+    """An inventory snapshot that cannot be read."""
+
+
+class LlamaServerError(UserError):
+    """The llama-server binary is missing, does not run, or lacks a flag we use."""

@@ -1,0 +1,1 @@
+"""GGUF headers and the memory model: what a model needs per device, before it is loaded."""

@@ -1,0 +1,106 @@
+"""A tiny llama-architecture GGUF made by code: the built-in default model and the tests' fixture.
+
+Random weights and a byte-level vocabulary (every byte is a token), so the real llama-server loads
+it and answers a chat completion in milliseconds on the CPU. Its answers are noise; it exists to
+exercise everything around a model without downloading one.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import gguf
+import numpy as np
+
+
+@dataclass(frozen=True)
+class TinyShape:
+    n_embd: int = 64
+    n_layer: int = 2
+    n_head: int = 4
+    n_head_kv: int = 2
+    n_ff: int = 128
+    n_ctx_train: int = 2048
+
+
+# ChatML, which llama-server also uses when a model has no template.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{{ message['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+_SPECIAL = [("<unk>", gguf.TokenType.UNKNOWN), ("<s>", gguf.TokenType.CONTROL), ("</s>", gguf.TokenType.CONTROL)]
+
+
+def write_tiny_model(path: Path | str, shape: TinyShape = TinyShape(), seed: int = 0) -> Path:
+    """Write the tiny model to `path` (atomically) and return the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tokens = [t for t, _ in _SPECIAL] + [f"<0x{b:02X}>" for b in range(256)]
+    types = [int(k) for _, k in _SPECIAL] + [int(gguf.TokenType.BYTE)] * 256
+    n_vocab = len(tokens)
+    head_dim = shape.n_embd // shape.n_head
+    rng = np.random.default_rng(seed)
+
+    def weights(*dims: int) -> np.ndarray:
+        return (rng.standard_normal(dims) * 0.02).astype(np.float32)
+
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    writer = gguf.GGUFWriter(str(temporary), "llama")
+    writer.add_name("llama-smart-proxy tiny test model")
+    writer.add_context_length(shape.n_ctx_train)
+    writer.add_embedding_length(shape.n_embd)
+    writer.add_block_count(shape.n_layer)
+    writer.add_feed_forward_length(shape.n_ff)
+    writer.add_head_count(shape.n_head)
+    writer.add_head_count_kv(shape.n_head_kv)
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+    writer.add_vocab_size(n_vocab)
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(tokens)
+    writer.add_token_scores([0.0] * n_vocab)
+    writer.add_token_types(types)
+    writer.add_unk_token_id(0)
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_add_bos_token(True)
+    writer.add_chat_template(CHAT_TEMPLATE)
+
+    writer.add_tensor("token_embd.weight", weights(n_vocab, shape.n_embd))
+    writer.add_tensor("output_norm.weight", np.ones(shape.n_embd, dtype=np.float32))
+    writer.add_tensor("output.weight", weights(n_vocab, shape.n_embd))
+    kv_width = head_dim * shape.n_head_kv
+    for i in range(shape.n_layer):
+        writer.add_tensor(f"blk.{i}.attn_norm.weight", np.ones(shape.n_embd, dtype=np.float32))
+        writer.add_tensor(f"blk.{i}.attn_q.weight", weights(shape.n_embd, shape.n_embd))
+        writer.add_tensor(f"blk.{i}.attn_k.weight", weights(kv_width, shape.n_embd))
+        writer.add_tensor(f"blk.{i}.attn_v.weight", weights(kv_width, shape.n_embd))
+        writer.add_tensor(f"blk.{i}.attn_output.weight", weights(shape.n_embd, shape.n_embd))
+        writer.add_tensor(f"blk.{i}.ffn_norm.weight", np.ones(shape.n_embd, dtype=np.float32))
+        writer.add_tensor(f"blk.{i}.ffn_gate.weight", weights(shape.n_ff, shape.n_embd))
+        writer.add_tensor(f"blk.{i}.ffn_up.weight", weights(shape.n_ff, shape.n_embd))
+        writer.add_tensor(f"blk.{i}.ffn_down.weight", weights(shape.n_embd, shape.n_ff))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    temporary.replace(path)
+    return path
+
+
+def default_model_path() -> Path:
+    """Where the built-in default keeps its tiny model: the user's cache directory."""
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return cache / "llama-smart-proxy" / "tiny-llama.gguf"
+
+
+def ensure_default_model() -> Path:
+    path = default_model_path()
+    if not path.is_file():
+        write_tiny_model(path)
+    return path

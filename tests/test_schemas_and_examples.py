@@ -1,0 +1,67 @@
+"""The committed JSON Schemas match the models, and every example loads through the schema."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from schemas.config import Config, GpuSettings, LlamaServerSettings, ModelSettings, ProxySettings
+from schemas.generate import HERE, schema_texts
+from supervisor.config import load_config
+
+EXAMPLES = Path(__file__).parent.parent / "examples"
+
+
+@pytest.mark.parametrize("name", sorted(schema_texts()))
+def test_committed_schema_is_fresh(name: str) -> None:
+    committed = (HERE / f"{name}.schema.json").read_text()
+    assert committed == schema_texts()[name], f"run `python -m schemas` to regenerate {name}.schema.json"
+
+
+def copy_examples_with_models(tmp_path: Path, tiny_model: Path) -> Path:
+    """The examples, with every GGUF they name made as a tiny model."""
+    target = tmp_path / "examples"
+    shutil.copytree(EXAMPLES, target)
+    for toml in target.glob("*.toml"):
+        for model in tomllib.loads(toml.read_text()).get("models", {}).values():
+            for key in ("file", "mmproj"):
+                if key in model:
+                    path = toml.parent / model[key]
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copyfile(tiny_model, path)
+    return target
+
+
+@pytest.mark.parametrize("example", sorted(p.name for p in EXAMPLES.glob("*.toml")))
+def test_every_example_config_is_valid(example: str, tmp_path: Path, tiny_model: Path) -> None:
+    examples = copy_examples_with_models(tmp_path, tiny_model)
+    loaded = load_config(examples / example)
+    assert loaded.config.models
+
+
+def test_every_example_declares_the_schema_for_editors() -> None:
+    for toml in EXAMPLES.glob("*.toml"):
+        assert toml.read_text().startswith("#:schema ../schemas/config.schema.json\n"), toml
+
+
+def test_reference_example_lists_every_key() -> None:
+    text = (EXAMPLES / "reference.toml").read_text()
+    sections = {
+        "proxy": ProxySettings,
+        "llama_server": LlamaServerSettings,
+        "gpus": GpuSettings,
+        "defaults": ModelSettings,
+    }
+    for section, model in sections.items():
+        body = text.split(f"[{section}]", 1)[1].split("\n[", 1)[0]
+        for key in model.model_fields:
+            assert re.search(rf"^#? ?{key} = ", body, re.M), f"reference.toml [{section}] lacks {key}"
+    for key in Config.model_fields:
+        if key not in sections and key != "models":
+            assert re.search(rf"^{key} = ", text, re.M), f"reference.toml lacks {key}"
+    for key in ("file", "mmproj", "aliases"):
+        assert re.search(rf"^#? ?{key} = ", text.split("[models.", 1)[1], re.M), key
