@@ -1,0 +1,235 @@
+#!/usr/bin/env python3
+"""A FAKE llama-server for fault injection: things the real one will not do on demand.
+
+It speaks enough of llama-server's HTTP API for the supervisor and the proxy (`/health` 503 while
+"loading", then 200; chat/completions/embeddings, streamed as SSE or not) and takes llama-server's
+command line, using only --host, --port and --model. Standard library only, so it starts in
+milliseconds and depends on nothing under test.
+
+Faults, from the environment (a test sets them through the model's `env`):
+  FAKE_LLAMA_LOAD_S=2.5        answer /health with 503 "Loading model" for this long
+  FAKE_LLAMA_SILENT_LOAD=1     print nothing while loading (a stalled load)
+  FAKE_LLAMA_NEVER_READY=1     stay loading forever
+  FAKE_LLAMA_EXIT_CODE=3       print an error and exit at once with this code
+  FAKE_LLAMA_IGNORE_SIGTERM=1  ignore SIGTERM (only SIGKILL stops it)
+  FAKE_LLAMA_EVENTS=/path      append one JSON line per event: start, request, done, disconnect
+Per request, a JSON body may carry "fake": {"chunks": 50, "interval_ms": 20, "delay_ms": 0,
+"die_after_chunks": 3} to shape the response (die_after_chunks kills the process mid-stream).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+import time
+
+ENV = os.environ
+
+
+def record(event: str, **fields: object) -> None:
+    path = ENV.get("FAKE_LLAMA_EVENTS")
+    if path:
+        line = json.dumps({"event": event, "pid": os.getpid(), "t": time.monotonic(), **fields})
+        with open(path, "a") as f:
+            f.write(line + "\n")
+
+
+def arg(names: tuple[str, ...], default: str) -> str:
+    argv = sys.argv[1:]
+    for i, a in enumerate(argv):
+        if a in names and i + 1 < len(argv):
+            return argv[i + 1]
+    return default
+
+
+HELP = """usage: llama-server [options]  (FAKE llama-server for tests)
+-m, --model FNAME  --host HOST  --port PORT  -c, --ctx-size N  -np, --parallel N
+-kvu, --kv-unified  -no-kvu, --no-kv-unified  -ctk, --cache-type-k TYPE  -ctv, --cache-type-v TYPE
+-fa, --flash-attn [on|off|auto]  -b, --batch-size N  -ub, --ubatch-size N  -ngl, --gpu-layers N
+-sm, --split-mode  -ts, --tensor-split  -mg, --main-gpu  -fit, --fit [on|off]  -dev, --device
+--mmproj FILE  --no-webui  --metrics  --alias  -v, --verbose
+"""
+
+
+class State:
+    def __init__(self) -> None:
+        self.started = time.monotonic()
+        self.load_s = float(ENV.get("FAKE_LLAMA_LOAD_S", "0"))
+        self.never_ready = ENV.get("FAKE_LLAMA_NEVER_READY") == "1"
+
+    def is_ready(self) -> bool:
+        return not self.never_ready and time.monotonic() - self.started >= self.load_s
+
+
+async def read_request(reader: asyncio.StreamReader) -> tuple[str, str, dict[str, str], bytes] | None:
+    try:
+        head = await reader.readuntil(b"\r\n\r\n")
+    except (asyncio.IncompleteReadError, ConnectionError):
+        return None
+    lines = head.decode("latin-1").split("\r\n")
+    method, target, _ = lines[0].split(" ", 2)
+    headers = {}
+    for line in lines[1:]:
+        if ":" in line:
+            name, value = line.split(":", 1)
+            headers[name.strip().lower()] = value.strip()
+    body = await reader.readexactly(int(headers.get("content-length", "0")))
+    return method, target, headers, body
+
+
+def response(status: int, payload: object, reason: str = "OK") -> bytes:
+    body = json.dumps(payload).encode()
+    return (
+        f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: keep-alive\r\n\r\n"
+    ).encode() + body
+
+
+def chunk(data: bytes) -> bytes:
+    return f"{len(data):x}\r\n".encode() + data + b"\r\n"
+
+
+async def stream(writer: asyncio.StreamWriter, reader: asyncio.StreamReader, rid: int, shape: dict) -> bool:
+    """Send an SSE stream; return False if the client went away first."""
+    writer.write(
+        b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n"
+        b"Connection: keep-alive\r\n\r\n"
+    )
+    # Watch for the client closing while we stream, as llama-server does, to stop generating.
+    eof = asyncio.ensure_future(reader.read(1))
+    try:
+        for i in range(int(shape.get("chunks", 5))):
+            if i == shape.get("die_after_chunks"):
+                record("die", id=rid, chunk=i)
+                os._exit(1)
+            event = {"id": f"fake-{rid}", "object": "chat.completion.chunk", "index": i,
+                     "choices": [{"index": 0, "delta": {"content": f"tok{i} "}}]}  # fmt: skip
+            writer.write(chunk(b"data: " + json.dumps(event).encode() + b"\n\n"))
+            await writer.drain()
+            interval = float(shape.get("interval_ms", 0)) / 1000
+            if interval:
+                await asyncio.wait({eof}, timeout=interval)
+            if eof.done():
+                record("disconnect", id=rid, chunk=i)
+                return False
+        writer.write(chunk(b"data: [DONE]\n\n") + b"0\r\n\r\n")
+        await writer.drain()
+        return True
+    except ConnectionError:
+        record("disconnect", id=rid)
+        return False
+    finally:
+        eof.cancel()
+        try:
+            await eof
+        except (asyncio.CancelledError, ConnectionError):
+            pass
+
+
+class Server:
+    def __init__(self, state: State) -> None:
+        self.state = state
+        self.requests = 0
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                request = await read_request(reader)
+                if request is None:
+                    return
+                method, target, _, body = request
+                if not await self.respond(method, target, body, reader, writer):
+                    return
+        except ConnectionError:
+            return
+        finally:
+            writer.close()
+
+    async def respond(self, method: str, target: str, body: bytes, reader, writer) -> bool:
+        path = target.split("?", 1)[0]
+        if path in ("/health", "/v1/health"):
+            if self.state.is_ready():
+                writer.write(response(200, {"status": "ok"}))
+            else:
+                writer.write(response(503, {"error": {"message": "Loading model", "type": "unavailable_error", "code": 503}}, "Service Unavailable"))
+            await writer.drain()
+            return True
+        if not self.state.is_ready():
+            writer.write(response(503, {"error": {"message": "Loading model", "code": 503}}, "Service Unavailable"))
+            await writer.drain()
+            return True
+        if method == "GET" and path == "/v1/models":
+            writer.write(response(200, {"object": "list", "data": [{"id": arg(("-m", "--model"), "fake"), "object": "model"}]}))
+            await writer.drain()
+            return True
+        if method != "POST":
+            writer.write(response(404, {"error": {"message": "File Not Found", "code": 404}}, "Not Found"))
+            await writer.drain()
+            return True
+        self.requests += 1
+        rid = self.requests
+        try:
+            payload = json.loads(body or b"{}")
+        except ValueError:
+            writer.write(response(400, {"error": {"message": "invalid JSON", "code": 400}}, "Bad Request"))
+            await writer.drain()
+            return True
+        shape = payload.get("fake", {}) if isinstance(payload, dict) else {}
+        record("request", id=rid, path=path, model=payload.get("model"), stream=bool(payload.get("stream")))
+        if shape.get("delay_ms"):
+            await asyncio.sleep(float(shape["delay_ms"]) / 1000)
+        if payload.get("stream"):
+            finished = await stream(writer, reader, rid, shape)
+            record("done" if finished else "aborted", id=rid)
+            return finished
+        if "embedding" in path:
+            result: dict = {"object": "list", "data": [{"object": "embedding", "index": 0, "embedding": [0.0, 1.0]}]}
+        else:
+            result = {"id": f"fake-{rid}", "object": "chat.completion", "path": path, "pid": os.getpid(),
+                      "echo": payload, "choices": [{"index": 0, "message": {"role": "assistant", "content": "fake"}}]}  # fmt: skip
+        writer.write(response(200, result))
+        await writer.drain()
+        record("done", id=rid)
+        return True
+
+
+async def serve() -> None:
+    host = arg(("--host",), "127.0.0.1")
+    port = int(arg(("--port",), "8080"))
+    state = State()
+    try:
+        server = await asyncio.start_server(Server(state).handle, host, port)
+    except OSError:
+        # llama-server's own words (tools/server/server-http.cpp), which the supervisor recognises
+        print(f"srv    start: couldn't bind HTTP server socket, hostname: {host}, port: {port}", file=sys.stderr, flush=True)
+        sys.exit(1)
+    record("start", port=port, argv=sys.argv[1:])
+    print(f"main: server is listening on http://{host}:{port} - starting the main loop (FAKE)", file=sys.stderr, flush=True)
+    async with server:
+        if not ENV.get("FAKE_LLAMA_SILENT_LOAD") and (state.load_s or state.never_ready):
+            while not state.is_ready():
+                print("llama_model_load: loading tensors ... (FAKE)", file=sys.stderr, flush=True)
+                await asyncio.sleep(0.1)
+        await server.serve_forever()
+
+
+def main() -> None:
+    if "--help" in sys.argv[1:]:
+        print(HELP)
+        return
+    if "--version" in sys.argv[1:]:
+        print("version: 0 (fake)\nbuilt with FAKE for tests", file=sys.stderr)
+        return
+    if "FAKE_LLAMA_EXIT_CODE" in ENV:
+        print("error: FAKE failure at start", file=sys.stderr, flush=True)
+        sys.exit(int(ENV["FAKE_LLAMA_EXIT_CODE"]))
+    if ENV.get("FAKE_LLAMA_IGNORE_SIGTERM") == "1":
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    asyncio.run(serve())
+
+
+if __name__ == "__main__":
+    main()
