@@ -217,10 +217,10 @@ class ProxyServer:
                 tg.start_soon(client.read_loop)
                 try:
                     await self._serve_requests(client)
+                except CloseConnection:
+                    pass
                 finally:
                     tg.cancel_scope.cancel()
-        except CloseConnection:
-            pass
         except Exception:
             log.exception("a connection failed; it was closed, the server goes on")
         finally:

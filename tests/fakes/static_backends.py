@@ -140,3 +140,113 @@ class FakeLlama:
         if self.process.poll() is None:
             self.process.kill()
         self.process.wait(timeout=10)
+
+
+@dataclass
+class Received:
+    method: bytes
+    target: bytes
+    headers: list[tuple[bytes, bytes]]
+    body: bytes
+    connection: int
+
+
+class ScriptedUpstream:
+    """A FAKE child for exact wire checks: a raw socket server in a thread that parses each request
+    strictly with h11, records it, and answers as `script(connection_no, request_no)` says:
+    "ok" (200 JSON), "close" (read the request, close without a byte), "partial" (half a head,
+    then close), "ok-close" (200, then close the connection while the proxy thinks it idle).
+    A request h11 refuses to parse is recorded in `malformed`."""
+
+    def __init__(self, script=lambda connection, request: "ok") -> None:
+        import socket
+        import threading
+
+        self.script = script
+        self.received: list[Received] = []
+        self.malformed: list[str] = []
+        self.connections = 0
+        self._sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self._sock.getsockname()[1]
+        self._threads: list[threading.Thread] = []
+        self._stopping = False
+        self._accepter = threading.Thread(target=self._accept, daemon=True)
+        self._accepter.start()
+
+    @property
+    def upstream(self) -> Upstream:
+        return Upstream("127.0.0.1", self.port)
+
+    def _accept(self) -> None:
+        import threading
+
+        while not self._stopping:
+            try:
+                conn, _ = self._sock.accept()
+            except OSError:
+                return
+            self.connections += 1
+            thread = threading.Thread(target=self._serve, args=(conn, self.connections), daemon=True)
+            self._threads.append(thread)
+            thread.start()
+
+    def _serve(self, sock, number: int) -> None:
+        import h11
+
+        conn = h11.Connection(h11.SERVER)
+        request_no = 0
+        with sock:
+            while True:
+                try:
+                    event = conn.next_event()
+                except h11.RemoteProtocolError as exc:
+                    self.malformed.append(str(exc))
+                    return
+                if event is h11.NEED_DATA:
+                    try:
+                        data = sock.recv(65536)
+                    except OSError:
+                        return
+                    conn.receive_data(data)
+                    continue
+                if isinstance(event, h11.ConnectionClosed):
+                    return
+                if not isinstance(event, h11.Request):
+                    self.malformed.append(f"unexpected {event!r}")
+                    return
+                body = b""
+                while True:
+                    try:
+                        part = conn.next_event()
+                    except h11.RemoteProtocolError as exc:
+                        self.malformed.append(str(exc))
+                        return
+                    if part is h11.NEED_DATA:
+                        data = sock.recv(65536)
+                        if not data:
+                            self.malformed.append("connection closed mid-body")
+                            return
+                        conn.receive_data(data)
+                    elif isinstance(part, h11.Data):
+                        body += part.data
+                    else:
+                        break
+                request_no += 1
+                self.received.append(Received(event.method, event.target, list(event.headers), body, number))
+                action = self.script(number, request_no)
+                if action == "close":
+                    return
+                if action == "partial":
+                    sock.sendall(b"HTTP/1.1 200 OK\r\nContent-")
+                    return
+                payload = json.dumps({"connection": number, "request": request_no}).encode()
+                out = conn.send(h11.Response(status_code=200, headers=[("content-type", "application/json"), ("content-length", str(len(payload)))]))
+                out += conn.send(h11.Data(data=payload)) + conn.send(h11.EndOfMessage())
+                sock.sendall(out)
+                if action == "ok-close":
+                    return
+                conn.start_next_cycle()
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._sock.close()
