@@ -16,6 +16,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+import h11
+
 Headers = list[tuple[bytes, bytes]]
 
 MAX_HEADER_BYTES = 16 * 1024  # h11's default max_incomplete_event_size; beyond it: 431
@@ -150,6 +152,11 @@ def framing_problem(headers: Headers) -> HttpError | None:
             close=True,
         )
     return None
+
+
+def head_size(request: h11.Request) -> int:
+    """The size of a request's head as sent, give or take whitespace."""
+    return len(request.method) + len(request.target) + 12 + sum(len(n) + len(v) + 4 for n, v in request.headers.raw_items())
 
 
 def declared_length(headers: Headers) -> int | None:

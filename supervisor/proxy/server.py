@@ -40,6 +40,7 @@ from supervisor.proxy.http import (
     declared_length,
     downstream_response_headers,
     framing_problem,
+    head_size,
     missing_model_error,
     model_from_body,
     protocol_error,
@@ -260,7 +261,8 @@ class ProxyServer:
     async def _read_head(self, conn: h11.Connection, client: _Client, setup: Setup, first: bool) -> h11.Request | None:
         """The next request's head, or None when the client closed or idled out between requests."""
         settings = setup.settings
-        waited_for_first_byte = not conn.trailing_data[0]
+        fed = len(conn.trailing_data[0])
+        waited_for_first_byte = not fed
         with anyio.move_on_after(settings.header_timeout if first else settings.keepalive_timeout) as scope:
             while True:
                 try:
@@ -268,9 +270,14 @@ class ProxyServer:
                 except h11.RemoteProtocolError as exc:
                     raise protocol_error(exc.error_status_hint, str(exc)) from None
                 if isinstance(event, h11.Request):
+                    # h11 bounds only a head still incomplete; one that arrived whole in a big read
+                    # is measured here.
+                    if fed > MAX_HEADER_BYTES and head_size(event) > MAX_HEADER_BYTES:
+                        raise protocol_error(431, "")
                     return event
                 if event is h11.NEED_DATA:
                     data = await client.receive()
+                    fed += len(data)
                     if data and waited_for_first_byte:
                         waited_for_first_byte = False
                         scope.deadline = anyio.current_time() + settings.header_timeout
@@ -561,7 +568,7 @@ class ProxyServer:
 
     async def _reply(self, conn: h11.Connection, client: _Client, reply: Reply, cors: list[tuple[bytes, bytes]]) -> None:
         """Send a whole reply; ask to close when the request was not read to its end."""
-        if conn.our_state is not h11.SEND_RESPONSE:
+        if conn.our_state is not h11.SEND_RESPONSE and conn.our_state is not h11.IDLE:
             raise CloseConnection()  # a response already started: nothing sensible can follow
         close = reply.close or conn.their_state is not h11.DONE
         headers = reply.head_headers()
