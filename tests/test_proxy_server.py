@@ -386,3 +386,49 @@ def test_upstream_connect_failure_is_a_502_naming_the_model(backends: StaticBack
         response = httpx.post(f"{base}/v1/chat/completions", json={"model": "chat"}, timeout=10)
     assert response.status_code == 502
     assert response.json()["error"]["code"] == "upstream_error"
+
+
+def test_idle_upstream_connections_are_closed_by_the_proxy_before_the_childs_own_timeout(monkeypatch) -> None:
+    from supervisor.proxy import upstream as upstream_module
+
+    monkeypatch.setattr(upstream_module, "IDLE_EXPIRY_S", 0.3)
+    monkeypatch.setattr(upstream_module, "SWEEP_INTERVAL_S", 0.05)
+    child = ScriptedUpstream()
+    try:
+        with running_proxy(StaticBackends({"m": child.upstream})) as (server, base):
+            assert httpx.post(f"{base}/v1/completions", json={"model": "m"}, timeout=10).status_code == 200
+            assert server.pool.idle_count() == 1
+            started = time.monotonic()
+            wait_for(lambda: child.closed_connections == 1, timeout=5, what="the proxy to close its idle connection")
+            assert time.monotonic() - started < 1.0
+            assert server.pool.idle_count() == 0
+    finally:
+        child.stop()
+
+
+def test_idle_client_connections_close_at_the_keepalive_timeout_and_silent_ones_at_the_header_timeout(backends) -> None:
+    with running_proxy(backends, keepalive_timeout=0.3, header_timeout=0.6) as (_, base):
+        sock = connect(base)
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+        started = time.monotonic()
+        assert sock.recv(65536) == b""  # closed quietly, no 408 for an idle keep-alive connection
+        assert 0.2 < time.monotonic() - started < 1.0
+        silent = connect(base)
+        started = time.monotonic()
+        assert silent.recv(65536) == b""
+        assert 0.5 < time.monotonic() - started < 1.5
+
+
+def test_expect_100_continue_gets_a_continue_before_the_body_is_sent(proxy) -> None:
+    _, base = proxy
+    sock = connect(base)
+    body = b'{"model": "chat"}'
+    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: %d\r\n\r\n" % len(body))
+    assert sock.recv(65536).startswith(b"HTTP/1.1 100 ")
+    sock.sendall(body)
+    answer = b""
+    while not answer.endswith(b"}]}"):
+        answer += sock.recv(65536)
+    assert answer.startswith(b"HTTP/1.1 200 ")
+    sock.close()

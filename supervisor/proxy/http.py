@@ -175,10 +175,11 @@ def _connection_named(headers: Headers) -> frozenset[bytes]:
 
 def end_to_end(headers: Headers) -> Headers:
     """`headers` without hop-by-hop and framing fields and without those `Connection` names."""
+    kept = [(n, v) for n, v in headers if n not in HOP_BY_HOP]
+    if len(kept) == len(headers) or not any(n == b"connection" for n, _ in headers):
+        return kept
     named = _connection_named(headers)
-    if named:
-        return [(n, v) for n, v in headers if n not in HOP_BY_HOP and n not in named]
-    return [(n, v) for n, v in headers if n not in HOP_BY_HOP]
+    return [(n, v) for n, v in kept if n not in named]
 
 
 def upstream_request_headers(
@@ -190,15 +191,19 @@ def upstream_request_headers(
     out: Headers = [(b"host", host)]
     forwarded_for: bytes | None = None
     for name, value in end_to_end(headers):
-        if name == b"host" or (drop_authorization and name == b"authorization"):
-            continue
-        if name == b"x-forwarded-for":
-            forwarded_for = value if forwarded_for is None else forwarded_for + b", " + value
+        if name in _REPLACED:
+            if name == b"x-forwarded-for":
+                forwarded_for = value if forwarded_for is None else forwarded_for + b", " + value
+            elif name == b"authorization" and not drop_authorization:
+                out.append((name, value))
             continue
         out.append((name, value))
     out.append((b"x-forwarded-for", peer if forwarded_for is None else forwarded_for + b", " + peer))
     out.append((b"content-length", b"%d" % body_length))
     return out
+
+
+_REPLACED = frozenset({b"host", b"x-forwarded-for", b"authorization"})
 
 
 def downstream_response_headers(headers: Headers) -> tuple[Headers, int | None]:

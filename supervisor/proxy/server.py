@@ -350,14 +350,18 @@ class ProxyServer:
                 if method != b"POST":
                     raise routes.method_not_allowed(b"POST")
                 body = await self._read_body(conn, client, setup, request)
-                name = model_from_body(body)
-                model = await self._resolve(setup, name)
+                name = model_from_body(body) or setup.settings.default_model
+                model = setup.backends.resolve(name) if name is not None else None
+                if model is None:
+                    raise await self._resolve_failed(setup, name)
                 await self._forward(conn, client, setup, request, model, request.target, body, cors, started)
                 return
             routed = upstream_route(path, query)
             if routed is not None:
                 name, target = routed
-                model = await self._resolve(setup, name)
+                model = setup.backends.resolve(name)
+                if model is None:
+                    raise await self._resolve_failed(setup, name)
                 body = await self._read_body(conn, client, setup, request)
                 await self._forward(conn, client, setup, request, model, target, body, cors, started)
                 return
@@ -371,15 +375,9 @@ class ProxyServer:
             await self._reply(conn, client, _backend_error_reply(error), cors)
             self._observe(model, error.status, started)
 
-    async def _resolve(self, setup: Setup, name: str | None) -> str:
-        if name is None:
-            name = setup.settings.default_model
-            if name is None:
-                raise missing_model_error((await setup.backends.snapshot()).known_names())
-        model = setup.backends.resolve(name)
-        if model is None:
-            raise unknown_model_error(name, (await setup.backends.snapshot()).known_names())
-        return model
+    async def _resolve_failed(self, setup: Setup, name: str | None) -> HttpError:
+        known = (await setup.backends.snapshot()).known_names()
+        return missing_model_error(known) if name is None else unknown_model_error(name, known)
 
     async def _own_route(
         self, conn: h11.Connection, client: _Client, setup: Setup, request: h11.Request, method: bytes, path: bytes
@@ -570,6 +568,8 @@ class ProxyServer:
         """Send a whole reply; ask to close when the request was not read to its end."""
         if conn.our_state is not h11.SEND_RESPONSE and conn.our_state is not h11.IDLE:
             raise CloseConnection()  # a response already started: nothing sensible can follow
+        if conn.their_state is h11.SEND_BODY and not reply.close:
+            _drop_buffered_body(conn)
         close = reply.close or conn.their_state is not h11.DONE
         headers = reply.head_headers()
         if cors:
@@ -595,6 +595,18 @@ class ProxyServer:
 
     def _observe(self, model: str, status: int, started: float) -> None:
         self.metrics.observe(model, status, time.perf_counter() - started)
+
+
+def _drop_buffered_body(conn: h11.Connection) -> None:
+    """Read the rest of a request we answer without its body (a GET's empty one, or a small body
+    already received), so that the connection can stay open; stop at the first need for I/O."""
+    try:
+        while True:
+            event = conn.next_event()
+            if event is h11.NEED_DATA or type(event) is h11.EndOfMessage:
+                return
+    except h11.RemoteProtocolError:
+        return
 
 
 def _backend_error_reply(error: BackendError) -> Reply:

@@ -166,6 +166,7 @@ class ScriptedUpstream:
         self.received: list[Received] = []
         self.malformed: list[str] = []
         self.connections = 0
+        self.closed_connections = 0
         self._sock = socket.create_server(("127.0.0.1", 0))
         self.port = self._sock.getsockname()[1]
         self._threads: list[threading.Thread] = []
@@ -191,61 +192,67 @@ class ScriptedUpstream:
             thread.start()
 
     def _serve(self, sock, number: int) -> None:
+        try:
+            self._serve_requests(sock, number)
+        finally:
+            sock.close()
+            self.closed_connections += 1
+
+    def _serve_requests(self, sock, number: int) -> None:
         import h11
 
         conn = h11.Connection(h11.SERVER)
         request_no = 0
-        with sock:
+        while True:
+            try:
+                event = conn.next_event()
+            except h11.RemoteProtocolError as exc:
+                self.malformed.append(str(exc))
+                return
+            if event is h11.NEED_DATA:
+                try:
+                    data = sock.recv(65536)
+                except OSError:
+                    return
+                conn.receive_data(data)
+                continue
+            if isinstance(event, h11.ConnectionClosed):
+                return
+            if not isinstance(event, h11.Request):
+                self.malformed.append(f"unexpected {event!r}")
+                return
+            body = b""
             while True:
                 try:
-                    event = conn.next_event()
+                    part = conn.next_event()
                 except h11.RemoteProtocolError as exc:
                     self.malformed.append(str(exc))
                     return
-                if event is h11.NEED_DATA:
-                    try:
-                        data = sock.recv(65536)
-                    except OSError:
+                if part is h11.NEED_DATA:
+                    data = sock.recv(65536)
+                    if not data:
+                        self.malformed.append("connection closed mid-body")
                         return
                     conn.receive_data(data)
-                    continue
-                if isinstance(event, h11.ConnectionClosed):
-                    return
-                if not isinstance(event, h11.Request):
-                    self.malformed.append(f"unexpected {event!r}")
-                    return
-                body = b""
-                while True:
-                    try:
-                        part = conn.next_event()
-                    except h11.RemoteProtocolError as exc:
-                        self.malformed.append(str(exc))
-                        return
-                    if part is h11.NEED_DATA:
-                        data = sock.recv(65536)
-                        if not data:
-                            self.malformed.append("connection closed mid-body")
-                            return
-                        conn.receive_data(data)
-                    elif isinstance(part, h11.Data):
-                        body += part.data
-                    else:
-                        break
-                request_no += 1
-                self.received.append(Received(event.method, event.target, list(event.headers), body, number))
-                action = self.script(number, request_no)
-                if action == "close":
-                    return
-                if action == "partial":
-                    sock.sendall(b"HTTP/1.1 200 OK\r\nContent-")
-                    return
-                payload = json.dumps({"connection": number, "request": request_no}).encode()
-                out = conn.send(h11.Response(status_code=200, headers=[("content-type", "application/json"), ("content-length", str(len(payload)))]))
-                out += conn.send(h11.Data(data=payload)) + conn.send(h11.EndOfMessage())
-                sock.sendall(out)
-                if action == "ok-close":
-                    return
-                conn.start_next_cycle()
+                elif isinstance(part, h11.Data):
+                    body += part.data
+                else:
+                    break
+            request_no += 1
+            self.received.append(Received(event.method, event.target, list(event.headers), body, number))
+            action = self.script(number, request_no)
+            if action == "close":
+                return
+            if action == "partial":
+                sock.sendall(b"HTTP/1.1 200 OK\r\nContent-")
+                return
+            payload = json.dumps({"connection": number, "request": request_no}).encode()
+            out = conn.send(h11.Response(status_code=200, headers=[("content-type", "application/json"), ("content-length", str(len(payload)))]))
+            out += conn.send(h11.Data(data=payload)) + conn.send(h11.EndOfMessage())
+            sock.sendall(out)
+            if action == "ok-close":
+                return
+            conn.start_next_cycle()
 
     def stop(self) -> None:
         self._stopping = True
