@@ -18,6 +18,7 @@ Rules kept here:
 from __future__ import annotations
 
 import logging
+import socket
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ from typing import Any
 
 import anyio
 import h11
-from anyio.abc import SocketAttribute, SocketListener, SocketStream, TaskStatus
+from anyio.abc import SocketAttribute, SocketListener, TaskStatus
 
 from schemas.config import ProxySettings, parse_listen
 from supervisor.proxy import routes
@@ -50,6 +51,7 @@ from supervisor.proxy.http import (
     upstream_route,
 )
 from supervisor.proxy.metrics import NO_MODEL, ProxyMetrics
+from supervisor.proxy.sockets import Socket, accept
 from supervisor.proxy.upstream import UpstreamConnection, UpstreamError, UpstreamPool
 
 log = logging.getLogger("llama-smart-proxy.proxy")
@@ -86,8 +88,8 @@ class _Client:
     """One client socket. A reader task owns receiving, so that EOF is noticed at any moment;
     the connection loop takes the bytes from it."""
 
-    def __init__(self, stream: SocketStream, peer: str) -> None:
-        self.stream = stream
+    def __init__(self, sock: Socket, peer: str) -> None:
+        self.socket = sock
         self.peer = peer
         self.at_eof = False
         self.watch_scope: anyio.CancelScope | None = None
@@ -102,17 +104,20 @@ class _Client:
                 if self._buffered >= READ_AHEAD_BYTES:
                     self._room = anyio.Event()
                     await self._room.wait()
-                data = await self.stream.receive(READ_SIZE)
+                data = await self.socket.receive(READ_SIZE)
+                if not data:
+                    break
                 self._chunks.append(data)
                 self._buffered += len(data)
                 if self._data_ready is not None:
                     self._data_ready.set()
-        except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
-            self.at_eof = True
-            if self._data_ready is not None:
-                self._data_ready.set()
-            if self.watch_scope is not None:
-                self.watch_scope.cancel()
+        except (anyio.ClosedResourceError, OSError):
+            pass
+        self.at_eof = True
+        if self._data_ready is not None:
+            self._data_ready.set()
+        if self.watch_scope is not None:
+            self.watch_scope.cancel()
 
     async def receive(self) -> bytes:
         """The next bytes from the client; b'' once it closed."""
@@ -131,8 +136,8 @@ class _Client:
 
     async def send(self, data: bytes) -> None:
         try:
-            await self.stream.send(data)
-        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+            await self.socket.send(data)
+        except (anyio.ClosedResourceError, OSError):
             self.at_eof = True
             raise ClientGone() from None
 
@@ -158,43 +163,50 @@ class ProxyServer:
         return self._setup
 
     async def serve(
-        self, *, listener: SocketListener | None = None, task_status: TaskStatus[tuple[str, int]] = anyio.TASK_STATUS_IGNORED
+        self,
+        *,
+        listener: SocketListener | socket.socket | None = None,
+        task_status: TaskStatus[tuple[str, int]] = anyio.TASK_STATUS_IGNORED,
     ) -> None:
         """Accept and serve connections until cancelled. Binds `settings.listen` unless given an
-        already-bound listener (which the caller then owns). Reports (host, port) once listening."""
+        already-bound listening socket (anyio's or a plain one, which the caller then owns).
+        Reports (host, port) once listening."""
         settings = self._setup.settings
-        owned = listener is None
-        listeners: list[SocketListener]
+        bound: list[SocketListener] = []
         if listener is None:
             host, port = parse_listen(settings.listen)
             multi = await anyio.create_tcp_listener(local_host=host, local_port=port)
-            listeners = list(multi.listeners)  # type: ignore[arg-type]
+            bound = list(multi.listeners)  # type: ignore[arg-type]
+            raw = [one.extra(SocketAttribute.raw_socket) for one in bound]
+        elif isinstance(listener, socket.socket):
+            raw = [listener]
         else:
-            listeners = [listener]
-        sockname = listeners[0].extra(SocketAttribute.local_address)
+            raw = [listener.extra(SocketAttribute.raw_socket)]
+        for one in raw:
+            one.setblocking(False)
+        sockname = raw[0].getsockname()
         self.address = (str(sockname[0]), int(sockname[1]))
         self._slots = anyio.Semaphore(settings.max_connections)
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self.pool.run_sweeper)
-                for one in listeners:
+                for one in raw:
                     tg.start_soon(self._accept_loop, one, tg)
                 log.info("listening on %s:%d", *self.address)
                 task_status.started(self.address)
         finally:
+            self.pool.close()
             with anyio.CancelScope(shield=True):
-                await self.pool.aclose()
-                if owned:
-                    for one in listeners:
-                        await one.aclose()
+                for one in bound:
+                    await one.aclose()
 
-    async def _accept_loop(self, listener: SocketListener, tg: anyio.abc.TaskGroup) -> None:
+    async def _accept_loop(self, listener: socket.socket, tg: anyio.abc.TaskGroup) -> None:
         assert self._slots is not None
         while True:
             await self._slots.acquire()
             try:
-                stream = await listener.accept()
-            except OSError as exc:
+                sock, address = await accept(listener)
+            except OSError as exc:  # out of file descriptors, mostly: wait, never die
                 self._slots.release()
                 log.warning("accept failed: %s", exc)
                 await anyio.sleep(ACCEPT_BACKOFF_S)
@@ -202,18 +214,16 @@ class ProxyServer:
             except BaseException:
                 self._slots.release()
                 raise
-            tg.start_soon(self._connection, stream)
+            tg.start_soon(self._connection, sock, address)
 
-    async def _connection(self, stream: SocketStream) -> None:
+    async def _connection(self, raw: socket.socket, address: Any) -> None:
         """One client connection; its own failure boundary."""
         self.metrics.connections += 1
         self.metrics.connections_total += 1
+        sock = Socket(raw)
         try:
-            try:
-                peer = str(stream.extra(SocketAttribute.remote_address)[0])
-            except (OSError, IndexError, TypeError):
-                peer = "unknown"
-            client = _Client(stream, peer)
+            peer = str(address[0]) if isinstance(address, tuple) else "unix"
+            client = _Client(sock, peer)
             async with anyio.create_task_group() as tg:
                 tg.start_soon(client.read_loop)
                 try:
@@ -228,8 +238,7 @@ class ProxyServer:
             self.metrics.connections -= 1
             assert self._slots is not None
             self._slots.release()
-            with anyio.CancelScope(shield=True):
-                await stream.aclose()
+            sock.close()
 
     # ---- one connection's requests -------------------------------------------------------
 
@@ -493,7 +502,7 @@ class ProxyServer:
                         pending = [conn.send(h11.Response(status_code=status, headers=response_headers)) or b""]
                         responded = True
                         await self._relay_body(conn, client, upstream_conn, pending, scope, settings.stream_idle_timeout)
-                        await self.pool.checkin(upstream_conn)
+                        self.pool.checkin(upstream_conn)
                         upstream_conn = None
                 except ModelUnavailable as error:
                     status = error.status
@@ -527,7 +536,7 @@ class ProxyServer:
             client.watch_scope = None
             in_flight[model] -= 1
             if upstream_conn is not None:
-                await upstream_conn.aclose()
+                upstream_conn.close()
             self._observe(model, status, started)
 
     async def _relay_body(
@@ -585,10 +594,7 @@ class ProxyServer:
     async def _linger(self, client: _Client) -> None:
         """Half-close, then read and drop what the client still sends for a moment, so that a client
         still sending its body reads our answer instead of a reset."""
-        try:
-            await client.stream.send_eof()
-        except (OSError, anyio.BrokenResourceError, anyio.ClosedResourceError):
-            return
+        client.socket.shutdown_write()
         with anyio.move_on_after(LINGER_S):
             while await client.receive():
                 pass

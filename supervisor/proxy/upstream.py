@@ -8,22 +8,21 @@ or 100 requests, and each idle connection holds one of its few HTTP threads; DES
   already closed (readable while idle) is dropped before reuse;
 - at most `Upstream.pool_size` idle connections per child; the oldest go first;
 - a reused connection that fails before any response byte is retried once on a fresh one;
-- closing is shielded from cancellation, so a cancelled relay still closes its socket at once
-  (llama-server stops generating when its client goes away).
+- closing never awaits, so a cancelled relay still closes its socket at once (llama-server stops
+  generating when its client goes away).
 """
 
 from __future__ import annotations
 
 import logging
-import select
 from collections.abc import Callable
 
 import anyio
 import h11
-from anyio.abc import SocketStream
 
 from supervisor.proxy.backends import Upstream
 from supervisor.proxy.http import READ_SIZE
+from supervisor.proxy.sockets import Socket, connect
 
 log = logging.getLogger("llama-smart-proxy.upstream")
 
@@ -50,17 +49,19 @@ class UpstreamClosed(UpstreamError):
 class UpstreamConnection:
     """One keep-alive connection to one child."""
 
-    __slots__ = ("upstream", "stream", "h11", "requests", "idle_since", "bytes_in", "_fd", "closed")
+    __slots__ = ("upstream", "socket", "h11", "requests", "idle_since", "bytes_in")
 
-    def __init__(self, upstream: Upstream, stream: SocketStream) -> None:
+    def __init__(self, upstream: Upstream, sock: Socket) -> None:
         self.upstream = upstream
-        self.stream = stream
+        self.socket = sock
         self.h11 = h11.Connection(h11.CLIENT)
         self.requests = 0
         self.idle_since = 0.0
         self.bytes_in = 0
-        self.closed = False
-        self._fd = stream.extra(anyio.abc.SocketAttribute.raw_socket).fileno()
+
+    @property
+    def closed(self) -> bool:
+        return self.socket.closed
 
     @property
     def is_reused(self) -> bool:
@@ -74,11 +75,7 @@ class UpstreamConnection:
 
     def is_dropped_by_peer(self) -> bool:
         """An idle connection with something to read was closed by the child (or is garbage)."""
-        try:
-            readable, _, _ = select.select([self._fd], [], [], 0)
-        except (OSError, ValueError):
-            return True
-        return bool(readable)
+        return self.socket.is_readable()
 
     def start_request(self, request: h11.Request, body: bytes) -> bytes:
         """The bytes of one whole request, and h11's state advanced past it."""
@@ -91,8 +88,8 @@ class UpstreamConnection:
 
     async def send(self, data: bytes) -> None:
         try:
-            await self.stream.send(data)
-        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
+            await self.socket.send(data)
+        except (anyio.ClosedResourceError, OSError) as exc:
             raise UpstreamClosed(f"sending to the model's server failed: {exc.__class__.__name__}") from None
 
     async def next_event(self) -> h11.Event:
@@ -110,8 +107,8 @@ class UpstreamConnection:
     async def receive_more(self) -> None:
         """Read once from the child into h11 (EOF and resets become b'', which h11 judges)."""
         try:
-            data = await self.stream.receive(READ_SIZE)
-        except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+            data = await self.socket.receive(READ_SIZE)
+        except (anyio.ClosedResourceError, OSError):
             data = b""
         self.bytes_in += len(data)
         self.h11.receive_data(data)
@@ -125,12 +122,8 @@ class UpstreamConnection:
                 raise UpstreamClosed()
             # 1xx informational responses are per hop: skipped.
 
-    async def aclose(self) -> None:
-        if self.closed:
-            return
-        self.closed = True
-        with anyio.CancelScope(shield=True):
-            await self.stream.aclose()
+    def close(self) -> None:
+        self.socket.close()
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else f"{self.h11.our_state}/{self.h11.their_state}"
@@ -159,13 +152,13 @@ class UpstreamPool:
             while idle:
                 conn = idle.pop()
                 if conn.has_expired(now) or conn.is_dropped_by_peer():
-                    await conn.aclose()
+                    conn.close()
                     continue
                 self.reused += 1
                 return conn
         try:
             with anyio.fail_after(connect_timeout):
-                stream = await anyio.connect_tcp(upstream.host, upstream.port)
+                sock = await connect(upstream.host, upstream.port)
         except TimeoutError:
             raise UpstreamError(
                 504, f"connecting to the model's server at {upstream.host}:{upstream.port} timed out"
@@ -175,19 +168,19 @@ class UpstreamPool:
                 502, f"cannot connect to the model's server at {upstream.host}:{upstream.port}: {exc.strerror or exc}"
             ) from None
         self.opened += 1
-        return UpstreamConnection(upstream, stream)
+        return UpstreamConnection(upstream, sock)
 
-    async def checkin(self, conn: UpstreamConnection) -> None:
+    def checkin(self, conn: UpstreamConnection) -> None:
         """Return a connection after its exchange: pooled if both sides are done, else closed."""
         if not conn.is_reusable():
-            await conn.aclose()
+            conn.close()
             return
         conn.h11.start_next_cycle()
         conn.idle_since = anyio.current_time()
         idle = self._idle.setdefault((conn.upstream.host, conn.upstream.port), [])
         idle.append(conn)
         if len(idle) > conn.upstream.pool_size:
-            await idle.pop(0).aclose()
+            idle.pop(0).close()
 
     async def exchange(
         self,
@@ -207,18 +200,18 @@ class UpstreamPool:
                 on_sent()
                 return conn, await conn.receive_head()
             except UpstreamClosed:
-                await conn.aclose()
+                conn.close()
                 if attempt == 2 or not conn.is_reused or conn.bytes_in:
                     raise
                 log.debug("retrying on a fresh connection after %r failed before any response byte", conn)
                 self.retried += 1
                 conn = await self.checkout(upstream, connect_timeout, fresh=True)
             except BaseException:
-                await conn.aclose()
+                conn.close()
                 raise
         raise AssertionError("unreachable")
 
-    async def sweep(self) -> None:
+    def sweep(self) -> None:
         """Close idle connections past their expiry."""
         now = anyio.current_time()
         for key in list(self._idle):
@@ -226,7 +219,7 @@ class UpstreamPool:
             keep = [c for c in idle if not c.has_expired(now)]
             for conn in idle:
                 if conn not in keep:
-                    await conn.aclose()
+                    conn.close()
             if keep:
                 self._idle[key] = keep
             else:
@@ -235,13 +228,13 @@ class UpstreamPool:
     async def run_sweeper(self) -> None:
         while True:
             await anyio.sleep(SWEEP_INTERVAL_S)
-            await self.sweep()
+            self.sweep()
 
-    async def aclose(self) -> None:
+    def close(self) -> None:
         idle, self._idle = self._idle, {}
         for conns in idle.values():
             for conn in conns:
-                await conn.aclose()
+                conn.close()
 
     def __repr__(self) -> str:
         return f"UpstreamPool(idle={self.idle_count()}, opened={self.opened}, reused={self.reused}, retried={self.retried})"
