@@ -493,9 +493,27 @@ def machine() -> dict[str, str]:
     }
 
 
-def run(plan: Plan) -> dict[str, Any]:
+QUIET_LOAD = 1.0  # 1-minute load average under which the machine counts as quiet (research §2.2)
+
+
+def wait_until_quiet(limit_s: float) -> float:
+    """Wait (up to `limit_s`) for the 1-minute load average to drop below QUIET_LOAD; return it."""
+    deadline = time.monotonic() + limit_s
+    while True:
+        try:
+            load = float(Path("/proc/loadavg").read_text().split()[0])
+        except OSError:
+            return float("nan")
+        if load < QUIET_LOAD or time.monotonic() > deadline:
+            return load
+        print(f"waiting for a quiet machine: load average {load:.2f} >= {QUIET_LOAD}", file=sys.stderr, flush=True)
+        time.sleep(15)
+
+
+def run(plan: Plan, quiet_wait_s: float = 0.0) -> dict[str, Any]:
     pin(LOAD_CPU)
-    results: dict[str, Any] = {"machine": machine(), "load_before": loadavg(), "plan": plan.__dict__}
+    load = wait_until_quiet(quiet_wait_s)
+    results: dict[str, Any] = {"machine": machine(), "load_before": loadavg(), "plan": plan.__dict__, "quiet": load < QUIET_LOAD}
     py = sys.executable
     with tempfile.TemporaryDirectory(prefix="proxy-load-") as tmp_name:
         tmp = Path(tmp_name)
@@ -626,7 +644,8 @@ def report(r: dict[str, Any]) -> str:
         "",
         f"Machine: {m['cpus']} CPUs, {m['cpu']}, kernel {m['kernel']}, Python {m['python']}, h11 {m['h11']}, "
         f"anyio {m['anyio']}, {m['nginx']}.",
-        f"Load average (1, 5, 15 min) before: {r['load_before']}, after: {r['load_after']}.",
+        f"Load average (1, 5, 15 min) before: {r['load_before']}, after: {r['load_after']}"
+        + ("." if r["quiet"] else f" (**not quiet**: above {QUIET_LOAD} at the start; other work shared the CPUs)."),
         f"Plan: {r['plan']}.",
         "",
         "## Added latency, sequential small chat requests (c=1, keep-alive)",
@@ -727,6 +746,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="a short run for trying the benchmark out")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "proxy-load.md")
     parser.add_argument("--json", type=Path, help="also write the raw results as JSON here")
+    parser.add_argument("--wait-quiet", type=float, default=600.0, metavar="S",
+                        help=f"wait up to S seconds for the 1-minute load average to fall below {QUIET_LOAD}")  # fmt: skip
     args = parser.parse_args()
     if args.role == "proxy":
         run_proxy(args.port, args.backend)
@@ -734,7 +755,7 @@ def main() -> None:
     if args.role == "ceiling":
         run_ceiling(args.seconds)
         return
-    results = run(QUICK if args.quick else Plan())
+    results = run(QUICK if args.quick else Plan(), args.wait_quiet)
     text = report(results)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)
