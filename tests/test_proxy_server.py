@@ -432,3 +432,18 @@ def test_expect_100_continue_gets_a_continue_before_the_body_is_sent(proxy) -> N
         answer += sock.recv(65536)
     assert answer.startswith(b"HTTP/1.1 200 ")
     sock.close()
+
+
+def test_a_stream_that_stalls_is_cut_at_the_stream_idle_timeout_and_a_silent_child_at_first_byte(proxy, backends) -> None:
+    with running_proxy(backends, stream_idle_timeout=0.5, first_byte_timeout=0.5) as (server, base):
+        body = {"model": "chat", "stream": True, "fake": {"chunks": 3, "interval_ms": 2000}}
+        started = time.monotonic()
+        with pytest.raises(httpx.RemoteProtocolError):
+            with httpx.stream("POST", f"{base}/v1/chat/completions", json=body, timeout=10) as response:
+                assert response.status_code == 200
+                for _ in response.iter_lines():
+                    pass
+        assert 0.4 < time.monotonic() - started < 1.5
+        slow = httpx.post(f"{base}/v1/chat/completions", json={"model": "chat", "fake": {"delay_ms": 2000}}, timeout=10)
+        assert slow.status_code == 504
+        assert server.metrics.requests[("chat", 504)] == 2

@@ -550,6 +550,7 @@ class ProxyServer:
     ) -> None:
         """Relay the child's response body as it arrives; write what is in hand before each read."""
         up = upstream.h11
+        idle_phase = False  # the deadline still is the first byte's
         while True:
             try:
                 event = up.next_event()
@@ -559,7 +560,12 @@ class ProxyServer:
                 if pending:
                     await client.send(b"".join(pending))
                     pending.clear()
-                scope.deadline = anyio.current_time() + idle_timeout
+                # Push the idle deadline only once half of it is used: re-arming a timer per
+                # chunk is measurable at thousands of chunks a second.
+                now = anyio.current_time()
+                if not idle_phase or scope.deadline - now < idle_timeout / 2:
+                    scope.deadline = now + idle_timeout
+                    idle_phase = True
                 await upstream.receive_more()
                 continue
             if type(event) is h11.Data:
