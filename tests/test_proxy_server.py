@@ -447,3 +447,11 @@ def test_a_stream_that_stalls_is_cut_at_the_stream_idle_timeout_and_a_silent_chi
         slow = httpx.post(f"{base}/v1/chat/completions", json={"model": "chat", "fake": {"delay_ms": 2000}}, timeout=10)
         assert slow.status_code == 504
         assert server.metrics.requests[("chat", 504)] == 2
+
+
+def test_a_large_body_is_forwarded_whole(proxy) -> None:
+    _, base = proxy
+    image = "A" * (3 * 1024 * 1024)  # a base64 image's worth
+    response = httpx.post(f"{base}/v1/chat/completions", json={"model": "gpt-4o", "image": image}, timeout=30)
+    assert response.status_code == 200
+    assert response.json()["echo"]["image"] == image

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import anyio
+import anyio.to_thread
 import h11
 from anyio.abc import SocketAttribute, SocketListener, TaskStatus
 
@@ -59,7 +60,10 @@ log = logging.getLogger("llama-smart-proxy.proxy")
 READ_AHEAD_BYTES = 256 * 1024  # client bytes buffered beyond the current request before reading pauses
 LINGER_S = 1.0  # after an early error reply, how long unread request bytes are drained before closing
 STATUS_CLIENT_GONE = 499  # nginx's code for "client closed the request", used in metrics and logs
-ACCEPT_BACKOFF_S = 0.1  # pause after accept() fails (out of file descriptors) before trying again
+ACCEPT_BACKOFF_S = 0.1
+# Bodies larger than this (base64 images) are JSON-parsed in a worker thread: tens of milliseconds
+# of parsing on the event loop would stall every other connection.
+THREAD_PARSE_BYTES = 256 * 1024  # pause after accept() fails (out of file descriptors) before trying again
 
 
 @dataclass(frozen=True)
@@ -359,7 +363,11 @@ class ProxyServer:
                 if method != b"POST":
                     raise routes.method_not_allowed(b"POST")
                 body = await self._read_body(conn, client, setup, request)
-                name = model_from_body(body) or setup.settings.default_model
+                if len(body) > THREAD_PARSE_BYTES:
+                    name = await anyio.to_thread.run_sync(model_from_body, body)
+                else:
+                    name = model_from_body(body)
+                name = name or setup.settings.default_model
                 model = setup.backends.resolve(name) if name is not None else None
                 if model is None:
                     raise await self._resolve_failed(setup, name)
