@@ -451,9 +451,12 @@ class Plan:
     interval_ms: float = 20.0
     disconnect_trials: int = 20
     ceiling_s: float = 2.5
+    stream_repeats: int = 3
+    closed_repeats: int = 3
 
 
-QUICK = Plan(rounds=3, sequential=150, warmup=30, closed_s=1.0, chunks=25, disconnect_trials=5, ceiling_s=1.0)
+QUICK = Plan(rounds=3, sequential=150, warmup=30, closed_s=1.0, chunks=25, disconnect_trials=5, ceiling_s=1.0,
+             stream_repeats=1, closed_repeats=1)  # fmt: skip
 
 
 def loadavg() -> str:
@@ -558,7 +561,7 @@ def run(plan: Plan, quiet_wait_s: float = 0.0) -> dict[str, Any]:
 
 
 def measure(plan: Plan, arms: dict[str, int], backend: Service) -> dict[str, Any]:
-    out: dict[str, Any] = {}
+    out: dict[str, Any] = {"load_during": []}
     # 1. sequential latency, arms interleaved per round
     for port in arms.values():
         sequential_ms(port, plan.warmup)
@@ -579,38 +582,46 @@ def measure(plan: Plan, arms: dict[str, int], backend: Service) -> dict[str, Any
             seq[arm]["added_p99_range"] = (min(added99), max(added99))
     out["sequential"] = seq
 
-    # 2. closed loop, arms interleaved, twice each; the better of two is kept (noise only slows)
+    out["load_during"].append(loadavg())
+    # 2. closed loop, arms interleaved, repeated; the best run is kept (noise only slows)
     closed: dict[int, dict[str, float]] = {}
     for connections in (8, 64):
         closed[connections] = {}
-        for _ in range(2):
+        for _ in range(plan.closed_repeats):
             for arm, port in arms.items():
                 rps = asyncio.run(closed_loop_rps(port, connections, plan.closed_s))
                 closed[connections][arm] = max(rps, closed[connections].get(arm, 0.0))
     out["closed"] = closed
+    out["load_during"].append(loadavg())
 
     # 3. streams: steady starts and a burst of all at once
+    # Each arm runs `stream_repeats` times, interleaved; a figure is the median over the runs of
+    # that run's percentile, so one run hit by a neighbour's burst of work does not decide it.
     spacing = plan.chunks * plan.interval_ms / 1000 / plan.streams
-    streams: dict[str, dict[str, StreamTimes]] = {"steady": {}, "burst": {}}
+    runs: dict[str, dict[str, list[StreamTimes]]] = {"steady": {a: [] for a in arms}, "burst": {a: [] for a in arms}}
     for mode, gap in (("steady", spacing), ("burst", 0.0)):
-        for arm, port in arms.items():
-            # warm: the proxies hold keep-alive connections to the backend, as in steady service
-            asyncio.run(run_streams(port, plan.streams, 3, plan.interval_ms, 0))
-            streams[mode][arm] = asyncio.run(run_streams(port, plan.streams, plan.chunks, plan.interval_ms, gap))
+        for _ in range(plan.stream_repeats):
+            for arm, port in arms.items():
+                # warm: the proxies hold keep-alive connections to the backend, as in steady service
+                asyncio.run(run_streams(port, plan.streams, 3, plan.interval_ms, 0))
+                runs[mode][arm].append(asyncio.run(run_streams(port, plan.streams, plan.chunks, plan.interval_ms, gap)))
     out["streams"] = {
         mode: {
             arm: {
-                "ttfb_p50": pct(t.ttfb_ms, 50),
-                "ttfb_p99": pct(t.ttfb_ms, 99),
-                "gap_p50": pct(t.gaps_ms, 50),
-                "gap_p99": pct(t.gaps_ms, 99),
-                "errors": t.errors,
-                "streams": len(t.ttfb_ms),
+                "ttfb_p50": statistics.median(pct(t.ttfb_ms, 50) for t in times),
+                "ttfb_p99": statistics.median(pct(t.ttfb_ms, 99) for t in times),
+                "ttfb_p99_runs": [pct(t.ttfb_ms, 99) for t in times],
+                "gap_p50": statistics.median(pct(t.gaps_ms, 50) for t in times),
+                "gap_p99": statistics.median(pct(t.gaps_ms, 99) for t in times),
+                "gap_p99_runs": [pct(t.gaps_ms, 99) for t in times],
+                "errors": sum(t.errors for t in times),
+                "streams": sum(len(t.ttfb_ms) for t in times),
             }
-            for arm, t in by_arm.items()
+            for arm, times in by_arm.items()
         }
-        for mode, by_arm in streams.items()
+        for mode, by_arm in runs.items()
     }
+    out["load_during"].append(loadavg())
 
     # 4. disconnect -> upstream closed, at 50 chunks/s and at 2 chunks/s
     disconnects: dict[str, list[float]] = {}
@@ -645,7 +656,8 @@ def report(r: dict[str, Any]) -> str:
         f"Machine: {m['cpus']} CPUs, {m['cpu']}, kernel {m['kernel']}, Python {m['python']}, h11 {m['h11']}, "
         f"anyio {m['anyio']}, {m['nginx']}.",
         f"Load average (1, 5, 15 min) before: {r['load_before']}, after: {r['load_after']}"
-        + ("." if r["quiet"] else f" (**not quiet**: above {QUIET_LOAD} at the start; other work shared the CPUs)."),
+        + ("." if r["quiet"] else f" (**not quiet**: above {QUIET_LOAD} at the start; other work shared the CPUs).")
+        + f" Between phases: {'; '.join(r['load_during'])}.",
         f"Plan: {r['plan']}.",
         "",
         "## Added latency, sequential small chat requests (c=1, keep-alive)",
@@ -698,15 +710,20 @@ def report(r: dict[str, Any]) -> str:
         "",
         "## Streams: 64 concurrent, 50 chunks/s each",
         "",
-        "| starts | arm | TTFB p50 ms | TTFB p99 ms | gap p50 ms | gap p99 ms | streams ok | errors |",
+        f"Each figure is the median over {r['plan']['stream_repeats']} interleaved runs of that run's "
+        "percentile (the runs' p99s are in the JSON output).",
+        "",
+        "| starts | arm | TTFB p50 ms | TTFB p99 ms (runs) | gap p50 ms | gap p99 ms (runs) | streams ok | errors |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for mode, by_arm in streams.items():
         for arm in arms:
             s = by_arm[arm]
+            ttfb_runs = ", ".join(f"{x:.1f}" for x in s["ttfb_p99_runs"])
+            gap_runs = ", ".join(f"{x:.1f}" for x in s["gap_p99_runs"])
             lines.append(
-                f"| {mode} | {arm} | {s['ttfb_p50']:.2f} | {s['ttfb_p99']:.2f} | {s['gap_p50']:.2f} | {s['gap_p99']:.2f} | "
-                f"{s['streams']} | {s['errors']} |"
+                f"| {mode} | {arm} | {s['ttfb_p50']:.2f} | {s['ttfb_p99']:.2f} ({ttfb_runs}) | {s['gap_p50']:.2f} | "
+                f"{s['gap_p99']:.2f} ({gap_runs}) | {s['streams']} | {s['errors']} |"
             )
     added_ttfb_steady = streams["steady"]["proxy"]["ttfb_p99"] - streams["steady"]["direct"]["ttfb_p99"]
     added_ttfb_burst = streams["burst"]["proxy"]["ttfb_p99"] - streams["burst"]["direct"]["ttfb_p99"]
