@@ -240,7 +240,7 @@ class Child:
     # ---- what callers ask
 
     async def wait_for(self, predicate: Callable[[Child], bool]) -> None:
-        """Return once `predicate(self)` holds, checking it after every change; no polling."""
+        """Return once `predicate(self)` holds, checked after every state change and output line."""
         while not predicate(self):
             if self._changed is None:
                 self._changed = anyio.Event()
@@ -400,7 +400,7 @@ class Child:
         self._last_error = outcome.reason
         self._next_delay_s = verdict.delay_s
         log.warning(
-            "model %s: %s; restarting in %.1f s", self.name, outcome.reason, verdict.delay_s
+            "model %s: %s; restarting in %.3g s", self.name, outcome.reason, verdict.delay_s
         )
         self._transition(ChildEvent.DIED)
         return True
@@ -485,8 +485,9 @@ class Child:
                     f"llama-server {describe_exit(process.returncode)} while loading"
                     + self._quote_output(first_line),
                 )
-            status = await probe_health(port, timeout_s=HEALTH_PROBE_TIMEOUT_S)
-            if status == 200 and not exited.is_set():
+            status = await self._probe_unless_exited(port, exited)
+            # a 200 from a port our child failed to bind comes from some other program
+            if status == 200 and not exited.is_set() and not self._bind_failed:
                 return None
             now = time.monotonic()
             if status != last_status:
@@ -520,6 +521,22 @@ class Child:
             + self._quote_output(first_line),
             ready_for_s=ready_for,
         )
+
+    async def _probe_unless_exited(self, port: int, exited: anyio.Event) -> int | None:
+        """Probe /health, but give up the moment the child exits: a port taken by another program
+        may accept the probe and never answer it."""
+        status: int | None = None
+        async with anyio.create_task_group() as race:
+
+            async def probe() -> None:
+                nonlocal status
+                status = await probe_health(port, timeout_s=HEALTH_PROBE_TIMEOUT_S)
+                race.cancel_scope.cancel()
+
+            race.start_soon(probe)
+            await exited.wait()
+            race.cancel_scope.cancel()
+        return status
 
     async def _watch_exit(self, process: Process, exited: anyio.Event) -> None:
         await process.wait()
@@ -558,6 +575,7 @@ class Child:
         if BIND_FAILURE in line:
             self._bind_failed = True
         output_log.info("[%s] %s", self.name, line)
+        self._notify()
 
     def _quote_output(self, first_line: int) -> str:
         """The last lines this spawn printed, for an error message."""

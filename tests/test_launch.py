@@ -12,7 +12,7 @@ from schemas.launch import LaunchSpec
 from supervisor.errors import LlamaServerError
 from supervisor.launch import FLAGS_USED, build_command
 from supervisor.llama_binary import check_llama_server, help_flags
-from tests.fakes.launchers import write_fake_llama_server
+from tests.fakes.supervision import write_fake_llama_server
 
 BINARY = Path("/opt/llama/llama-server")
 SETTINGS = LlamaServerSettings()
