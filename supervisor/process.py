@@ -27,6 +27,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import anyio
 from anyio.abc import ByteReceiveStream, Process, TaskStatus
@@ -49,6 +50,8 @@ log = logging.getLogger("llama-smart-proxy.process")
 output_log = logging.getLogger("llama-smart-proxy.llama-server")
 
 HEALTH_POLL_S = 0.15  # issue 5: poll /health every 100-250 ms, not once a second
+FIRST_POLL_S = 0.025
+"""The first polls come sooner, doubling up to HEALTH_POLL_S: a small model is ready in tens of ms."""
 HEALTH_PROBE_TIMEOUT_S = 1.0  # llama-server answers /health from its HTTP thread, even mid-load
 LOG_TAIL_LINES = 300
 ERROR_TAIL_LINES = 15
@@ -106,7 +109,7 @@ class ChildSnapshot:
 class _Outcome:
     """How one spawn ended: stopped on request, died, or its port was taken."""
 
-    kind: str  # "stopped" | "died" | "port_taken"
+    kind: Literal["stopped", "died", "port_taken"]
     reason: str = ""
     ready_for_s: float = 0.0
 
@@ -146,6 +149,9 @@ class Child:
         self.settings = settings
         self.binary = binary
         self.ports = ports
+        # a spec llama-server cannot be given fails here, where its owner can report it, and not
+        # inside run(), where it would end the task group of every model
+        build_command(spec, binary=binary, port=ports.first, settings=settings)
         self._rng = rng or random.Random()
         self._state = ChildState.STOPPED
         self._transitions = 0
@@ -475,6 +481,7 @@ class Child:
         """Wait until /health answers 200 (None), or say why the load ended otherwise."""
         deadline = LoadDeadline(started, self.settings.load_stall_timeout, self.settings.load_timeout)
         last_status: int | None = None
+        interval = FIRST_POLL_S
         while True:
             if exited.is_set():
                 await self._drain(output_done)
@@ -497,8 +504,9 @@ class Child:
             reason = deadline.expired(now)
             if reason is not None and not exited.is_set():
                 return _Outcome("died", reason + self._quote_output(first_line))
-            with anyio.move_on_after(HEALTH_POLL_S):
+            with anyio.move_on_after(interval):
                 await exited.wait()
+            interval = min(interval * 2, HEALTH_POLL_S)
 
     async def _serve(
         self,

@@ -299,3 +299,10 @@ async def test_waiters_see_every_state_change_through_transitions(fake_server: P
                 await anyio.wait_all_tasks_blocked()
                 tg.cancel_scope.cancel()
     assert seen == ["starting", "ready", "stopping", "stopped"]
+
+
+def test_a_spec_llama_server_cannot_be_given_is_refused_when_the_child_is_made(fake_server: Path) -> None:
+    config = quick_settings()
+    bad = cpu_spec(devices=["a", "b"], tensor_split=[1.0])
+    with pytest.raises(ValueError, match="1 fractions for 2 devices"):
+        Child(bad, config, fake_server, PortPool(config.port_range))

@@ -3,7 +3,6 @@ a wrapper script that forks it; its own "couldn't bind" message recognised."""
 
 from __future__ import annotations
 
-import os
 import socket
 from pathlib import Path
 
