@@ -53,7 +53,7 @@ HEALTH_POLL_S = 0.15  # issue 5: poll /health every 100-250 ms, not once a secon
 FIRST_POLL_S = 0.025
 """The first polls come sooner, doubling up to HEALTH_POLL_S: a small model is ready in tens of ms."""
 HEALTH_PROBE_TIMEOUT_S = 1.0  # llama-server answers /health from its HTTP thread, even mid-load
-LOG_TAIL_LINES = 300
+LOG_TAIL_LINES = 300  # issue 5: "the last few hundred lines" for /status and errors
 ERROR_TAIL_LINES = 15
 """Lines of the child's output quoted in an error."""
 MAX_LINE_BYTES = 16 * 1024
@@ -564,6 +564,8 @@ class Child:
                     pending += await stream.receive()
                 except (anyio.EndOfStream, anyio.ClosedResourceError, anyio.BrokenResourceError):
                     break
+                # any byte is load progress: llama.cpp prints its loading dots without a newline
+                self._last_output = time.monotonic()
                 *lines, pending = pending.split(b"\n")
                 for line in lines:
                     self._on_line(line)
@@ -579,7 +581,6 @@ class Child:
         line = raw.decode("utf-8", "replace").rstrip("\r")
         self._tail.append(line)
         self._lines_seen += 1
-        self._last_output = time.monotonic()
         if BIND_FAILURE in line:
             self._bind_failed = True
         output_log.info("[%s] %s", self.name, line)

@@ -34,6 +34,8 @@ from supervisor.launch import Command
 
 GROUP_POLL_S = 0.05
 """While stopping, how often to look whether the group's other members are gone."""
+KILL_WAIT_S = 1.0
+"""After SIGKILL, how long to wait for the group's other members to be gone."""
 
 _PDEATHSIG_EXEC = """\
 import ctypes, os, signal, sys
@@ -120,3 +122,8 @@ async def stop_group(process: Process, grace_s: float) -> None:
     if process.returncode is None or group_has_live_members(pgid):
         signal_group(pgid, signal.SIGKILL)
     await process.wait()
+    # SIGKILL is delivered at once but a process takes a moment to go; we cannot wait() for a
+    # grandchild, so look until the group is empty, for a bounded time (D state can outlast it)
+    with anyio.move_on_after(KILL_WAIT_S):
+        while group_has_live_members(pgid):
+            await anyio.sleep(GROUP_POLL_S / 5)

@@ -306,3 +306,32 @@ def test_a_spec_llama_server_cannot_be_given_is_refused_when_the_child_is_made(f
     bad = cpu_spec(devices=["a", "b"], tensor_split=[1.0])
     with pytest.raises(ValueError, match="1 fractions for 2 devices"):
         Child(bad, config, fake_server, PortPool(config.port_range))
+
+
+async def test_a_forked_grandchild_ignoring_sigterm_is_killed_after_the_grace_period(
+    fake_server: Path, tmp_path: Path
+) -> None:
+    # the wrapper dies of SIGTERM at once; what it forked ignores SIGTERM and must still go
+    grace = 1.0
+    wrapper = write_forking_wrapper(tmp_path, fake_server)
+    child = fake_child(fake_server, binary=wrapper, env={"FAKE_LLAMA_IGNORE_SIGTERM": "1"}, stop_grace=grace)
+    with anyio.fail_after(TEST_DEADLINE_S):
+        async with supervise([child]):
+            await child.ensure_ready()
+            grandchild = wrapped_pid(child.log_tail)
+            assert grandchild is not None and pid_alive(grandchild)
+            started = time.monotonic()
+            await child.stop()
+            took = time.monotonic() - started
+            assert grace <= took < grace + 1.0, took
+            assert not pid_alive(grandchild)
+
+
+async def test_progress_printed_without_newlines_keeps_a_slow_load_alive(fake_server: Path) -> None:
+    child = fake_child(fake_server, env={"FAKE_LLAMA_LOAD_S": "1.5", "FAKE_LLAMA_DOTS": "1"}, load_stall_timeout=0.6)
+    with anyio.fail_after(TEST_DEADLINE_S):
+        async with supervise([child]):
+            await child.ensure_ready()  # 1.5 s of loading dots, never 0.6 s of silence
+            assert child.restarts == 0 and child.last_error is None
+            await child.stop()  # the dots end no line until the child's output ends
+            assert any(line.startswith("..........") for line in child.log_tail)
