@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+import sys
 import socket
 import time
 from pathlib import Path
@@ -60,3 +63,30 @@ def test_watchdog_interval_is_half_of_watchdog_usec_for_this_pid() -> None:
     assert Notifier({"WATCHDOG_USEC": "4000000", "WATCHDOG_PID": str(os.getpid())}).watchdog_interval == 2.0
     assert Notifier({"WATCHDOG_USEC": "4000000", "WATCHDOG_PID": "1"}).watchdog_interval is None
     assert Notifier({}).watchdog_interval is None
+
+
+UNIT = Path(__file__).parent.parent / "examples" / "llama-smart-proxy.service"
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed here")
+def test_example_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
+    text = UNIT.read_text()
+    # verify also checks that ExecStart exists; point it at an executable this machine has
+    installed = "/opt/llama-smart-proxy/bin/llama-smart-proxy"
+    assert installed in text
+    unit = tmp_path / "llama-smart-proxy.service"
+    unit.write_text(text.replace(installed, sys.executable))
+    result = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "llama-smart-proxy.service" not in result.stderr, result.stderr  # no warnings about our unit
+
+
+def test_example_unit_is_a_notify_service_with_reload_watchdog_and_cgroup_kill() -> None:
+    settings = dict(
+        line.split("=", 1) for line in UNIT.read_text().splitlines() if "=" in line and not line.startswith("#")
+    )
+    assert settings["Type"] == "notify"
+    assert settings["ExecReload"] == "/bin/kill -HUP $MAINPID"
+    assert settings["KillMode"] == "control-group"
+    assert settings["Restart"] == "on-failure"
+    assert "WatchdogSec" in settings and "RestartSec" in settings
