@@ -32,10 +32,6 @@ N_LAYERS = 8
 LAYER_LINE = re.compile(r"load_tensors: layer +(\d+) assigned to device (\w+)")
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
 
 @pytest.fixture(scope="module")
 def eight_layer_model(tmp_path_factory: pytest.TempPathFactory) -> Path:

@@ -72,7 +72,6 @@ def test_without_the_death_signal_the_children_would_survive_the_supervisor(
 
 @pytest.mark.slow
 @pytest.mark.anyio
-@pytest.mark.parametrize("anyio_backend", ["asyncio"])
 async def test_a_hundred_start_stop_cycles_leave_no_zombie_and_no_open_file_descriptor(
     llama_server: Path, tiny_model: Path
 ) -> None:

@@ -43,10 +43,6 @@ TEST_DEADLINE_S = 20.0
 """No test here should come near this; it turns a hang into a failure."""
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"  # the runtime's backend (anyio.run's default)
-
 
 @pytest.fixture(scope="module")
 def fake_server(tmp_path_factory: pytest.TempPathFactory) -> Path:

@@ -29,10 +29,6 @@ pytestmark = [pytest.mark.anyio, pytest.mark.llama_server]
 TEST_DEADLINE_S = 30.0
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
 
 def real_child(binary: Path, model: Path, ports: PortPool | None = None, **settings: object) -> Child:
     config = quick_settings(**settings)
