@@ -32,7 +32,6 @@ N_LAYERS = 8
 LAYER_LINE = re.compile(r"load_tensors: layer +(\d+) assigned to device (\w+)")
 
 
-
 @pytest.fixture(scope="module")
 def eight_layer_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny model with enough layers for a split to put some on each device, and heads of 32

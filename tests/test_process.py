@@ -43,7 +43,6 @@ TEST_DEADLINE_S = 20.0
 """No test here should come near this; it turns a hang into a failure."""
 
 
-
 @pytest.fixture(scope="module")
 def fake_server(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_fake_llama_server(tmp_path_factory.mktemp("fake"))

@@ -17,7 +17,6 @@ from tests.fakes.supervision import cpu_spec, pid_alive, quick_settings, write_f
 pytestmark = pytest.mark.anyio
 
 
-
 @pytest.fixture(scope="module")
 def fake_server(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_fake_llama_server(tmp_path_factory.mktemp("fake"))

@@ -29,7 +29,6 @@ pytestmark = [pytest.mark.anyio, pytest.mark.llama_server]
 TEST_DEADLINE_S = 30.0
 
 
-
 def real_child(binary: Path, model: Path, ports: PortPool | None = None, **settings: object) -> Child:
     config = quick_settings(**settings)
     return Child(cpu_spec(model="tiny", file=str(model)), config, binary, ports or PortPool(config.port_range))
