@@ -53,7 +53,10 @@ def instances(draw: st.DrawFn, max_models: int = 6, max_gpus: int = 3) -> tuple[
             kv=draw(st.sampled_from([0, 64, 256])) * MIB,
             output=draw(st.sampled_from([128, 512, 1024])) * MIB,
             compute=draw(st.sampled_from([128, 512])) * MIB,
+            partial_compute=draw(st.sampled_from([128, 1024])) * MIB,
+            split_other=draw(st.sampled_from([64, 512])) * MIB,
             overhead=draw(st.sampled_from([0, 256])) * MIB,
+            mmproj=draw(st.sampled_from([0, 0, 768])) * MIB,
         )
     reserve = draw(st.sampled_from([0, 512 * MIB]))
     policy = draw(st.sampled_from(["pack", "spread"]))
