@@ -100,8 +100,11 @@ class _Model:
     n: int = 0
     prefix: list[int] = field(default_factory=list)  # bytes of layers [0, i), output layer last
     single_need: int = 0
+    foothold_need: int = 0  # the output layer alone on one GPU: the least partial offload uses
     fits_single: bool = False
     split_ok: bool = False
+    _fixed: dict[tuple[int, int, bool], int] = field(default_factory=dict)
+    _totals: dict[tuple[int, int], int] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -113,6 +116,10 @@ class _Model:
 
     def fixed(self, k: int, d: int, partial: bool) -> int:
         """Bytes on device d of k besides its layers: compute buffer, CUDA context, projector."""
+        key = (k, d, partial)
+        cached = self._fixed.get(key)
+        if cached is not None:
+            return cached
         assert self.profile is not None
         c = self.profile.compute
         if partial:
@@ -124,13 +131,17 @@ class _Model:
         else:
             compute = c.gpu_split_other_bytes
         extra = self.profile.mmproj_bytes if d == 0 else 0
-        return compute + self.profile.device_overhead_bytes + extra
+        self._fixed[key] = compute + self.profile.device_overhead_bytes + extra
+        return self._fixed[key]
 
     def total_on_gpus(self, ngl: int, k: int) -> int:
         """All devices together; independent of how the layers are distributed."""
-        partial = ngl < self.n + 1
-        layers = self.prefix[self.n + 1] - self.prefix[self.n + 1 - ngl]
-        return layers + sum(self.fixed(k, d, partial) for d in range(k))
+        total = self._totals.get((ngl, k))
+        if total is None:
+            partial = ngl < self.n + 1
+            layers = self.prefix[self.n + 1] - self.prefix[self.n + 1 - ngl]
+            total = self._totals[(ngl, k)] = layers + sum(self.fixed(k, d, partial) for d in range(k))
+        return total
 
 
 def plan(
@@ -296,6 +307,7 @@ def _prepare(
     for size in sizes:
         m.prefix.append(m.prefix[-1] + size)
     m.single_need = m.total_on_gpus(m.n + 1, 1)
+    m.foothold_need = _device_bytes(m, 1, (1,))[0] if m.n >= 1 else 0
     m.fits_single = any(m.single_need <= gpus[p].usable for p in allowed)
     m.split_ok = spec.allow_split and not m.fits_single and len(allowed) >= 2 and m.n >= 1
     return m
@@ -511,12 +523,12 @@ class _Planner:
     def footholds(self, m: _Model, avail: tuple[int, ...]) -> list[_Choice]:
         """During the search a partial model holds its smallest footprint: the output layer on
         one GPU. It grows once every model has its place (grow_partials)."""
-        out = []
-        for p in sorted(m.allowed, key=lambda p: (-avail[p], p)):
-            need = _device_bytes(m, 1, (1,))
-            if need[0] <= avail[p]:
-                out.append(_Choice("partial", (p,), (1,), 1, need))
-        return out
+        need = (m.foothold_need,)
+        return [
+            _Choice("partial", (p,), (1,), 1, need)
+            for p in sorted(m.allowed, key=lambda p: (-avail[p], p))
+            if m.foothold_need <= avail[p]
+        ]
 
     def partials(self, m: _Model, avail: tuple[int, ...], guard=None) -> list[_Choice]:  # type: ignore[no-untyped-def]
         """The most layers that fit, on each allowed GPU alone and (if it may split) on all."""
@@ -589,8 +601,7 @@ class _Planner:
                     if sum(avail[p] for p in subset) >= total and _front_fill(m, ngl, subset, avail):
                         return FULL
         if m.spec.allow_partial and m.n >= 1:
-            need = _device_bytes(m, 1, (1,))[0]
-            if any(need <= avail[p] for p in m.allowed):
+            if any(m.foothold_need <= avail[p] for p in m.allowed):
                 return PARTIAL
         return CPU if m.spec.allow_cpu else NONE
 
@@ -860,8 +871,7 @@ def _short(m: _Model, avail: tuple[int, ...], planner: _Planner) -> int:
     if m.split_ok:
         gaps.append(m.total_on_gpus(m.n + 1, len(m.allowed)) - sum(avail[p] for p in m.allowed))
     if m.spec.allow_partial and m.n >= 1:
-        foothold = _device_bytes(m, 1, (1,))[0]
-        gaps.append(foothold - max(avail[p] for p in m.allowed))
+        gaps.append(m.foothold_need - max(avail[p] for p in m.allowed))
     return max(1, min(gaps))
 
 
