@@ -302,7 +302,8 @@ def _prepare(
         return m
     m.n = profile.n_layers
     sizes = [layer.weights_bytes + layer.kv_bytes + layer.recurrent_bytes for layer in profile.layers]
-    sizes.append(profile.output_weights_bytes)
+    # on a GPU the output layer carries the tied head's copy of the embeddings too (place())
+    sizes.append(profile.output_weights_bytes + profile.tied_output_bytes)
     m.prefix = [0]
     for size in sizes:
         m.prefix.append(m.prefix[-1] + size)

@@ -30,6 +30,7 @@ def make_profile(
     split_other: int | None = None,
     overhead: int = 300 * MIB,
     mmproj: int = 0,
+    tied: int = 0,
     layers: Sequence[int] | None = None,
 ) -> MemoryProfile:
     """A dense model: n_layers equal layers (or the given per-layer weights), KV per layer."""
@@ -52,6 +53,7 @@ def make_profile(
         layers=[LayerMemory(weights_bytes=w, kv_bytes=kv) for w in weights],
         input_weights_bytes=input,
         output_weights_bytes=output,
+        tied_output_bytes=tied,
         output_buffer_bytes=1 * MIB,
         compute=ComputeProfile(
             gpu_full_bytes=compute,

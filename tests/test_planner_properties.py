@@ -57,6 +57,7 @@ def instances(draw: st.DrawFn, max_models: int = 6, max_gpus: int = 3) -> tuple[
             split_other=draw(st.sampled_from([64, 512])) * MIB,
             overhead=draw(st.sampled_from([0, 256])) * MIB,
             mmproj=draw(st.sampled_from([0, 0, 768])) * MIB,
+            tied=draw(st.sampled_from([0, 0, 384])) * MIB,
         )
     reserve = draw(st.sampled_from([0, 512 * MIB]))
     policy = draw(st.sampled_from(["pack", "spread"]))
