@@ -53,6 +53,7 @@ class ModelPlan(Contract):
     header_source: Literal["file", "snapshot", "missing"] = Field(
         "file", description="Where the GGUF header came from."
     )
+    header_note: str = Field("", description="Which file or snapshot record the header came from.")
     short_bytes: int = Field(0, description="For an unplaced model: how many bytes it lacks.")
     fallback: bool = Field(
         False,

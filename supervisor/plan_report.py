@@ -1,9 +1,10 @@
 """A plan as tables a person can check by hand: per GPU, per model, then notes and the verdict.
 
 Rules kept here:
-- every size in MiB, each rounded on its own; rows derived from others (usable, free after, a
-  breakdown's total) are computed from the printed figures, so the arithmetic checks by hand and
-  stays within a few MiB of the exact bytes the JSON gives;
+- every size in MiB, each rounded on its own; rows derived from others (usable, free after) are
+  computed from the printed figures, and a breakdown's parts are rounded so that they add up to
+  the rounded total, so the arithmetic checks by hand and stays within a few MiB of the exact
+  bytes the JSON gives;
 - the verdict and the exit code come from one function, `verdict`, which `plan` also uses.
 """
 
@@ -101,6 +102,8 @@ def render_plan(plan: Plan, header_lines: Sequence[str] = ()) -> str:
                 lines.append(f"      {_where(device.device, m)}: {_breakdown(device)}")
             lines.append(f"      host: {_breakdown(m.estimate.host)}")
         lines.append(f"      why: {m.reason}")
+        if m.header_note and m.header_source != "missing":
+            lines.append(f"      header: {m.header_note}")
     lines.append("")
 
     if plan.on_demand_groups:
@@ -150,5 +153,12 @@ def _breakdown(d: DeviceMemory) -> str:
     ]
     if not parts:
         return "0"
-    shown = [round(v / MIB) for _, v in parts]
-    return " + ".join(f"{label} {_mib(v)}" for (label, _), v in zip(parts, shown)) + f" = {_mib(sum(shown))}"
+    # round the running totals so that the parts add up to the rounded total shown elsewhere
+    shown, running, printed = [], 0, 0
+    for label, value in parts:
+        running += value
+        part = round(running / MIB) - printed
+        printed += part
+        if part:
+            shown.append(f"{label} {_mib(part)}")
+    return " + ".join(shown or ["0"]) + f" = {_mib(printed)}"

@@ -36,7 +36,7 @@ from schemas.estimate import Estimate, MemoryProfile
 from schemas.inventory import Inventory
 from schemas.launch import LaunchSpec
 from schemas.plan import GpuPlan, HostPlan, ModelPlan, ModelShare, Plan
-from schemas.units import format_bytes
+from schemas.units import MIB, format_bytes
 from supervisor.memory.placement import place
 
 HeaderSource = Literal["file", "snapshot", "missing"]
@@ -827,6 +827,7 @@ def _model_plan(m: _Model, result: _Result, planner: _Planner, config: Config, i
         host_bytes=estimate.host.total_bytes if estimate else 0,
         estimate=estimate,
         header_source=m.header.source,
+        header_note=m.header.note,
         short_bytes=short,
         fallback=choice.kind in ("partial", "cpu") and m.spec.gpus != [],
         reason=_reason(m, choice, result, planner, inventory, short),
@@ -890,7 +891,7 @@ def _reason(
         where_free = "usable next to the resident models"
     need = m.single_need
     gpus = planner.gpus
-    header = f" (header {m.header.note})" if m.header.source == "snapshot" and m.header.note else ""
+    header = ""
 
     if choice.kind == "gpu":
         p = choice.gpus[0]
@@ -912,8 +913,10 @@ def _reason(
         else:
             preferred = planner.by_policy([p, *others], lambda q: seen[q] - need)[0]
             q = others[0] if preferred == p else preferred
-            here, there = fb(seen[p] - need), fb(seen[q] - need)
-            if preferred == p and planner.policy == "pack":
+            here, there = _two(seen[p] - need, seen[q] - need)
+            if preferred == p and seen[p] == seen[q]:
+                text += f"; GPU {gpus[q].index} would leave the same {here}, and the lower index goes first"
+            elif preferred == p and planner.policy == "pack":
                 text += f"; pack takes the fullest GPU that fits ({here} left here, {there} on GPU {gpus[q].index})"
             elif preferred == p:
                 text += f"; spread takes the emptiest GPU ({here} left here, {there} on GPU {gpus[q].index})"
@@ -933,7 +936,7 @@ def _reason(
         return (
             f"{name} → GPUs {_gpu_names(planner, choice.gpus)}, split by layer bytes: needs "
             f"{fb(need)} on one GPU, more than any allowed GPU can hold (largest usable "
-            f"{fb(largest)}); {shares}{header}."
+            f"{fb(largest)}); {shares}."
         )
 
     if choice.kind == "partial":
@@ -942,27 +945,28 @@ def _reason(
         return (
             f"{name} → GPU {_gpu_names(planner, choice.gpus)}, {choice.ngl} of {m.n + 1} layers "
             f"(partial offload): {why}; the {choice.ngl} layers need {fb(on)} there, the other "
-            f"{m.n + 1 - choice.ngl} run from host RAM{header}."
+            f"{m.n + 1 - choice.ngl} run from host RAM."
         )
 
     if choice.kind == "cpu":
         if m.spec.gpus == []:
-            return f"{name} → CPU: its config allows no GPU (gpus = []){header}."
+            return f"{name} → CPU: its config allows no GPU (gpus = [])."
         if not planner.gpus:
-            return f"{name} → CPU: no GPU found{header}."
+            return f"{name} → CPU: no GPU found."
         if not m.allowed:
-            return f"{name} → CPU: none of its allowed GPUs is on this machine{header}."
+            return f"{name} → CPU: none of its allowed GPUs is on this machine."
         why = _why_not_whole(m, planner, avail)
         partial = "" if m.spec.allow_partial else "; partial offload is not allowed"
         if m.spec.allow_partial:
             partial = "; not even its output layer fits for partial offload"
-        return f"{name} → CPU: {why}{partial}{header}."
+        return f"{name} → CPU: {why}{partial}."
 
     # unplaced
     if not planner.gpus:
         return f"{name} cannot be placed: no GPU found and it does not allow the CPU (allow_cpu = false)."
     if not m.allowed:
-        return f"{name} cannot be placed: it may use no GPU here and allow_cpu = false."
+        pins = ", ".join(str(ref) for ref in m.spec.gpus or [])
+        return f"{name} cannot be placed: its gpus = [{pins}] names no GPU it may use here, and allow_cpu = false."
     why = _why_not_whole(m, planner, avail)
     refused = [
         what
@@ -974,7 +978,14 @@ def _reason(
     ]
     mode = "" if m.resident else " (on demand)"
     tail = f"; {' and '.join(refused)} not allowed" if refused else ""
-    return f"{name}{mode} cannot be placed: {why}{tail}; {fb(short)} short{header}."
+    return f"{name}{mode} cannot be placed: {why}{tail}; {fb(short)} short."
+
+
+def _two(a: int, b: int) -> tuple[str, str]:
+    """Two sizes for a comparison, in MiB when GiB to one decimal would show them equal."""
+    if format_bytes(a) != format_bytes(b):
+        return format_bytes(a), format_bytes(b)
+    return f"{round(a / MIB):,} MiB", f"{round(b / MIB):,} MiB"
 
 
 def _why_not_whole(m: _Model, planner: _Planner, avail: tuple[int, ...]) -> str:
@@ -987,7 +998,8 @@ def _why_not_whole(m: _Model, planner: _Planner, avail: tuple[int, ...]) -> str:
     text = f"needs {fb(m.single_need)} on one GPU, at most {fb(most)} usable on its allowed GPUs{after}"
     if m.split_ok:
         total = m.total_on_gpus(m.n + 1, len(m.allowed))
-        text += f", and {fb(total)} split over all {len(m.allowed)} of them, {fb(sum(avail[p] for p in m.allowed))} usable"
+        every = "both" if len(m.allowed) == 2 else f"all {len(m.allowed)}"
+        text += f", and {fb(total)} split over {every}, where {fb(sum(avail[p] for p in m.allowed))} is usable"
     elif not m.fits_single and not m.spec.allow_split and len(m.allowed) > 1:
         text += " (splitting is not allowed)"
     return text

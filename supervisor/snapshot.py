@@ -89,8 +89,8 @@ def _find(
             )
         return _Found(header, "file", f"read from {path}", warnings)
     if record is not None:
-        how = f"matched by file name, recorded at {record.path}" if matched_by_name else f"recorded for {path}"
-        return _Found(record, "snapshot", f"from the snapshot, {how}")
+        how = f" as {record.path}, matched by file name" if matched_by_name else ""
+        return _Found(record, "snapshot", f"recorded in the snapshot{how}")
     if have_snapshot:
         return _Found(None, "missing", f"{what} {path} is not here and the snapshot records no header for it")
     return _Found(None, "missing", f"{what} {path} is not here (give --inventory a snapshot that records it)")
