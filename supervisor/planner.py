@@ -26,7 +26,7 @@ it grows to the most layers that fit once everything else has its place.
 from __future__ import annotations
 
 import bisect
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import combinations
 from typing import Literal
@@ -40,6 +40,7 @@ from schemas.units import MIB, format_bytes
 from supervisor.memory.placement import place
 
 HeaderSource = Literal["file", "snapshot", "missing"]
+Guard = Callable[[tuple[int, ...]], bool]  # a test of the memory left on each GPU
 
 # Instances this small are searched exhaustively (every split distribution is an option); the
 # property tests compare them with a brute force. The budgets bound the work, so that a large
@@ -178,6 +179,11 @@ def plan(
             "runs there; a model that needs a GPU cannot be placed."
         )
     plan_notes += [f"inventory: {w}" for w in inventory.warnings]
+    if result.groups_capped:
+        plan_notes.append(
+            f"Only the first {len(result.groups)} sets of on-demand models that fit together are "
+            "listed; there are more."
+        )
     if not result.proven:
         plan_notes.append(
             f"The search for a better arrangement stopped after {result.steps} steps; this is "
@@ -331,7 +337,6 @@ class _Result:
     before: dict[str, tuple[int, ...]]  # what the other residents leave each model
     turn: dict[str, tuple[int, ...]]  # what the residents before it (in plan order) left
     earlier: dict[str, list[str]]  # those residents
-    greedy: dict[str, _Choice]  # the first path's choices, to explain a departure from them
     groups: list[list[str]]
     proven: bool
     steps: int
@@ -382,30 +387,28 @@ class _Planner:
             od_best = _add(od_best, self.score(o, self.alone[o.name]))
         upper = _add(suffix[0], od_best)
 
-        best: list[object] = [None, None]  # score, choices
-        greedy: list[_Choice] = []
+        best_score: tuple[int, ...] | None = None
+        best_path: list[_Choice] = []
         memo: dict[tuple[int, tuple[int, ...]], tuple[int, ...]] = {}
         path: list[_Choice] = []
         steps = 0
 
         def visit(depth: int, avail: tuple[int, ...], prefix: tuple[int, ...]) -> None:
-            nonlocal steps
+            nonlocal steps, best_score, best_path
             steps += 1
             if depth == len(self.residents):
                 total = prefix
                 for o in self.on_demand:
                     total = _add(total, self.score(o, self.best_tier(o, avail)))
-                if best[0] is None:
-                    greedy.extend(path)
-                if best[0] is None or total > best[0]:  # type: ignore[operator]
-                    best[0], best[1] = total, list(path)
+                if best_score is None or total > best_score:
+                    best_score, best_path = total, list(path)
                 if total == upper:
                     raise _Optimal
                 return
-            if best[0] is not None:
+            if best_score is not None:
                 if steps > self.budget:
                     raise _Budget
-                if _add(_add(prefix, suffix[depth]), od_best) <= best[0]:  # type: ignore[operator]
+                if _add(_add(prefix, suffix[depth]), od_best) <= best_score:
                     return
             key = (depth, avail)
             seen = memo.get(key)
@@ -429,8 +432,7 @@ class _Planner:
             pass
         except _Budget:
             proven = False
-        chosen = dict(zip((m.name for m in self.residents), best[1]))  # type: ignore[arg-type]
-        greedy_choices = dict(zip((m.name for m in self.residents), greedy))
+        chosen = dict(zip((m.name for m in self.residents), best_path))
 
         avail = self.usable
         for m in self.residents:
@@ -456,7 +458,6 @@ class _Planner:
             before=before,
             turn=turn,
             earlier=earlier,
-            greedy=greedy_choices,
             groups=groups,
             proven=proven,
             steps=steps,
@@ -494,7 +495,7 @@ class _Planner:
         out.append(_UNPLACED)
         return out
 
-    def by_policy(self, positions: Iterable[int], left_after) -> list[int]:  # type: ignore[no-untyped-def]
+    def by_policy(self, positions: Iterable[int], left_after: Callable[[int], int]) -> list[int]:
         """pack: least left after (the fullest GPU that fits) first; spread: most left first."""
         sign = 1 if self.policy == "pack" else -1
         return sorted(positions, key=lambda p: (sign * left_after(p), p))
@@ -531,25 +532,29 @@ class _Planner:
             if m.foothold_need <= avail[p]
         ]
 
-    def partials(self, m: _Model, avail: tuple[int, ...], guard=None) -> list[_Choice]:  # type: ignore[no-untyped-def]
+    def partials(self, m: _Model, avail: tuple[int, ...]) -> list[_Choice]:
         """The most layers that fit, on each allowed GPU alone and (if it may split) on all."""
         sets = [(p,) for p in m.allowed]
         if m.split_ok:
             sets.append(m.allowed)
         out = []
         for subset in sets:
-            choice = self.most_layers(m, subset, avail, guard)
+            choice = self.most_layers(m, subset, avail)
             if choice is not None:
                 out.append(choice)
         out.sort(key=lambda c: (-c.ngl, len(c.gpus), -sum(avail[p] for p in c.gpus), c.gpus))
         return out
 
-    def most_layers(self, m: _Model, subset: tuple[int, ...], avail: tuple[int, ...], guard=None):  # type: ignore[no-untyped-def]
+    def most_layers(
+        self, m: _Model, subset: tuple[int, ...], avail: tuple[int, ...], guard: Guard | None = None
+    ) -> _Choice | None:
+        """The most layers (-ngl) that fit on `subset` and keep `guard` true of what is left."""
         k = len(subset)
 
         def fit(ngl: int) -> tuple[int, ...] | None:
             for counts in self.distributions(m, ngl, subset, avail, every=False):
-                if guard is None or guard(_take(avail, _Choice("partial", subset, counts, ngl, _device_bytes(m, ngl, counts)))):
+                left = _take(avail, _Choice("partial", subset, counts, ngl, _device_bytes(m, ngl, counts)))
+                if guard is None or guard(left):
                     return counts
             return None
 

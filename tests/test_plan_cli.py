@@ -196,3 +196,29 @@ def test_a_snapshot_plans_the_same_in_another_directory_once_the_files_are_gone(
     assert there["header_source"] == "file" and here["header_source"] == "snapshot"
     assert here["placement"] == there["placement"] == "gpu"
     assert here["estimate"]["gpus"] == there["estimate"]["gpus"] and here["estimate"]["host"] == there["estimate"]["host"]
+
+
+def test_the_ci_snippet_runs_commands_the_cli_accepts() -> None:
+    from supervisor.cli import build_parser
+
+    text = (EXAMPLES / "ci-plan-check.yml").read_text()
+    commands = [line.strip() for line in text.splitlines() if line.strip().startswith("llama-smart-proxy ")]
+    assert any(" plan " in c and "--inventory" in c for c in commands)
+    for command in commands:
+        words = command.split(">")[0].split("||")[0].split()[1:]
+        args = build_parser().parse_args(words)
+        assert args.handler.__name__ in ("cmd_plan", "cmd_inventory")
+
+
+def test_plan_without_a_snapshot_reads_this_machine_through_nvml(
+    tmp_path: Path, tiny_model: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "pynvml", FakeNvml(devices=[gpu(0), gpu(1, used=20 * 1024**3)]))
+    shutil.copy(tiny_model, tmp_path / "tiny.gguf")
+    config = tmp_path / "c.toml"
+    config.write_text('[gpus]\npolicy = "spread"\n[models.a]\nfile = "tiny.gguf"\n')
+    code, out, _ = run_plan(capsys, "-c", str(config), "--json")
+    assert code == 0
+    a = model_of(out, "a")
+    assert (a["placement"], a["gpus"], a["header_source"]) == ("gpu", [0], "file")
+    assert a["launch"]["devices"] == ["GPU-00000000-1111-2222-3333-444444444444"]
