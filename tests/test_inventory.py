@@ -39,6 +39,13 @@ def test_two_gpus_are_listed_in_nvml_order_with_identity_memory_and_versions() -
     assert nvml.shutdowns == nvml.initialised == 1, "NVML must be shut down after reading"
 
 
+def test_bus_id_and_cuda_version_read_as_recent_pynvml_gives_them() -> None:
+    # as nvidia-ml-py 13 reported on a real H200: busId as str, CUDA 13000
+    nvml = FakeNvml(devices=[gpu(0, bus_id="00000000:00:06.0")], bus_id_as_bytes=False, cuda_version=13000)
+    inv = inventory_of(nvml)
+    assert inv.gpus[0].pci_bus_id == "00000000:00:06.0" and inv.cuda_version == "13.0"
+
+
 def test_missing_nvml_library_is_a_plain_state() -> None:
     inv = inventory_of(FakeNvml(devices=[gpu(0)], init_error=fake.NVML_ERROR_LIBRARY_NOT_FOUND))
     assert inv.nvml_status == "library_missing"

@@ -2,8 +2,9 @@
 gives on demand (library missing, driver not loaded, no device, one device erroring).
 
 It offers the functions and constants supervisor/inventory.py uses, with pynvml's calling
-conventions: errors are `NVMLError` with an NVML code in `.value`, strings come back as str, PCI
-bus ids as bytes (pynvml returns the ctypes field). Build one per test:
+conventions: errors are `NVMLError` with an NVML code in `.value`, strings come back as str, and
+the PCI bus id as bytes (the raw ctypes field, older pynvml) or str (nvidia-ml-py 13 on a real
+H200 returned str). Build one per test:
 
     nvml = FakeNvml(devices=[FakeDevice()], init_error=None)
     take_inventory(nvml)
@@ -64,6 +65,7 @@ class FakeNvml:
     count_error: int | None = None
     driver_version: str = "550.54.15"
     cuda_version: int = 12040
+    bus_id_as_bytes: bool = True
     initialised: int = 0
     shutdowns: int = 0
 
@@ -108,7 +110,8 @@ class FakeNvml:
         return self._device(handle).name
 
     def nvmlDeviceGetPciInfo(self, handle: FakeDevice) -> SimpleNamespace:
-        return SimpleNamespace(busId=self._device(handle).bus_id.encode())
+        bus_id = self._device(handle).bus_id
+        return SimpleNamespace(busId=bus_id.encode() if self.bus_id_as_bytes else bus_id)
 
     def nvmlDeviceGetMemoryInfo(self, handle: FakeDevice) -> SimpleNamespace:
         d = self._device(handle)
