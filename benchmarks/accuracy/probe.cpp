@@ -92,6 +92,7 @@ int main(int argc, char ** argv) {
     cp.n_batch = atoi(argv[8]);
     cp.n_ubatch = atoi(argv[9]);
     cp.embeddings = embd;
+    cp.swa_full = false;  // llama-server default (llama_context_default_params says true)
     // as tools/server/server-context.cpp server_output_limits() without speculative decoding
     cp.n_outputs_max = embd ? cp.n_batch : cp.n_seq_max;
     cp.n_outputs_max_per_seq = 1;

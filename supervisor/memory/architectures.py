@@ -97,6 +97,12 @@ class Hyperparameters:
     causal: bool
     embedding_model: bool  # no KV cache; llama-server runs it with --embedding
     n_layer_nextn: int
+    is_moe: list[bool]  # the layer routes through experts (it has ffn_gate_inp)
+    ffn_gated: bool  # SwiGLU-style feed-forward (gate and up); BERT's is plain
+    attn_softcap: bool  # gemma2's logit soft-capping (an extra KQ-sized pass without FA)
+    ssm_d_inner: int
+    key_length_mla: int  # per-head q/k width before absorption (MLA), else 0
+    post_norms: bool  # gemma-style norms after attention and feed-forward (more live tensors)
 
     def n_embd_k_gqa(self, il: int) -> int:
         return (self.head_k_swa if self.is_swa[il] else self.head_k) * self.n_head_kv[il]
@@ -220,6 +226,11 @@ def hyperparameters(header: ModelHeader) -> Hyperparameters:
         for il in range(n_layer_all - nextn, n_layer_all):
             has_attention[il] = False
 
+    names = {t.name for t in header.tensors}
+    is_moe = [f"blk.{il}.ffn_gate_inp.weight" in names for il in range(n_layer_all)]
+    expert_up = next((t for t in header.tensors if t.name.endswith(".ffn_up_exps.weight")), None)
+    if expert_up is not None and len(expert_up.shape) >= 2:
+        n_ff_exp = expert_up.shape[1]  # the tensors say it, whatever key the architecture uses
     causal_value = md.get(f"{arch}.attention.causal", arch not in NO_KV_ARCHITECTURES)
     causal = bool(causal_value)
     pooling = _int(md, f"{arch}.pooling_type")
@@ -250,4 +261,10 @@ def hyperparameters(header: ModelHeader) -> Hyperparameters:
         causal=causal,
         embedding_model=arch in NO_KV_ARCHITECTURES or (pooling not in (0, -1) and not causal),
         n_layer_nextn=nextn,
+        is_moe=is_moe,
+        ffn_gated=arch != "bert",
+        attn_softcap=arch == "gemma2" or bool(_get(md, f"{arch}.attn_logit_softcapping", 0.0)),
+        ssm_d_inner=d_inner,
+        key_length_mla=_int(md, f"{arch}.attention.key_length_mla"),
+        post_norms="blk.0.post_ffw_norm.weight" in names,
     )
