@@ -66,6 +66,12 @@ class MemoryProfile(Contract):
     output_weights_bytes: int = Field(
         ge=0, description="Output layer (output norm and head), on a GPU once -ngl >= 1."
     )
+    tied_output_bytes: int = Field(
+        0,
+        ge=0,
+        description="A model without output.weight reuses its token embeddings as the head: "
+        "llama.cpp copies them to the output layer's device when that is a GPU (none on the host).",
+    )
     output_buffer_bytes: int = Field(ge=0, description="Logits/embeddings buffer, on the host.")
     compute: ComputeProfile
     device_overhead_bytes: int = Field(

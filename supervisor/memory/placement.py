@@ -62,6 +62,9 @@ def place(profile: MemoryProfile, gpu_layers: int, tensor_split: Sequence[float]
         recurrent[slot] += layer.recurrent_bytes
     output_slot = host if where[n] is None else where[n]
     weights[output_slot] += profile.output_weights_bytes
+    if output_slot != host:
+        # the tied head is a duplicate of token_embd, which stays on the host (TENSOR_DUPLICATED)
+        weights[output_slot] += profile.tied_output_bytes
     weights[host] += profile.input_weights_bytes
 
     compute = [0] * n_gpus

@@ -1,0 +1,208 @@
+"""Compute (scheduler) buffers: a model of ggml-alloc's peak over llama.cpp's worst-case graph.
+
+llama.cpp sizes each backend's compute buffer by allocating the prompt-processing graph for one
+micro-batch (n_ubatch tokens, n_seq sequences, llama-server's n_seq outputs) and keeping the
+peak (src/llama-context.cpp sched_reserve). There is no closed form; this module charges
+  inputs (the attention masks, alive for the whole graph)
+  + the largest of the phases of one layer (attention, feed-forward, recurrent scan)
+    and of the output head,
+in f32 values per micro-batch token, with coefficients measured on llama.cpp build 11434's CPU
+backend (benchmarks/accuracy: estimate vs. llama.cpp's own figure for every architecture, never
+under, at most 15 % over). Version-dependent: the logits term follows PR #23861 (the server
+reserves n_seq outputs, not n_ubatch).
+
+GPU buffers are not measured here (no GPU in the measuring machine): a CUDA device runs the same
+graph with its own kernels and, across several GPUs, pipeline parallelism keeps
+GGML_SCHED_MAX_COPIES = 4 copies of the graph inputs (ggml/src/ggml-backend.cpp). The CUDA figures
+are the CPU graph times CUDA_COMPUTE_MARGIN plus those copies; calibrate both on a GPU.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from schemas.estimate import ComputeProfile
+from schemas.header import ModelHeader
+
+if TYPE_CHECKING:
+    from schemas.config import FlashAttn, ModelSpec
+    from supervisor.memory.architectures import Hyperparameters
+    from supervisor.memory.profile import Context, DeviceBackend
+
+MIB = 1024**2
+F32 = 4
+F16 = 2
+# Small graph inputs (positions, token ids, output ids, slot indices) and allocator slack:
+# measured at 0.0176 MiB on the CPU for a 512-token micro-batch; charged generously.
+GRAPH_CONSTANT_BYTES = 256 * 1024
+# CUDA kernels differ from the CPU's (flash attention tiles, cuBLAS conversions): an unmeasured
+# margin over the CPU figure until a GPU run calibrates it.
+CUDA_COMPUTE_MARGIN = 1.15
+SCHED_MAX_COPIES = 4  # ggml/src/ggml-backend.cpp GGML_SCHED_MAX_COPIES (pipeline parallelism)
+# The fitted coefficients reproduce llama.cpp's figure to within a few percent; this keeps the
+# estimate above it where the fit is loose (multi-stream graphs, odd head layouts).
+SAFETY_FACTOR = 1.03
+UNKNOWN_ARCH_FACTOR = 1.5  # unknown graph shapes: half again on top of the dense-transformer model
+
+
+def _attention_cells(hp: Hyperparameters, ctx: Context) -> int:
+    """KV cells one stream's attention spans in the reserve graph; the micro-batch itself for
+    models without a cache (their attention is over the batch)."""
+    if not any(hp.has_attention):
+        return ctx.n_ubatch
+    return ctx.cells
+
+
+def _mask_bytes(hp: Hyperparameters, ctx: Context, flash_attn: bool) -> int:
+    """The KQ masks, graph inputs alive throughout: f16 with flash attention, f32 without; a
+    second one for sliding-window layers."""
+    if not any(hp.n_head):
+        return 0
+    width = F16 if flash_attn else F32
+    size = width * ctx.n_ubatch * _attention_cells(hp, ctx)
+    if any(hp.is_swa):
+        size += width * ctx.n_ubatch * ctx.swa_cells
+    return size
+
+
+def _ffn_values(hp: Hyperparameters, il: int, flash_attn: bool) -> int:
+    """Live f32 values per token while a layer's feed-forward runs."""
+    if hp.is_moe[il]:
+        used, ffe = hp.n_expert_used, hp.n_ff_exp or hp.n_ff[il]
+        # gate/up/act per selected expert, or the per-expert down outputs and their weighting
+        return max(3 * ffe * used + 5 * hp.n_embd, 2 * (hp.n_embd + ffe) * used)
+    if not hp.ffn_gated:
+        return 2 * hp.n_ff[il] + hp.n_embd
+    values = 3 * hp.n_ff[il] + 5 * hp.n_embd
+    if not flash_attn and hp.has_attention[il] and not hp.is_mla:
+        # without flash attention the attention's permuted output is still alive here; this
+        # phase is the peak at small contexts (measured: ctx <= ~1024 with FA off)
+        n_q = hp.n_head[il] * (hp.head_k_swa if hp.is_swa[il] else hp.head_k)
+        values = max(values, 3 * hp.n_ff[il] + 3 * hp.n_embd + 3 * n_q + hp.n_embd_k_gqa(il) + hp.n_embd_v_gqa(il))
+    if hp.post_norms:
+        values += hp.n_embd
+    return values
+
+
+def _attention_values(hp: Hyperparameters, ctx: Context, il: int, flash_attn: bool) -> int:
+    """Live f32 values per token while a layer's attention runs (KQ included without FA)."""
+    n_head = hp.n_head[il]
+    if not n_head or not (hp.has_attention[il] or hp.embedding_model):
+        return 0
+    head_k = hp.head_k_swa if hp.is_swa[il] else hp.head_k
+    if hp.is_mla:
+        # absorbed MLA: queries in the latent space (n_head x 576) next to their 192-wide form
+        values = 2 * n_head * head_k + 2 * n_head * hp.key_length_mla + 3 * hp.n_embd
+    elif hp.embedding_model:
+        # no cache: K and V are fresh projections of the batch
+        values = 2 * hp.n_embd + 3 * n_head * head_k + 2 * hp.n_head_kv[il] * head_k
+    else:
+        values = 3 * hp.n_embd + 3 * n_head * head_k + hp.n_embd_k_gqa(il) + hp.n_embd_v_gqa(il)
+    if hp.post_norms:
+        values += hp.n_embd
+    if not flash_attn:
+        cells = ctx.swa_cells if hp.is_swa[il] else _attention_cells(hp, ctx)
+        values += cells * n_head  # KQ, f32, [cells, tokens, heads]
+        if hp.attn_softcap:
+            values += 2 * n_head * head_k
+    return values
+
+
+def _recurrent_values(hp: Hyperparameters, il: int) -> int:
+    if not hp.is_recurrent[il]:
+        return 0
+    if hp.ssm_d_inner:
+        return 15 * hp.ssm_d_inner // 2  # mamba: in-projection, conv, scan output and gate
+    return 6 * hp.n_embd  # short convolution (lfm2): in-projection and its three slices
+
+
+def _layer_peak(hp: Hyperparameters, ctx: Context, flash_attn: bool) -> int:
+    """Peak live bytes inside one layer, over every layer of the model."""
+    peak = 0
+    for il in range(hp.n_layer):
+        values = max(
+            _ffn_values(hp, il, flash_attn),
+            _attention_values(hp, ctx, il, flash_attn),
+            _recurrent_values(hp, il),
+        )
+        peak = max(peak, values)
+    return F32 * ctx.n_ubatch * peak
+
+
+def _recurrent_state_bytes(hp: Hyperparameters, ctx: Context) -> int:
+    """A recurrent layer's states pass through the graph whole (copied in, updated, written back)."""
+    if not any(hp.is_recurrent):
+        return 0
+    return F32 * (hp.n_embd_r + hp.n_embd_s) * ctx.n_seq
+
+
+def _output_phase(hp: Hyperparameters, ctx: Context) -> int:
+    if hp.embedding_model:
+        return F32 * ctx.n_seq * hp.n_embd  # pooled embeddings; no vocabulary head
+    return F32 * ctx.n_seq * hp.n_vocab + F32 * ctx.n_ubatch * hp.n_embd
+
+
+def cpu_graph_bytes(hp: Hyperparameters, ctx: Context, flash_attn: bool) -> int:
+    """The compute buffer of a run with every layer on one device."""
+    peak = max(_layer_peak(hp, ctx, flash_attn), _output_phase(hp, ctx))
+    total = _mask_bytes(hp, ctx, flash_attn) + _recurrent_state_bytes(hp, ctx) + peak
+    total = int(total * SAFETY_FACTOR) + GRAPH_CONSTANT_BYTES
+    if not hp.known:
+        total = int(total * UNKNOWN_ARCH_FACTOR)
+    return total
+
+
+def compute_profile(
+    hp: Hyperparameters,
+    ctx: Context,
+    spec: ModelSpec,
+    *,
+    flash_attn: FlashAttn,
+    largest_layer_tensor: int,
+    device_backend: DeviceBackend,
+) -> ComputeProfile:
+    if flash_attn == "auto":
+        graph = max(cpu_graph_bytes(hp, ctx, True), cpu_graph_bytes(hp, ctx, False))
+        inputs = _mask_bytes(hp, ctx, False)
+    else:
+        graph = cpu_graph_bytes(hp, ctx, flash_attn == "on")
+        inputs = _mask_bytes(hp, ctx, flash_attn == "on")
+    # the host keeps the input embeddings' rows when the layers are on a device
+    host_inputs = F32 * ctx.n_ubatch * hp.n_embd + GRAPH_CONSTANT_BYTES
+    if device_backend == "cpu":
+        return ComputeProfile(
+            gpu_full_bytes=graph,
+            gpu_split_output_bytes=graph,
+            gpu_split_other_bytes=graph,
+            gpu_partial_bytes=graph,
+            host_with_gpu_bytes=host_inputs,
+            host_cpu_only_bytes=graph,
+        )
+    device = int(graph * CUDA_COMPUTE_MARGIN)
+    copies = (SCHED_MAX_COPIES - 1) * inputs
+    return ComputeProfile(
+        gpu_full_bytes=device,
+        gpu_split_output_bytes=device + copies,
+        gpu_split_other_bytes=device + copies,
+        # op offload (batch >= 32) stages host-resident weights in the device's compute buffer
+        gpu_partial_bytes=device + largest_layer_tensor,
+        host_with_gpu_bytes=host_inputs,
+        host_cpu_only_bytes=graph,
+    )
+
+
+def mmproj_compute_bytes(mmproj: ModelHeader, *, flash_attn: bool) -> int:
+    """A vision projector's compute buffer (libmtmd): the attention over one image's patches.
+
+    Unmeasured here: a conservative closed form (KQ over every patch, f32 without flash
+    attention), at least 128 MiB.
+    """
+    md = mmproj.metadata
+    image = int(md.get("clip.vision.image_size", 1024) or 1024)  # type: ignore[arg-type]
+    patch = int(md.get("clip.vision.patch_size", 14) or 14)  # type: ignore[arg-type]
+    width = int(md.get("clip.vision.embedding_length", 1280) or 1280)  # type: ignore[arg-type]
+    heads = int(md.get("clip.vision.attention.head_count", 16) or 16)  # type: ignore[arg-type]
+    positions = (image // max(patch, 1)) ** 2
+    attention = F16 * positions * positions if flash_attn else F32 * positions * positions * heads
+    activations = F32 * positions * width * 8
+    return max(128 * MIB, attention + activations)

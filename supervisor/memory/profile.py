@@ -1,0 +1,287 @@
+"""The memory model of one model at given settings: `memory_profile(header, spec) -> MemoryProfile`.
+
+Pure: no I/O, no clock. It mirrors how llama.cpp build 11434 sizes each buffer:
+- context: `n_ctx = pad(ctx or n_ctx_train, 256)`; one stream of n_ctx cells when the cache is
+  unified, else `pad(n_ctx / parallel, 256)` cells in each of `parallel` streams
+  (src/llama-context.cpp, llama_context ctor; the 256 padding is PR #17046);
+- KV per layer: `cells * streams * (row(type_k, n_embd_k_gqa) + row(type_v, v_width))`, where
+  v_width is the layer's own with flash attention; without it V is stored transposed and padded
+  to the widest layer (src/llama-kv-cache.cpp, [TAG_V_CACHE_VARIABLE]);
+  sliding-window layers keep `pad(min(cells, n_swa * (parallel if unified else 1) + ubatch), 256)`
+  cells (src/llama-kv-cache-iswa.cpp); MLA keeps K only, 576 wide (V-less cache, PR #19067);
+- recurrent state per recurrent layer: `4 * (n_embd_r + n_embd_s) * max(1, parallel)` bytes,
+  whatever the context (src/llama-memory-recurrent.cpp);
+- weights: each tensor as stored, padded to the buffer's alignment; blocks by their layer, the
+  token embeddings on the host, the output layer (with a copy of the embeddings when it has no
+  output.weight and lands on a GPU) by itself (src/llama-model.cpp load_tensors);
+- output buffer: `4 * parallel * (n_vocab + n_embd if embeddings)` in host memory
+  (src/llama-context.cpp output_reserve, with llama-server's n_outputs_max = parallel);
+- compute buffers: supervisor/memory/compute.py.
+
+`flash_attn = "auto"` resolves to on: llama.cpp turns it on wherever the device supports the
+model's attention (the CPU always; CUDA for the usual head sizes). Because a device may still
+refuse it, "auto" is charged the larger of the on and off figures for the KV cache and the
+compute buffers, so it never under-counts either way.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Literal
+
+import gguf
+
+from schemas.config import ModelSpec
+from schemas.estimate import ComputeProfile, EstimateSettings, LayerMemory, MemoryProfile
+from schemas.header import ModelHeader, TensorInfo
+from supervisor.memory import compute
+from supervisor.memory.architectures import Hyperparameters, hyperparameters
+
+MIB = 1024**2
+CONTEXT_PADDING = 256  # src/llama-context.cpp: n_ctx = GGML_PAD(n_ctx, 256)
+SWA_PADDING = 256  # src/llama-kv-cache-iswa.cpp: "the SWA cache is always padded to 256"
+CPU_ALIGNMENT = 32  # ggml/src/ggml-impl.h TENSOR_ALIGNMENT: the CPU (and RPC-over-CPU) buffer
+CUDA_ALIGNMENT = 128  # ggml/src/ggml-cuda/ggml-cuda.cu: ggml_backend_cuda_buffer_type_get_alignment
+CUDA_MATRIX_ROW_PADDING = 512  # ggml/src/ggml-cuda/common.cuh MATRIX_ROW_PADDING
+# Per-GPU fixed cost outside llama.cpp's accounting: CUDA context, cuBLAS workspace, driver.
+# Measured elsewhere: 451-456 MiB "unaccounted" per RTX 4090 (llama.cpp PR #15860); Ollama
+# budgets 457 MiB, Unsloth 320 MiB, gguf-parser 250 MiB (GPUStack 500 MiB). Not yet measured by
+# this project on a GPU: the largest published figure, rounded up.
+DEVICE_OVERHEAD_BYTES = 512 * MIB
+DEFAULT_CONTEXT = 4096  # when neither the config nor the model gives one
+
+DeviceBackend = Literal["cuda", "cpu"]
+
+_CACHE_TYPES = {
+    "f32": gguf.GGMLQuantizationType.F32,
+    "f16": gguf.GGMLQuantizationType.F16,
+    "bf16": gguf.GGMLQuantizationType.BF16,
+    "q8_0": gguf.GGMLQuantizationType.Q8_0,
+    "q4_0": gguf.GGMLQuantizationType.Q4_0,
+    "q4_1": gguf.GGMLQuantizationType.Q4_1,
+    "q5_0": gguf.GGMLQuantizationType.Q5_0,
+    "q5_1": gguf.GGMLQuantizationType.Q5_1,
+    "iq4_nl": gguf.GGMLQuantizationType.IQ4_NL,
+}
+_BLOCK = re.compile(r"^blk\.(\d+)\.")
+# src/llama-arch.cpp LLM_TENSOR_INFOS: LLM_TENSOR_LAYER_INPUT tensors stay on the host.
+_INPUT_TENSORS = ("token_embd.", "position_embd.", "token_types.", "per_layer_token_embd.")
+# Repeating-layer tensors created with layer index 0 although their names carry none.
+_LAYER_ZERO_TENSORS = ("token_embd_norm.", "rope_freqs.", "rope_factors_long.", "rope_factors_short.")
+
+
+def pad(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+def row_bytes(cache_type: str, width: int) -> int:
+    """ggml_row_size: bytes of `width` values of the given cache type."""
+    block, size = gguf.GGML_QUANT_SIZES[_CACHE_TYPES[cache_type]]
+    return -(-width // block) * size
+
+
+def is_quantized_cache(cache_type: str) -> bool:
+    return cache_type not in ("f32", "f16", "bf16")
+
+
+@dataclass(frozen=True)
+class Context:
+    """The resolved context geometry (src/llama-context.cpp and src/llama-kv-cache-iswa.cpp)."""
+
+    n_ctx: int
+    cells: int  # per stream
+    streams: int
+    swa_cells: int  # per stream, for sliding-window layers
+    n_batch: int
+    n_ubatch: int
+    n_seq: int
+
+
+def resolve_context(hp: Hyperparameters, spec: ModelSpec) -> Context:
+    n_seq = max(1, spec.parallel)
+    requested = spec.ctx or hp.n_ctx_train or DEFAULT_CONTEXT
+    n_ctx = pad(requested, CONTEXT_PADDING)
+    if spec.kv_unified:
+        cells, streams = n_ctx, 1
+    else:
+        cells, streams = pad(n_ctx // n_seq, CONTEXT_PADDING), n_seq
+        n_ctx = cells * n_seq
+    n_batch = min(n_ctx, spec.batch) if hp.causal else spec.batch
+    n_ubatch = min(n_batch, spec.ubatch)
+    swa_cells = 0
+    if hp.n_swa:
+        window = hp.n_swa * (n_seq if spec.kv_unified else 1) + n_ubatch
+        swa_cells = pad(min(cells, window), SWA_PADDING)
+    return Context(n_ctx, cells, streams, swa_cells, n_batch, n_ubatch, n_seq)
+
+
+def kv_bytes_per_layer(hp: Hyperparameters, ctx: Context, spec: ModelSpec, flash_attn: bool) -> list[int]:
+    """Bytes of the KV cache of each layer, every stream included."""
+    v_width_max = max((hp.n_embd_v_gqa(il) for il in range(hp.n_layer)), default=0)
+    sizes = []
+    for il in range(hp.n_layer):
+        if not hp.has_attention[il]:
+            sizes.append(0)
+            continue
+        cells = ctx.swa_cells if hp.is_swa[il] else ctx.cells
+        k = row_bytes(spec.cache_type_k, hp.n_embd_k_gqa(il))
+        # MLA: the compressed latent lives in K alone (src/llama-kv-cache.cpp: has_v = !is_mla)
+        if hp.is_mla:
+            v = 0
+        else:
+            v = row_bytes(spec.cache_type_v, hp.n_embd_v_gqa(il) if flash_attn else v_width_max)
+        sizes.append(pad(k * cells * ctx.streams, CPU_ALIGNMENT) + pad(v * cells * ctx.streams, CPU_ALIGNMENT))
+    return sizes
+
+
+def recurrent_bytes_per_layer(hp: Hyperparameters, ctx: Context) -> list[int]:
+    rows = max(1, ctx.n_seq)  # llama-server runs without rollback snapshots (n_rs_seq = 0)
+    state = pad(4 * hp.n_embd_r * rows, CPU_ALIGNMENT) + pad(4 * hp.n_embd_s * rows, CPU_ALIGNMENT)
+    return [state if recurrent else 0 for recurrent in hp.is_recurrent]
+
+
+def tensor_bytes(tensor: TensorInfo, backend: DeviceBackend) -> int:
+    """Bytes a weight takes in a device buffer (ggml_backend_buft_get_alloc_size, padded)."""
+    if backend == "cpu":
+        return pad(tensor.n_bytes, CPU_ALIGNMENT)
+    size = tensor.n_bytes
+    quant = gguf.GGMLQuantizationType[tensor.type]
+    block, type_size = gguf.GGML_QUANT_SIZES[quant]
+    if block > 1 and tensor.shape and tensor.shape[0] % CUDA_MATRIX_ROW_PADDING:
+        # ggml-cuda.cu: quantized rows are padded so the kernels may read past the last one
+        size += -(-(CUDA_MATRIX_ROW_PADDING - tensor.shape[0] % CUDA_MATRIX_ROW_PADDING) // block) * type_size
+    return pad(size, CUDA_ALIGNMENT)
+
+
+@dataclass(frozen=True)
+class Weights:
+    layers: list[int]
+    input_bytes: int
+    output_bytes: int
+    tied_output_bytes: int  # a copy of token_embd that exists only when the output is on a GPU
+    largest_layer_tensor: int
+    unassigned_bytes: int  # tensors the estimator could not place (unknown architectures)
+
+
+def split_weights(header: ModelHeader, n_layer: int, backend: DeviceBackend) -> Weights:
+    layers = [0] * n_layer
+    input_bytes = output_bytes = largest = unassigned = 0
+    embeddings = 0
+    has_output = False
+    for tensor in header.tensors:
+        size = tensor_bytes(tensor, backend)
+        match = _BLOCK.match(tensor.name)
+        if match is not None:
+            il = int(match.group(1))
+            if il < n_layer:
+                layers[il] += size
+                largest = max(largest, size)
+            else:
+                unassigned += size
+        elif tensor.name.startswith(_INPUT_TENSORS):
+            input_bytes += size
+            if tensor.name == "token_embd.weight":
+                embeddings = size
+        elif tensor.name.startswith(_LAYER_ZERO_TENSORS) and n_layer:
+            layers[0] += size
+        else:
+            output_bytes += size
+            has_output = has_output or tensor.name == "output.weight"
+    # src/models/*.cpp: `if (output == NULL) output = token_embd (TENSOR_DUPLICATED)`
+    tied = embeddings if not has_output and embeddings else 0
+    return Weights(layers, input_bytes, output_bytes + unassigned, tied, largest, unassigned)
+
+
+def memory_profile(
+    header: ModelHeader,
+    spec: ModelSpec,
+    mmproj: ModelHeader | None = None,
+    *,
+    device_backend: DeviceBackend = "cuda",
+) -> MemoryProfile:
+    """What the model needs at spec's settings, before placement. Pure.
+
+    device_backend "cuda" (the default) pads weights as CUDA buffers do and charges the CUDA
+    context per GPU; "cpu" describes llama.cpp's CPU or RPC-over-CPU devices, which the accuracy
+    harness measures against.
+    """
+    hp = hyperparameters(header)
+    ctx = resolve_context(hp, spec)
+    warnings: list[str] = []
+    flash_attn = spec.flash_attn != "off"
+    if spec.flash_attn == "off" and is_quantized_cache(spec.cache_type_v) and not hp.is_mla:
+        warnings.append(
+            f"cache_type_v {spec.cache_type_v} needs flash attention: llama.cpp refuses to start "
+            "with flash_attn off and a quantized V cache"
+        )
+    kv_on = kv_bytes_per_layer(hp, ctx, spec, flash_attn=True)
+    kv = kv_on if spec.flash_attn == "on" else [
+        max(a, b) for a, b in zip(kv_on, kv_bytes_per_layer(hp, ctx, spec, flash_attn=False))
+    ]
+    recurrent = recurrent_bytes_per_layer(hp, ctx)
+    weights = split_weights(header, hp.n_layer, device_backend)
+    embeddings = hp.embedding_model
+    output_buffer = 4 * ctx.n_seq * (hp.n_vocab + (hp.n_embd if embeddings else 0))
+
+    if not hp.known:
+        warnings.append(
+            f"architecture {hp.architecture!r} is not one the estimator knows: weights are exact, "
+            "the KV cache assumes every layer keeps the full context, and the compute buffer is "
+            "a generous guess"
+        )
+        missing = header.file_size - sum(t.n_bytes for t in header.tensors)
+        if missing > 0:
+            weights = Weights(
+                weights.layers,
+                weights.input_bytes,
+                weights.output_bytes + missing,  # never less than the file holds
+                weights.tied_output_bytes,
+                weights.largest_layer_tensor,
+                weights.unassigned_bytes,
+            )
+
+    compute_profile = compute.compute_profile(
+        hp,
+        ctx,
+        spec,
+        flash_attn=spec.flash_attn,
+        largest_layer_tensor=weights.largest_layer_tensor,
+        device_backend=device_backend,
+    )
+    mmproj_bytes = 0
+    if mmproj is not None:
+        mmproj_bytes = sum(tensor_bytes(t, device_backend) for t in mmproj.tensors) + compute.mmproj_compute_bytes(
+            mmproj, flash_attn=flash_attn
+        )
+
+    settings = EstimateSettings(
+        ctx=spec.ctx,
+        n_ctx=ctx.n_ctx,
+        parallel=ctx.n_seq,
+        kv_unified=spec.kv_unified,
+        cache_type_k=spec.cache_type_k,
+        cache_type_v=spec.cache_type_v,
+        flash_attn=flash_attn,
+        batch=ctx.n_batch,
+        ubatch=ctx.n_ubatch,
+    )
+    layers = [
+        LayerMemory(weights_bytes=w, kv_bytes=k, recurrent_bytes=r)
+        for w, k, r in zip(weights.layers, kv, recurrent)
+    ]
+    return MemoryProfile(
+        model=header.path,
+        architecture=hp.architecture,
+        known_architecture=hp.known,
+        settings=settings,
+        layers=layers,
+        input_weights_bytes=weights.input_bytes,
+        output_weights_bytes=weights.output_bytes,
+        tied_output_bytes=weights.tied_output_bytes,
+        output_buffer_bytes=output_buffer,
+        compute=compute_profile,
+        device_overhead_bytes=DEVICE_OVERHEAD_BYTES if device_backend == "cuda" else 0,
+        mmproj_bytes=mmproj_bytes,
+        warnings=warnings,
+    )
