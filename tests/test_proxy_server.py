@@ -396,12 +396,11 @@ def test_idle_upstream_connections_are_closed_by_the_proxy_before_the_childs_own
     child = ScriptedUpstream()
     try:
         with running_proxy(StaticBackends({"m": child.upstream})) as (server, base):
-            assert httpx.post(f"{base}/v1/completions", json={"model": "m"}, timeout=10).status_code == 200
-            assert server.pool.idle_count() == 1
             started = time.monotonic()
+            assert httpx.post(f"{base}/v1/completions", json={"model": "m"}, timeout=10).status_code == 200
             wait_for(lambda: child.closed_connections == 1, timeout=5, what="the proxy to close its idle connection")
-            assert time.monotonic() - started < 1.0
-            assert server.pool.idle_count() == 0
+            assert 0.3 <= time.monotonic() - started < 1.5
+            assert (server.pool.opened, server.pool.idle_count()) == (1, 0)
     finally:
         child.stop()
 
@@ -446,7 +445,8 @@ def test_a_stream_that_stalls_is_cut_at_the_stream_idle_timeout_and_a_silent_chi
         assert 0.4 < time.monotonic() - started < 1.5
         slow = httpx.post(f"{base}/v1/chat/completions", json={"model": "chat", "fake": {"delay_ms": 2000}}, timeout=10)
         assert slow.status_code == 504
-        assert server.metrics.requests[("chat", 504)] == 2
+        # counted once the proxy finished with the request, a moment after the client got its answer
+        wait_for(lambda: server.metrics.requests[("chat", 504)] == 2, timeout=5, what="both 504s counted")
 
 
 def test_a_large_body_is_forwarded_whole(proxy) -> None:
