@@ -158,8 +158,10 @@ class ProxyServer:
         self._slots: anyio.Semaphore | None = None
 
     def configure(self, settings: ProxySettings, backends: Backends) -> None:
-        """Serve new requests with these settings and backends; the listener stays bound.
-        (listen and max_connections take effect on the next start.)"""
+        """Serve new requests with these settings and backends; the listener stays bound and
+        requests already running finish with what they started with. `listen` and
+        `max_connections` take effect on the next start. Raises ApiKeyFileError, keeping the old
+        setup, when api_keys_file cannot be read."""
         self._setup = Setup.build(settings, backends)
 
     @property
