@@ -442,7 +442,7 @@ def disconnect_ms(port: int, backend: Service, trial_id: str, interval_ms: float
 
 @dataclass
 class Plan:
-    rounds: int = 7
+    rounds: int = 9
     sequential: int = 300
     warmup: int = 50
     closed_s: float = 3.0
@@ -451,7 +451,7 @@ class Plan:
     interval_ms: float = 20.0
     disconnect_trials: int = 20
     ceiling_s: float = 2.5
-    stream_repeats: int = 3
+    stream_repeats: int = 5
     closed_repeats: int = 3
 
 
