@@ -203,3 +203,19 @@ def test_admin_targets_parse_model_actions_and_reload() -> None:
     assert admin_target(b"/admin/models/qwen/reset") == ("reset", "qwen")
     assert admin_target(b"/admin/models/qwen/explode") is None
     assert admin_target(b"/admin/models//load") is None
+
+
+def test_admin_without_keys_is_for_loopback_peers_only() -> None:
+    from supervisor.proxy.access import is_loopback
+
+    assert is_loopback("127.0.0.1") and is_loopback("::1")
+    assert not is_loopback("192.168.1.5") and not is_loopback("unix")
+
+
+def test_an_unreadable_key_file_is_one_user_error_naming_the_file(tmp_path) -> None:
+    from supervisor.errors import UserError
+
+    missing = tmp_path / "nope.txt"
+    with pytest.raises(UserError) as caught:
+        ApiKeys.from_settings(ProxySettings(api_keys_file=missing))
+    assert str(caught.value).startswith(f"{missing}: proxy.api_keys_file:")
