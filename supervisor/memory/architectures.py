@@ -98,6 +98,7 @@ class Hyperparameters:
     embedding_model: bool  # no KV cache; llama-server runs it with --embedding
     n_layer_nextn: int
     is_moe: list[bool]  # the layer routes through experts (it has ffn_gate_inp)
+    n_expert_shared: int
     ffn_gated: bool  # SwiGLU-style feed-forward (gate and up); BERT's is plain
     attn_softcap: bool  # gemma2's logit soft-capping (an extra KQ-sized pass without FA)
     ssm_d_inner: int
@@ -262,6 +263,7 @@ def hyperparameters(header: ModelHeader) -> Hyperparameters:
         embedding_model=arch in NO_KV_ARCHITECTURES or (pooling not in (0, -1) and not causal),
         n_layer_nextn=nextn,
         is_moe=is_moe,
+        n_expert_shared=_int(md, f"{arch}.expert_shared_count"),
         ffn_gated=arch != "bert",
         attn_softcap=arch == "gemma2" or bool(_get(md, f"{arch}.attn_logit_softcapping", 0.0)),
         ssm_d_inner=d_inner,
