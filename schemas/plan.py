@@ -31,6 +31,11 @@ class GpuPlan(Contract):
     reserve_bytes: int = Field(description="Headroom kept free ([gpus] reserve).")
     usable_bytes: int = Field(description="free - reserve: what the plan may fill.")
     resident: list[ModelShare] = Field(description="Resident models' estimated bytes here.")
+    on_demand: list[ModelShare] = Field(
+        default_factory=list,
+        description="On-demand models planned here and their bytes once loaded (not counted in "
+        "free_after_bytes: each fits next to the residents; see Plan.on_demand_groups).",
+    )
     free_after_bytes: int = Field(description="usable minus the resident models.")
 
 
@@ -48,13 +53,31 @@ class ModelPlan(Contract):
     header_source: Literal["file", "snapshot", "missing"] = Field(
         "file", description="Where the GGUF header came from."
     )
+    header_note: str = Field("", description="Which file or snapshot record the header came from.")
     short_bytes: int = Field(0, description="For an unplaced model: how many bytes it lacks.")
+    fallback: bool = Field(
+        False,
+        description="Runs partly or wholly on the CPU although its config allows GPUs "
+        "(`plan --strict` fails on it).",
+    )
     reason: str = Field(description="Why this placement, in words.")
     launch: LaunchSpec | None = Field(None, description="How its child starts; None if unplaced.")
 
 
+class HostPlan(Contract):
+    ram_total_bytes: int = Field(ge=0)
+    ram_available_bytes: int = Field(ge=0, description="Available when the inventory was taken.")
+    cpu_count: int = Field(ge=1)
+    resident_bytes: int = Field(ge=0, description="Host RAM the resident models need together.")
+    with_on_demand_bytes: int = Field(
+        ge=0, description="The same with every on-demand model loaded as well."
+    )
+
+
 class Plan(Contract):
+    policy: Literal["pack", "spread"] = Field("pack", description="[gpus] policy the plan used.")
     gpus: list[GpuPlan] = Field(default_factory=list)
+    host: HostPlan | None = Field(None, description="Host RAM against what the models need there.")
     models: list[ModelPlan] = Field(default_factory=list, description="By name.")
     notes: list[str] = Field(default_factory=list, description="Plain statements about the plan.")
     on_demand_groups: list[list[str]] = Field(

@@ -54,6 +54,53 @@ def cmd_schema(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_inventory(args: argparse.Namespace) -> int:
+    from supervisor.inventory import describe_inventory, dump_inventory, take_inventory
+    from supervisor.snapshot import record_headers
+
+    models: dict = {}
+    warnings: list[str] = []
+    if args.config is not None:
+        config = load_config(args.config, require_model_files=False).config
+        models, warnings = record_headers(config)
+    inventory = take_inventory(models=models)
+    if warnings:
+        inventory = inventory.model_copy(update={"warnings": [*inventory.warnings, *warnings]})
+    if args.json:
+        print(dump_inventory(inventory), end="")
+    else:
+        print(describe_inventory(inventory))
+    return EXIT_OK
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from supervisor.inventory import load_inventory, take_inventory
+    from supervisor.plan_report import render_plan, verdict
+    from supervisor.planner import plan
+    from supervisor.snapshot import build_profiles
+
+    loaded = load_config(args.config, require_model_files=False)
+    if args.inventory is not None:
+        inventory = load_inventory(args.inventory)
+        machine = f"snapshot {args.inventory}"
+        if inventory.hostname or inventory.taken_at:
+            machine += f" of {inventory.hostname or '?'} taken {inventory.taken_at or '?'}"
+    else:
+        inventory = take_inventory()
+        machine = "this machine (NVML now)"
+    found = build_profiles(loaded.config, inventory.models, have_snapshot=args.inventory is not None)
+    result = plan(loaded.config, inventory, found.profiles, found.headers, found.notes)
+    outcome = verdict(result, strict=args.strict)
+    if args.json:
+        print_json(result.model_dump(mode="json"))
+        if outcome.exit_code:
+            print(f"llama-smart-proxy: plan: {outcome.text}", file=sys.stderr)
+    else:
+        print(render_plan(result, [f"Plan for {loaded.path}", f"Machine: {machine}: {inventory.message}"]))
+        print(f"Result: {outcome.text}")
+    return outcome.exit_code
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="llama-smart-proxy",
@@ -73,6 +120,31 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("tiny-model", cmd_tiny_model, "write the tiny test model (a few hundred KB)")
     p.add_argument("path", type=Path, help="where to write the GGUF file")
+
+    p = command(
+        "inventory",
+        cmd_inventory,
+        "show the GPUs (through NVML), host RAM and CPUs; --json writes a snapshot for `plan --inventory`",
+    )
+    p.add_argument("--json", action="store_true", help="print the snapshot as JSON")
+    p.add_argument(
+        "--config", "-c", type=Path, help="also record the GGUF header of every model this config names"
+    )
+
+    p = command(
+        "plan",
+        cmd_plan,
+        "print where every model would run and why, without starting anything "
+        "(exit 3: a model cannot be placed; 4: with --strict, a model fell back to partial or CPU)",
+    )
+    p.add_argument("--config", "-c", type=Path, required=True, help="the TOML config")
+    p.add_argument(
+        "--inventory", "-i", type=Path, help="plan for this snapshot (from `inventory --json`) instead of this machine"
+    )
+    p.add_argument("--json", action="store_true", help="print the plan as JSON (schemas/plan.schema.json)")
+    p.add_argument(
+        "--strict", action="store_true", help="also fail (exit 4) when a model falls back to partial offload or the CPU"
+    )
 
     p = command("schema", cmd_schema, "print the JSON Schema of the config, plan or inventory")
     p.add_argument("name", nargs="?", help="config, plan or inventory (default: all)")

@@ -71,8 +71,17 @@ class _Source:
     data: dict[str, Any]
 
 
-def load_config(path: Path | str, overrides: Mapping[str, Any] | None = None) -> LoadedConfig:
-    """Parse, merge, validate and check the config; raise ConfigError listing every problem."""
+def load_config(
+    path: Path | str,
+    overrides: Mapping[str, Any] | None = None,
+    *,
+    require_model_files: bool = True,
+) -> LoadedConfig:
+    """Parse, merge, validate and check the config; raise ConfigError listing every problem.
+
+    require_model_files=False lets the GGUF files be absent (`plan` from a snapshot in CI, where
+    the headers travel in the snapshot); every other file must still exist.
+    """
     path = Path(path).absolute()
     problems: list[ConfigProblem] = []
     main = _read_toml(path, problems)
@@ -133,7 +142,7 @@ def load_config(path: Path | str, overrides: Mapping[str, Any] | None = None) ->
                 key_path = ("proxy", "default_model")
             problems.append(ConfigProblem(*locate(key_path), _dotted(key_path), _explain(error)))
 
-    checks = _check_files(data) + (_check_ports(config) if config is not None else [])
+    checks = _check_files(data, require_model_files) + (_check_ports(config) if config is not None else [])
     for key_path, message in checks:
         problems.append(ConfigProblem(*locate(key_path), _dotted(key_path), message))
 
@@ -231,7 +240,7 @@ def _resolve_paths(data: dict[str, Any], owner: dict[str, _Source], main: _Sourc
         resolve(llama, "binary", main.path.parent)
 
 
-def _check_files(data: dict[str, Any]) -> list[tuple[KeyPath, str]]:
+def _check_files(data: dict[str, Any], require_model_files: bool = True) -> list[tuple[KeyPath, str]]:
     """Files the config names must exist; checked on the raw tables so that a schema error
     elsewhere does not hide a missing file."""
     problems: list[tuple[KeyPath, str]] = []
@@ -249,6 +258,8 @@ def _check_files(data: dict[str, Any]) -> list[tuple[KeyPath, str]]:
     for key_path, value in wanted:
         if not isinstance(value, str):
             continue  # absent, or a wrong type the schema reports
+        if not require_model_files and key_path[0] == "models" and not Path(value).exists():
+            continue
         if not Path(value).exists():
             problems.append((key_path, f"file not found: {value}"))
         elif not Path(value).is_file():

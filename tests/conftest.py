@@ -10,6 +10,12 @@ from supervisor.tinymodel import write_tiny_model
 
 
 @pytest.fixture(scope="session")
+def anyio_backend() -> str:
+    """Async tests run on asyncio, the backend `serve` uses."""
+    return "asyncio"
+
+
+@pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny random llama model, written once per session."""
     return write_tiny_model(tmp_path_factory.mktemp("models") / "tiny.gguf")

@@ -9,6 +9,7 @@ milliseconds and depends on nothing under test.
 Faults, from the environment (a test sets them through the model's `env`):
   FAKE_LLAMA_LOAD_S=2.5        answer /health with 503 "Loading model" for this long
   FAKE_LLAMA_SILENT_LOAD=1     print nothing while loading (a stalled load)
+  FAKE_LLAMA_DOTS=1            while loading print "." with no newline, as llama.cpp's progress does
   FAKE_LLAMA_NEVER_READY=1     stay loading forever
   FAKE_LLAMA_EXIT_CODE=3       print an error and exit at once with this code
   FAKE_LLAMA_IGNORE_SIGTERM=1  ignore SIGTERM (only SIGKILL stops it)
@@ -211,7 +212,10 @@ async def serve() -> None:
     async with server:
         if not ENV.get("FAKE_LLAMA_SILENT_LOAD") and (state.load_s or state.never_ready):
             while not state.is_ready():
-                print("llama_model_load: loading tensors ... (FAKE)", file=sys.stderr, flush=True)
+                if ENV.get("FAKE_LLAMA_DOTS") == "1":
+                    print(".", end="", file=sys.stderr, flush=True)
+                else:
+                    print("llama_model_load: loading tensors ... (FAKE)", file=sys.stderr, flush=True)
                 await asyncio.sleep(0.1)
         await server.serve_forever()
 

@@ -1,0 +1,86 @@
+"""One plan entry → the llama-server command line and environment; pure, no I/O.
+
+Rules kept here:
+- every flag we emit is in `FLAGS_USED`, which `llama_binary.check_llama_server` looks for in the
+  binary's `--help`, so a flag renamed by llama.cpp fails at start, not in a user's service;
+- flags were checked against common/arg.cpp of llama.cpp build 11434: `--fit` is on by default and
+  would re-decide -ngl and the split, so the plan's choice is pinned with `--fit off`;
+- the child listens on loopback only; the proxy is the only way in;
+- devices are pinned by UUID through CUDA_VISIBLE_DEVICES (in PCI bus order), so indices inside
+  the child (-mg, -ts order) are indices into `LaunchSpec.devices`; a CPU model sees no GPU at all;
+- the plan's device pinning wins over any `env` a user gave, since the memory plan depends on it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from schemas.config import LlamaServerSettings
+from schemas.launch import LaunchSpec
+
+CHILD_HOST = "127.0.0.1"
+
+FLAGS_USED: tuple[str, ...] = (
+    "-m", "--host", "--port", "-c", "-np", "--kv-unified", "--no-kv-unified", "-ctk", "-ctv",
+    "-fa", "-b", "-ub", "-ngl", "-sm", "-ts", "-mg", "--fit", "--mmproj",
+)  # fmt: skip
+"""Every flag `build_command` may emit; the binary check requires each of them."""
+
+
+@dataclass(frozen=True)
+class Command:
+    """What to execute: argv[0] is the binary; `env` is laid over the supervisor's environment."""
+
+    argv: list[str]
+    env: dict[str, str] = field(default_factory=dict)
+
+
+def build_command(
+    spec: LaunchSpec, *, binary: Path, port: int, settings: LlamaServerSettings
+) -> Command:
+    """The argv and environment that start `spec` on `port`.
+
+    `spec.args` already holds [llama_server] args then the model's own; they come last so a user
+    can add flags, but the ones above are the plan's.
+    """
+    if spec.tensor_split and len(spec.tensor_split) != len(spec.devices):
+        raise ValueError(
+            f"{spec.model}: tensor_split has {len(spec.tensor_split)} fractions for "
+            f"{len(spec.devices)} devices"
+        )
+    if spec.devices and spec.main_gpu >= len(spec.devices):
+        raise ValueError(f"{spec.model}: main_gpu {spec.main_gpu} is not one of its {len(spec.devices)} devices")
+    on_gpu = bool(spec.devices)
+    argv = [
+        str(binary),
+        "-m", spec.file,
+        "--host", CHILD_HOST,
+        "--port", str(port),
+        "-c", str(spec.ctx),
+        "-np", str(spec.parallel),
+        "--kv-unified" if spec.kv_unified else "--no-kv-unified",
+        "-ctk", spec.cache_type_k,
+        "-ctv", spec.cache_type_v,
+        "-fa", spec.flash_attn,
+        "-b", str(spec.batch),
+        "-ub", str(spec.ubatch),
+        "-ngl", str(spec.gpu_layers if on_gpu else 0),
+    ]  # fmt: skip
+    if len(spec.devices) > 1:
+        argv += ["-sm", spec.split_mode]
+        if spec.tensor_split:
+            # repr is the shortest text that reads back as the same float, so llama.cpp's float32
+            # split points match the planner's (supervisor/memory/placement.py)
+            argv += ["-ts", ",".join(repr(float(f)) for f in spec.tensor_split)]
+        argv += ["-mg", str(spec.main_gpu)]
+    argv += ["--fit", "off"]
+    if spec.mmproj is not None:
+        argv += ["--mmproj", spec.mmproj]
+    argv += spec.args
+
+    env = {**settings.env, **spec.env}
+    env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
+    # An empty list hides every GPU: a CPU model must not create a CUDA context (hundreds of MiB)
+    env["CUDA_VISIBLE_DEVICES"] = ",".join(spec.devices)
+    return Command(argv=argv, env=env)

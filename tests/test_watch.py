@@ -1,0 +1,89 @@
+"""`serve --watch`: one save gives one reload; a half-written or unchanged file gives none."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import anyio
+import pytest
+
+from supervisor.watch import watch_config
+
+pytestmark = pytest.mark.anyio
+
+CONFIG = '[models.a]\nfile = "a.gguf"\nctx = {ctx}\n'
+
+
+async def run_watcher(path: Path, edits, settle_s: float = 0.4) -> int:
+    """Apply `edits` (an async callable) under the watcher; return how many reloads it asked for."""
+    reloads = 0
+
+    async def on_change() -> None:
+        nonlocal reloads
+        reloads += 1
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(lambda: watch_config(lambda: [path], on_change, debounce_s=0.1, poll_s=0.02))
+        await anyio.sleep(0.05)
+        await edits()
+        await anyio.sleep(settle_s)
+        tg.cancel_scope.cancel()
+    return reloads
+
+
+async def test_editor_style_save_by_rename_gives_exactly_one_reload(tmp_path: Path) -> None:
+    path = tmp_path / "config.toml"
+    path.write_text(CONFIG.format(ctx=1))
+
+    async def save() -> None:
+        temporary = tmp_path / ".config.toml.swp"
+        temporary.write_text(CONFIG.format(ctx=2))
+        os.replace(temporary, path)
+
+    assert await run_watcher(path, save) == 1
+
+
+async def test_several_writes_in_a_burst_give_one_reload(tmp_path: Path) -> None:
+    path = tmp_path / "config.toml"
+    path.write_text(CONFIG.format(ctx=1))
+
+    async def burst() -> None:
+        for ctx in range(2, 6):
+            path.write_text(CONFIG.format(ctx=ctx))
+            await anyio.sleep(0.03)
+
+    assert await run_watcher(path, burst) == 1
+
+
+async def test_truncated_write_gives_no_reload(tmp_path: Path) -> None:
+    path = tmp_path / "config.toml"
+    path.write_text(CONFIG.format(ctx=1))
+
+    async def truncated() -> None:
+        path.write_text(CONFIG.format(ctx=2)[:20])  # '[models.a]\nfile = "a' - cut mid-string
+
+    assert await run_watcher(path, truncated) == 0
+
+
+async def test_truncated_write_then_completed_gives_one_reload(tmp_path: Path) -> None:
+    path = tmp_path / "config.toml"
+    path.write_text(CONFIG.format(ctx=1))
+
+    async def truncated_then_whole() -> None:
+        path.write_text(CONFIG.format(ctx=2)[:20])
+        await anyio.sleep(0.3)
+        path.write_text(CONFIG.format(ctx=2))
+
+    assert await run_watcher(path, truncated_then_whole, settle_s=0.5) == 1
+
+
+async def test_save_that_changes_nothing_does_nothing(tmp_path: Path) -> None:
+    path = tmp_path / "config.toml"
+    path.write_text(CONFIG.format(ctx=1))
+
+    async def touch() -> None:
+        path.write_text(CONFIG.format(ctx=1))
+        os.utime(path)
+
+    assert await run_watcher(path, touch) == 0
