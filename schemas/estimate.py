@@ -32,12 +32,7 @@ class LayerMemory(Contract):
     weights_bytes: int = Field(ge=0, description="Tensors of this repeating layer (blk.N.*).")
     kv_bytes: int = Field(0, ge=0, description="KV cache of this layer, every stream.")
     recurrent_bytes: int = Field(0, ge=0, description="Recurrent state of this layer, every slot.")
-    compute_bytes: int = Field(
-        0,
-        ge=0,
-        description="Compute buffer a GPU needs when it holds this layer in a partial offload; a "
-        "device's buffer is the largest over its layers.",
-    )
+
 
 
 class ComputeProfile(Contract):
@@ -51,15 +46,9 @@ class ComputeProfile(Contract):
         ge=0, description="A GPU of a multi-GPU split without the output layer."
     )
     gpu_partial_bytes: int = Field(
-        ge=0, description="A GPU when some layers stay on the CPU (host weights are staged here)."
-    )
-    gpu_partial_output_relief_bytes: int = Field(
-        0,
         ge=0,
-        description="How much less the GPU holding the output layer needs in a partial offload.",
-    )
-    gpu_output_only_bytes: int = Field(
-        0, ge=0, description="A GPU that holds the output layer and no repeating layer (-ngl 1)."
+        description="Each GPU when some layers stay on the CPU (-ngl offloads the last layers, so "
+        "never layer 0); on CUDA host weights are staged here for large batches (op offload).",
     )
     host_with_gpu_bytes: int = Field(
         ge=0, description="Host compute buffer when one GPU holds every layer and the output."

@@ -109,7 +109,7 @@ SPLIT_CASES: list[Case] = [
     Case("mamba-2.8b", parallel=2, gpu_layers=40, tensor_split=(2, 1)),  # partial, recurrent
     Case("phi-3-mini-4k", gpu_layers=99, tensor_split=(1,)),  # one device, full offload
     Case("qwen2.5-0.5b", ctx=8192, flash_attn="off", gpu_layers=12, tensor_split=(1,)),  # one device, partial
-    Case("llama-3.2-1b", gpu_layers=1, tensor_split=(1,)),  # only the output layer offloaded
+    Case("llama-3.2-1b", gpu_layers=8, tensor_split=(1,)),  # one device, partial
     Case("gemma-3-4b", flash_attn="off", gpu_layers=99, tensor_split=(1, 1)),  # pipeline, two caches
     # MoE and MLA as dry runs (a dry run over-reports the output device of a full offload over
     # several devices, so these are partial offloads)

@@ -175,6 +175,20 @@ def cpu_graph_bytes(hp: Hyperparameters, ctx: Context, flash_attn: bool) -> int:
     return _charged(_graph(hp, ctx, flash_attn), hp)
 
 
+def _partial(hp: Hyperparameters, ctx: Context, flash_attn: bool) -> int:
+    """A device in a partial offload: `-ngl k <= n_layer` offloads the output layer and the last
+    k-1 blocks, never block 0, so leading dense blocks (deepseek2) do not count. Measured on RPC
+    devices, which lack CUDA's op offload: a device holding only the output layer needs just
+    its logits there, and the one holding the output of a wide-routing MoE four rows less; both
+    are charged the common figure here (the planner prices a partial offload per device alike).
+    """
+    shift = PARTIAL_SHIFT_ROWS * hp.n_embd
+    layers = range(1, hp.n_layer) if hp.n_layer > 1 else range(hp.n_layer)
+    values = max((_layer_values(hp, ctx, il, flash_attn, shift) for il in layers), default=0)
+    peak = max(F32 * ctx.n_ubatch * values, _output_phase(hp, ctx))
+    return _mask_bytes(hp, ctx, flash_attn) + _recurrent_state_bytes(hp, ctx) + peak
+
+
 def _roles(hp: Hyperparameters, ctx: Context, flash_attn: bool) -> dict[str, int]:
     """Compute buffer of each device role, as llama.cpp's CPU and RPC backends size them.
 
@@ -186,9 +200,8 @@ def _roles(hp: Hyperparameters, ctx: Context, flash_attn: bool) -> dict[str, int
       the activations it receives (11 rows of n_embd before the output device, 2 on it), and the
       host holds 4 masks and 10 rows. (A no_alloc dry run, as llama-fit-params does, reports 4
       more rows on the output device than llama-server then allocates; this follows the server.)
-    - a device holding some layers: the graph less two n_embd rows; the host runs the rest
-      of the model, so it needs the whole graph;
-    - a device holding the output layer alone: the logits of the n_seq outputs.
+    - a device holding some layers: the graph less two n_embd rows over the layers it may hold;
+      the host runs the rest of the model, so it needs the whole graph.
     """
     x = ctx.n_ubatch
     graph = _graph(hp, ctx, flash_attn)
@@ -206,44 +219,9 @@ def _roles(hp: Hyperparameters, ctx: Context, flash_attn: bool) -> dict[str, int
         "split_other": graph + extra + 11 * row,
         "split_output": graph + extra + 2 * row,
         "host_split": SCHED_MAX_COPIES * (masks + kv_rows) + 10 * row,
-        "partial": max(_graph(hp, ctx, flash_attn, shift=PARTIAL_SHIFT_ROWS * hp.n_embd), masks + _recurrent_state_bytes(hp, ctx)),
-        "output_only": F32 * ctx.n_seq * (hp.n_vocab + 2 * hp.n_embd),
+        "partial": _partial(hp, ctx, flash_attn),
         "cpu_only": graph,
     }
-
-
-def partial_layer_bytes(
-    hp: Hyperparameters,
-    ctx: Context,
-    *,
-    flash_attn: FlashAttn,
-    largest_layer_tensor: int,
-    device_backend: DeviceBackend,
-) -> tuple[list[int], int]:
-    """The compute buffer a device needs for each layer it may hold in a partial offload, and how
-    much less the device holding the output layer needs (wide-routing MoE: four rows of n_embd).
-
-    A device's buffer is the largest value over the layers placed on it (placement.place).
-    """
-    modes = [True, False] if flash_attn == "auto" else [flash_attn == "on"]
-    x = ctx.n_ubatch
-    values = [0] * hp.n_layer
-    for fa in modes:
-        base = _mask_bytes(hp, ctx, fa) + _recurrent_state_bytes(hp, ctx)
-        floor = _output_phase(hp, ctx)
-        for il in range(hp.n_layer):
-            peak = max(F32 * x * _layer_values(hp, ctx, il, fa, PARTIAL_SHIFT_ROWS * hp.n_embd), floor)
-            values[il] = max(values[il], _charged(base + peak, hp))
-    relief = 0
-    if any(hp.is_moe) and not hp.n_expert_shared:
-        used, ffe = hp.n_expert_used, hp.n_ff_exp or max(hp.n_ff)
-        down = 2 * (hp.n_embd + ffe) * used + hp.n_embd
-        if down > 3 * ffe * used + (5 + PARTIAL_SHIFT_ROWS) * hp.n_embd:  # the down outputs are the peak
-            relief = int(4 * F32 * x * hp.n_embd * SAFETY_FACTOR)
-    if device_backend == "cuda":
-        values = [int(v * CUDA_COMPUTE_MARGIN) + largest_layer_tensor for v in values]
-        relief = int(relief * CUDA_COMPUTE_MARGIN)
-    return values, relief
 
 
 def compute_profile(
@@ -267,7 +245,6 @@ def compute_profile(
             gpu_split_output_bytes=charged["split_output"],
             gpu_split_other_bytes=charged["split_other"],
             gpu_partial_bytes=charged["partial"],
-            gpu_output_only_bytes=charged["output_only"],
             host_with_gpu_bytes=charged["host_full"],
             host_split_bytes=charged["host_split"],
             host_cpu_only_bytes=charged["cpu_only"],
@@ -283,7 +260,6 @@ def compute_profile(
         # CUDA offloads ops with a batch >= 32 whose weights stay on the host (op offload): the
         # weights are staged in the device's compute buffer, the largest one at a time
         gpu_partial_bytes=cuda(charged["partial"]) + largest_layer_tensor,
-        gpu_output_only_bytes=cuda(charged["output_only"]) + largest_layer_tensor,
         host_with_gpu_bytes=charged["host_full"],
         host_split_bytes=charged["host_split"],
         host_cpu_only_bytes=charged["cpu_only"],

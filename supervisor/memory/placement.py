@@ -70,23 +70,11 @@ def place(profile: MemoryProfile, gpu_layers: int, tensor_split: Sequence[float]
     compute = [0] * n_gpus
     used = sorted({d for d in where if d is not None})
     partial = gpu_layers < n + 1
-    holds_layers = {d for d in where[:n] if d is not None}
-    partial_peak = [0] * n_gpus
-    if partial:
-        for il, layer in enumerate(profile.layers):
-            d = where[il]
-            if d is not None:
-                partial_peak[d] = max(partial_peak[d], layer.compute_bytes or profile.compute.gpu_partial_bytes)
+    # The planner mirrors these roles in its search (supervisor/planner.py _Model.fixed): keep
+    # the two in step. A partial offload charges every device the same (gpu_partial_bytes).
     for d in used:
-        if partial and d not in holds_layers:
-            compute[d] = profile.compute.gpu_output_only_bytes
-        elif partial:
-            compute[d] = partial_peak[d]
-            if d == output_slot:
-                compute[d] = max(
-                    compute[d] - profile.compute.gpu_partial_output_relief_bytes,
-                    profile.compute.gpu_output_only_bytes,
-                )
+        if partial:
+            compute[d] = profile.compute.gpu_partial_bytes
         elif n_gpus == 1:
             compute[d] = profile.compute.gpu_full_bytes
         elif d == output_slot:

@@ -249,14 +249,6 @@ def memory_profile(
         largest_layer_tensor=weights.largest_layer_tensor,
         device_backend=device_backend,
     )
-    partial_layers, relief = compute.partial_layer_bytes(
-        hp,
-        ctx,
-        flash_attn=spec.flash_attn,
-        largest_layer_tensor=weights.largest_layer_tensor,
-        device_backend=device_backend,
-    )
-    compute_profile = compute_profile.model_copy(update={"gpu_partial_output_relief_bytes": relief})
     mmproj_bytes = 0
     if mmproj is not None:
         mmproj_bytes = sum(tensor_bytes(t, device_backend) for t in mmproj.tensors) + compute.mmproj_compute_bytes(
@@ -275,8 +267,8 @@ def memory_profile(
         ubatch=ctx.n_ubatch,
     )
     layers = [
-        LayerMemory(weights_bytes=w, kv_bytes=k, recurrent_bytes=r, compute_bytes=c)
-        for w, k, r, c in zip(weights.layers, kv, recurrent, partial_layers)
+        LayerMemory(weights_bytes=w, kv_bytes=k, recurrent_bytes=r)
+        for w, k, r in zip(weights.layers, kv, recurrent)
     ]
     return MemoryProfile(
         model=header.path,
