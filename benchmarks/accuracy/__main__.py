@@ -20,8 +20,8 @@ import time
 from pathlib import Path
 
 from benchmarks.accuracy.cases import CASES, QUICK_CASES, Case
-from benchmarks.accuracy.compare import CaseResult, compare, estimate_case, model_path
-from benchmarks.accuracy.oracle import OracleUnavailable, build_probe, find_llama_bin, rpc_servers, run_probe, run_server
+from benchmarks.accuracy.compare import CaseResult, run_case
+from benchmarks.accuracy.oracle import OracleUnavailable, build_probe, find_llama_bin
 
 MIB = 1024**2
 
@@ -29,19 +29,6 @@ MIB = 1024**2
 def default_models_dir() -> Path:
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     return cache / "llama-smart-proxy" / "shapes"
-
-
-def run_case(case: Case, models: Path, probe: Path | None) -> CaseResult:
-    model, embedding = model_path(case, models)
-    estimate = estimate_case(case, model)
-    with rpc_servers(len(case.tensor_split)) as endpoints:
-        if case.oracle == "probe":
-            if probe is None:
-                raise OracleUnavailable("no probe")
-            measured = run_probe(probe, model, case.probe_args(embedding), endpoints, list(case.tensor_split))
-        else:
-            measured = run_server(model, case.server_args(embedding), endpoints)
-    return compare(case, estimate, measured)
 
 
 def _mib(n: int) -> str:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from benchmarks.accuracy.cases import Case
-from benchmarks.accuracy.oracle import Measurement
+from benchmarks.accuracy.oracle import Measurement, OracleUnavailable, rpc_servers, run_probe, run_server
 from benchmarks.accuracy.shapes import SHAPES
 from schemas.estimate import DeviceMemory, Estimate
 from supervisor.memory.placement import place
@@ -121,3 +121,17 @@ def estimate_recurrent(estimate: Estimate) -> int:
 def model_path(case: Case, models: Path) -> tuple[Path, bool]:
     shape = SHAPES[case.shape]
     return shape.write(models), shape.embedding
+
+
+def run_case(case: Case, models: Path, probe: Path | None) -> CaseResult:
+    """Write the case's model, estimate it, measure it with its oracle, compare."""
+    model, embedding = model_path(case, models)
+    estimate = estimate_case(case, model)
+    with rpc_servers(len(case.tensor_split)) as endpoints:
+        if case.oracle == "probe":
+            if probe is None:
+                raise OracleUnavailable("the dry-run probe is not built")
+            measured = run_probe(probe, model, case.probe_args(embedding), endpoints, list(case.tensor_split))
+        else:
+            measured = run_server(model, case.server_args(embedding), endpoints)
+    return compare(case, estimate, measured)
