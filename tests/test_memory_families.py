@@ -136,3 +136,22 @@ def test_empty_header_of_an_unknown_architecture_does_not_crash() -> None:
     header = ModelHeader(path="/m.gguf", file_size=1000, mtime_ns=0, architecture="nothing", metadata={"general.architecture": "nothing"})
     profile = memory_profile(header, spec())
     assert place(profile, 99, [1.0]).total_bytes >= 1000
+
+
+def test_vision_projector_weights_and_compute_go_to_the_first_gpu() -> None:
+    from schemas.header import TensorInfo
+
+    projector = ModelHeader(
+        path="/m/mmproj.gguf", file_size=600 * MIB, mtime_ns=0, architecture="clip",
+        metadata={"general.architecture": "clip", "clip.vision.image_size": 896, "clip.vision.patch_size": 14,
+                  "clip.vision.embedding_length": 1152, "clip.vision.attention.head_count": 16},
+        tensors=[TensorInfo(name="v.blk.0.attn_q.weight", type="F16", shape=[1152, 1152], n_bytes=1152 * 1152 * 2)],
+    )  # fmt: skip
+    header = SHAPES["gemma-3-4b"].header()
+    plain = memory_profile(header, spec())
+    with_projector = memory_profile(header, spec(), projector)
+    assert with_projector.mmproj_bytes > 1152 * 1152 * 2
+    split = place(with_projector, 99, [1.0, 1.0])
+    assert split.gpus[0].weights_bytes - place(plain, 99, [1.0, 1.0]).gpus[0].weights_bytes == with_projector.mmproj_bytes
+    off = memory_profile(header, spec(flash_attn="off"), projector)
+    assert off.mmproj_bytes > with_projector.mmproj_bytes  # f32 attention over every patch without FA

@@ -73,7 +73,7 @@ def table(results: list[CaseResult]) -> list[str]:
 def summary(results: list[CaseResult], skipped: list[str]) -> list[str]:
     rows = [r for result in results for r in result.rows]
     exact = [r for r in rows if r.component != "compute"]
-    compute = [r for r in rows if r.component == "compute" and r.measured > 0]
+    compute = [r for r in rows if r.component == "compute" and r.measured >= 4 * MIB]
     worst_exact = max(exact, key=lambda r: abs(r.error), default=None)
     worst_under = min(compute, key=lambda r: r.relative, default=None)
     worst_over = max(compute, key=lambda r: r.relative, default=None)
@@ -85,8 +85,11 @@ def summary(results: list[CaseResult], skipped: list[str]) -> list[str]:
         lines.append(f"- worst weights/KV/RS/output error: {_delta(worst_exact.error)} MiB ({worst_exact.component}, "
                      f"{worst_exact.device}, {worst_exact.case})")  # fmt: skip
     if worst_under is not None and worst_over is not None:
-        lines.append(f"- compute buffer: from {worst_under.relative * 100:+.1f} % ({worst_under.case}, {worst_under.device}) "
-                     f"to {worst_over.relative * 100:+.1f} % ({worst_over.case}, {worst_over.device})")  # fmt: skip
+        lines.append(f"- compute buffer (those of 4 MiB or more): from {worst_under.relative * 100:+.1f} % "
+                     f"({worst_under.case}, {worst_under.device}) to {worst_over.relative * 100:+.1f} % "
+                     f"({worst_over.case}, {worst_over.device})")  # fmt: skip
+        within = sum(1 for r in compute if 0 <= r.relative <= 0.15)
+        lines.append(f"- compute buffers within 0 to +15 %: {within} of {len(compute)}")
     totals = [(result.estimate_total - result.measured_total) / max(result.measured_total, 1) for result in results]
     if totals:
         lines.append(f"- total per case: from {min(totals) * 100:+.2f} % to {max(totals) * 100:+.2f} % over llama.cpp")
@@ -177,7 +180,25 @@ Measured with `python -m benchmarks.accuracy --write benchmarks/results/estimato
   at most 15 % over (or 1 MiB for buffers of a few MiB); total never under.
 """
 
-RESULTS_NOTES = """## Not measured here
+RESULTS_NOTES = """## Known differences
+
+- Partial offload: the estimator charges every device of a partial offload the same compute
+  buffer (the largest any offloadable layer needs), because the planner prices partial offloads
+  that way. Measured on RPC devices, the device holding the output layer needs less: just its
+  logits when it holds nothing else (`-ngl 1`: 0.5 MiB for Llama-3.2-1B), and four rows of
+  n_embd less for a wide-routing MoE (the Qwen3-30B-A3B case above: +22 % on that device, the
+  only figure over target; the real llama-server gave the same 100.03 / 84.51 MiB as the dry run
+  on an 8-layer cut of that shape). Both are over-estimates, never under; pricing the output
+  device apart needs the planner's search to price it apart too.
+- The dry-run probe agrees with llama-server byte for byte except on the output device of a full
+  offload over several devices (pipeline parallelism), where it reports four rows of n_embd more
+  than the server then allocates; the estimator follows the server, and the probe cases here
+  are CPU-only or partial offloads.
+- NextN/MTP blocks (deepseek-v3, glm4-moe) are counted in the weights although llama-server skips
+  them unless speculative MTP is configured: an over-count; their KV cache is excluded, as
+  llama.cpp does.
+
+## Not measured here
 
 - The GPU side: CUDA compute buffers and the CUDA context per device. No GPU was available; the
   estimator charges the CPU-calibrated graph times `CUDA_COMPUTE_MARGIN` (1.15), the pipeline
@@ -186,6 +207,7 @@ RESULTS_NOTES = """## Not measured here
   margins are documented in supervisor/memory/compute.py and profile.py and await a GPU run.
 - CUDA pads quantized rows to 512 values and aligns to 128 bytes; the harness measures the CPU
   and RPC backends (32-byte alignment), the estimator applies the CUDA rule for GPUs.
+- Vision projectors (mmproj): weights exact, compute a conservative closed form, not measured.
 """
 
 

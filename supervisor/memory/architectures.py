@@ -112,10 +112,6 @@ class Hyperparameters:
         return (self.head_v_swa if self.is_swa[il] else self.head_v) * self.n_head_kv[il]
 
 
-def _get(md: dict[str, MetadataValue], key: str, default: MetadataValue | None = None) -> MetadataValue | None:
-    return md.get(key, default)
-
-
 def _int(md: dict[str, MetadataValue], key: str, default: int = 0) -> int:
     value = md.get(key, default)
     if isinstance(value, list):
@@ -265,7 +261,7 @@ def hyperparameters(header: ModelHeader) -> Hyperparameters:
         is_moe=is_moe,
         n_expert_shared=_int(md, f"{arch}.expert_shared_count"),
         ffn_gated=arch != "bert",
-        attn_softcap=arch == "gemma2" or bool(_get(md, f"{arch}.attn_logit_softcapping", 0.0)),
+        attn_softcap=arch == "gemma2" or bool(md.get(f"{arch}.attn_logit_softcapping", 0.0)),
         ssm_d_inner=d_inner,
         key_length_mla=_int(md, f"{arch}.attention.key_length_mla"),
         post_norms="blk.0.post_ffw_norm.weight" in names,

@@ -11,10 +11,11 @@ backend (benchmarks/accuracy: estimate vs. llama.cpp's own figure for every arch
 under, at most 15 % over). Version-dependent: the logits term follows PR #23861 (the server
 reserves n_seq outputs, not n_ubatch).
 
-GPU buffers are not measured here (no GPU in the measuring machine): a CUDA device runs the same
-graph with its own kernels and, across several GPUs, pipeline parallelism keeps
-GGML_SCHED_MAX_COPIES = 4 copies of the graph inputs (ggml/src/ggml-backend.cpp). The CUDA figures
-are the CPU graph times CUDA_COMPUTE_MARGIN plus those copies; calibrate both on a GPU.
+The device roles (one device, a pipeline-parallel split, a partial offload, and the host in each)
+are measured with ggml-rpc-server devices standing in for GPUs (`_roles`). CUDA buffers are not
+measured here (no GPU in the measuring machine): a CUDA device runs the same graph with its own
+kernels, so the CUDA figures are those roles times CUDA_COMPUTE_MARGIN, plus, on partial offload,
+the largest layer tensor for CUDA's op offload; calibrate both on a GPU.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from schemas.estimate import ComputeProfile
 from schemas.header import ModelHeader
 
 if TYPE_CHECKING:
-    from schemas.config import FlashAttn, ModelSpec
+    from schemas.config import FlashAttn
     from supervisor.memory.architectures import Hyperparameters
     from supervisor.memory.profile import Context, DeviceBackend
 
@@ -69,7 +70,7 @@ def _mask_bytes(hp: Hyperparameters, ctx: Context, flash_attn: bool) -> int:
 def _ffn_values(hp: Hyperparameters, il: int, flash_attn: bool, shift: int) -> int:
     """Live f32 values per token while a layer's feed-forward runs.
 
-    shift: see _layer_peak (a device holding some layers only). The per-expert down outputs of a
+    shift: see _layer_values (a device holding some layers only). The per-expert down outputs of a
     wide-routing MoE (many experts used, no shared expert) stay one row higher there instead.
     """
     if hp.is_moe[il]:
@@ -227,7 +228,6 @@ def _roles(hp: Hyperparameters, ctx: Context, flash_attn: bool) -> dict[str, int
 def compute_profile(
     hp: Hyperparameters,
     ctx: Context,
-    spec: ModelSpec,
     *,
     flash_attn: FlashAttn,
     largest_layer_tensor: int,
