@@ -11,7 +11,9 @@ All sizes are bytes.
 
 from __future__ import annotations
 
-from pydantic import Field, computed_field
+from typing import Any
+
+from pydantic import Field, computed_field, model_validator
 
 from schemas.config import CacheType, Contract
 
@@ -98,7 +100,22 @@ class MemoryProfile(Contract):
         return len(self.layers)
 
 
-class DeviceMemory(Contract):
+class _WithTotal(Contract):
+    """A contract whose JSON carries a computed `total_bytes`: read back, it is checked, not stored."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_total(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "total_bytes" in data:
+            data = dict(data)
+            total = data.pop("total_bytes")
+            checked = cls.model_validate(data)
+            if total != checked.total_bytes:  # type: ignore[attr-defined]
+                raise ValueError(f"total_bytes {total} is not the sum of the parts ({checked.total_bytes})")  # type: ignore[attr-defined]
+        return data
+
+
+class DeviceMemory(_WithTotal):
     device: str = Field(description='"CPU" (the host) or "GPU<n>", n its position in the placement.')
     weights_bytes: int = 0
     kv_bytes: int = 0
@@ -120,7 +137,7 @@ class DeviceMemory(Contract):
         )
 
 
-class Estimate(Contract):
+class Estimate(_WithTotal):
     model: str
     architecture: str
     settings: EstimateSettings
