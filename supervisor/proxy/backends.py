@@ -1,0 +1,193 @@
+"""The interface between the HTTP proxy and the runtime that owns the llama-server children.
+
+The proxy knows models only through a `Backends`: it resolves names, holds a lease on a ready
+child for the whole of each forwarded request (stream included), reads status snapshots for its
+own routes, and passes admin actions through. On-demand starts, queueing while a model loads,
+per-model concurrency, eviction and TTL all live behind `lease()`.
+
+Rules kept here:
+- the data crossing is small frozen dataclasses; sizes are int bytes, durations float seconds;
+- a request that cannot be served now raises `ModelUnavailable` (503 + Retry-After), never hangs:
+  the runtime bounds every wait it makes;
+- `resolve` is called on every request: it must not await and should be a dict lookup.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+DEFAULT_POOL_SIZE = 2
+"""Idle upstream connections kept per child. llama-server serves connections from
+n_threads_http = max(parallel + 2, cores - 1) threads and each idle keep-alive connection holds
+one, so the pool stays below that and leaves a thread for health checks."""
+
+
+@dataclass(frozen=True)
+class Upstream:
+    """Where a ready child listens."""
+
+    host: str
+    port: int
+    pool_size: int = DEFAULT_POOL_SIZE
+    """Idle keep-alive connections the proxy may keep to this child."""
+
+
+class ModelState(str, enum.Enum):
+    STOPPED = "stopped"
+    STARTING = "starting"
+    READY = "ready"
+    STOPPING = "stopping"
+    BACKOFF = "backoff"
+    FAILED = "failed"
+    UNPLACED = "unplaced"
+
+
+@dataclass(frozen=True)
+class ModelStatus:
+    """One configured model as the runtime sees it now."""
+
+    name: str
+    state: ModelState
+    aliases: tuple[str, ...] = ()
+    mode: Literal["resident", "on-demand"] = "resident"
+    placement: str = "cpu"
+    """gpu | split | partial | cpu | unplaced (the plan's word)."""
+    gpus: tuple[int, ...] = ()
+    pid: int | None = None
+    port: int | None = None
+    restarts: int = 0
+    last_error: str | None = None
+    in_flight: int = 0
+    queued: int = 0
+    load_seconds: float | None = None
+    """How long the last successful load took."""
+    ready_since: float | None = None
+    """Unix time the child became ready (OpenAI's `created`)."""
+
+    @property
+    def is_servable(self) -> bool:
+        """Whether a request for it may succeed without an operator's action."""
+        return self.state not in (ModelState.FAILED, ModelState.UNPLACED)
+
+
+@dataclass(frozen=True)
+class GpuStatus:
+    index: int
+    name: str
+    uuid: str
+    total_bytes: int
+    planned_bytes: int
+    """What the plan puts here for the models now running."""
+    used_bytes: int | None = None
+    """Measured through NVML now; None when not measured."""
+    free_bytes: int | None = None
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Everything the proxy's own routes show, taken at one moment."""
+
+    models: tuple[ModelStatus, ...]
+    gpus: tuple[GpuStatus, ...] = ()
+    plan: Mapping[str, Any] | None = None
+    """The plan as JSON data (`Plan.model_dump(mode="json")`), shown by /status."""
+    notes: tuple[str, ...] = ()
+    """Plain statements for /status and /health, e.g. the last reload's error."""
+    extra: Mapping[str, Any] = field(default_factory=dict)
+    """Runtime facts for /status that have no field here yet."""
+
+    def model(self, name: str) -> ModelStatus | None:
+        for status in self.models:
+            if status.name == name:
+                return status
+        return None
+
+    def known_names(self) -> list[str]:
+        """Every name and alias a client may send, sorted."""
+        names: set[str] = set()
+        for status in self.models:
+            names.add(status.name)
+            names.update(status.aliases)
+        return sorted(names)
+
+
+UnavailableKind = Literal["queue_full", "load_timeout", "failed", "unplaced", "stopping", "busy"]
+
+
+class BackendError(Exception):
+    """A refusal the proxy answers with `status` and an OpenAI-style error body."""
+
+    status = 503
+    error_type = "server_error"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class ModelUnavailable(BackendError):
+    """The model cannot take this request now: answered 503 with Retry-After."""
+
+    error_type = "unavailable_error"
+
+    def __init__(self, model: str, kind: UnavailableKind, reason: str, retry_after_s: float = 1.0) -> None:
+        super().__init__(f"model {model!r} is unavailable ({kind}): {reason}")
+        self.model = model
+        self.kind = kind
+        self.reason = reason
+        self.retry_after_s = retry_after_s
+
+
+class UnknownModel(BackendError):
+    """An admin action named a model that is not configured (404)."""
+
+    status = 404
+    error_type = "invalid_request_error"
+
+
+class ActionRefused(BackendError):
+    """An admin action that cannot be done in the current state, e.g. a reload whose new config
+    is invalid (409; the message says why)."""
+
+    status = 409
+    error_type = "invalid_request_error"
+
+
+class Backends(Protocol):
+    """What the proxy needs from the runtime."""
+
+    def resolve(self, name: str) -> str | None:
+        """The canonical model for a name or alias, or None when nothing is called that."""
+        ...
+
+    def lease(self, model: str) -> AbstractAsyncContextManager[Upstream]:
+        """Wait until `model` (canonical) has a ready child that may take one more request and
+        hold it for the caller until the context exits (in-flight counting, concurrency limits
+        and eviction live behind this). Raises ModelUnavailable instead of waiting unboundedly.
+        The caller may be cancelled at any point while waiting or holding."""
+        ...
+
+    async def snapshot(self) -> Snapshot:
+        """The state of every configured model and GPU now."""
+        ...
+
+    async def load(self, model: str) -> None:
+        """Start `model` now and wait until it is ready (or raise BackendError)."""
+        ...
+
+    async def unload(self, model: str) -> None:
+        """Stop `model` once its in-flight requests have finished."""
+        ...
+
+    async def reset_failed(self, model: str) -> None:
+        """Clear a failed model's crash history so the next request may start it again."""
+        ...
+
+    async def reload(self) -> str:
+        """Re-read the config and apply the difference; returns a one-line summary, or raises
+        ActionRefused (the old config keeps serving)."""
+        ...

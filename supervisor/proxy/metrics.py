@@ -1,0 +1,147 @@
+"""The proxy's request counters and their Prometheus text exposition (format 0.0.4).
+
+Rules kept here:
+- counting is plain dict arithmetic on the event loop (one owner, no locks): it is on every
+  request's path;
+- rendering is a pure function of the counters and a runtime `Snapshot`;
+- label values are escaped as the format requires (backslash, double quote, newline).
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections import defaultdict
+from collections.abc import Iterable
+
+from supervisor.proxy.backends import ModelState, Snapshot
+
+LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+NO_MODEL = ""  # the model label of requests that named none we could route
+
+
+class ProxyMetrics:
+    """Requests by model and status, their latency, and requests in flight."""
+
+    def __init__(self) -> None:
+        self.requests: defaultdict[tuple[str, int], int] = defaultdict(int)
+        self.latency_counts: dict[str, list[int]] = {}
+        self.latency_sum: defaultdict[str, float] = defaultdict(float)
+        self.in_flight: defaultdict[str, int] = defaultdict(int)
+        self.connections = 0
+        self.connections_total = 0
+
+    def observe(self, model: str, status: int, seconds: float) -> None:
+        self.requests[(model, status)] += 1
+        counts = self.latency_counts.get(model)
+        if counts is None:
+            counts = self.latency_counts[model] = [0] * (len(LATENCY_BUCKETS_S) + 1)
+        counts[bisect.bisect_left(LATENCY_BUCKETS_S, seconds)] += 1
+        self.latency_sum[model] += seconds
+
+
+def _label(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _labels(**labels: object) -> str:
+    return "{" + ",".join(f'{key}="{_label(str(value))}"' for key, value in labels.items()) + "}"
+
+
+def _number(value: float) -> str:
+    if value == float("inf"):
+        return "+Inf"
+    return repr(float(value)) if isinstance(value, float) else str(value)
+
+
+class _Writer:
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def family(self, name: str, kind: str, help_text: str, samples: Iterable[tuple[str, dict, float]]) -> None:
+        self.lines.append(f"# HELP {name} {help_text}")
+        self.lines.append(f"# TYPE {name} {kind}")
+        for suffix, labels, value in samples:
+            self.lines.append(f"{name}{suffix}{_labels(**labels) if labels else ''} {_number(value)}")
+
+
+PREFIX = "llama_smart_proxy_"
+
+
+def render(metrics: ProxyMetrics, snapshot: Snapshot) -> str:
+    """The Prometheus text exposition of the proxy's counters and the runtime's state."""
+    w = _Writer()
+    p = PREFIX
+    w.family(
+        p + "requests_total",
+        "counter",
+        "Requests answered, by model and HTTP status (499: the client went away).",
+        (("", {"model": m, "status": s}, n) for (m, s), n in sorted(metrics.requests.items())),
+    )
+    samples: list[tuple[str, dict, float]] = []
+    for model in sorted(metrics.latency_counts):
+        counts = metrics.latency_counts[model]
+        running = 0
+        for bound, count in zip((*LATENCY_BUCKETS_S, float("inf")), counts):
+            running += count
+            samples.append(("_bucket", {"model": model, "le": _number(bound)}, running))
+        samples.append(("_sum", {"model": model}, metrics.latency_sum[model]))
+        samples.append(("_count", {"model": model}, running))
+    w.family(p + "request_duration_seconds", "histogram", "Time from request head to response end.", samples)
+    w.family(
+        p + "proxy_in_flight",
+        "gauge",
+        "Requests the proxy is forwarding now, by model.",
+        (("", {"model": m}, n) for m, n in sorted(metrics.in_flight.items())),
+    )
+    w.family(p + "client_connections", "gauge", "Client connections open now.", [("", {}, metrics.connections)])
+    models = sorted(snapshot.models, key=lambda s: s.name)
+    w.family(
+        p + "model_in_flight",
+        "gauge",
+        "Requests a model's child is serving now (runtime's count).",
+        (("", {"model": s.name}, s.in_flight) for s in models),
+    )
+    w.family(
+        p + "model_queue_length",
+        "gauge",
+        "Requests waiting for a model to become ready or free.",
+        (("", {"model": s.name}, s.queued) for s in models),
+    )
+    w.family(
+        p + "model_state",
+        "gauge",
+        "1 for the state each model is in now, 0 for the others.",
+        (("", {"model": s.name, "state": state.value}, int(s.state is state)) for s in models for state in ModelState),
+    )
+    w.family(
+        p + "model_restarts_total",
+        "counter",
+        "Restarts of a model's child after it died.",
+        (("", {"model": s.name}, s.restarts) for s in models),
+    )
+    w.family(
+        p + "model_load_seconds",
+        "gauge",
+        "How long the model's last successful load took.",
+        (("", {"model": s.name}, s.load_seconds) for s in models if s.load_seconds is not None),
+    )
+    gpus = sorted(snapshot.gpus, key=lambda g: g.index)
+    w.family(
+        p + "gpu_total_bytes",
+        "gauge",
+        "Memory of each GPU.",
+        (("", {"gpu": g.index, "name": g.name}, g.total_bytes) for g in gpus),
+    )
+    w.family(
+        p + "gpu_planned_bytes",
+        "gauge",
+        "Memory the plan puts on each GPU for the models running now.",
+        (("", {"gpu": g.index}, g.planned_bytes) for g in gpus),
+    )
+    w.family(
+        p + "gpu_used_bytes",
+        "gauge",
+        "Memory in use on each GPU, measured through NVML.",
+        (("", {"gpu": g.index}, g.used_bytes) for g in gpus if g.used_bytes is not None),
+    )
+    return "\n".join(w.lines) + "\n"

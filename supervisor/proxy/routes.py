@@ -1,0 +1,143 @@
+"""The proxy's own routes, rendered from a runtime `Snapshot`: /v1/models, /health, /status,
+/metrics, and the admin actions' answers.
+
+Rules kept here:
+- pure: a snapshot (and the proxy's counters) in, a `Reply` out; the server does the I/O;
+- /health is 200 while the proxy can serve some model (a model that is stopped, loading or
+  restarting can still be served; failed and unplaced ones cannot), else 503;
+- /v1/models lists every configured name and alias in OpenAI's format, each with its state.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict
+from typing import Any
+
+from supervisor.proxy.backends import GpuStatus, ModelStatus, Snapshot
+from supervisor.proxy.http import HttpError, Reply, json_reply, unknown_model_error
+from supervisor.proxy.metrics import ProxyMetrics, render
+
+OWNED_BY = "llama-smart-proxy"
+ADMIN_PREFIX = b"/admin/"
+ADMIN_ACTIONS = ("load", "unload", "reset")
+
+
+def _model_entry(id_: str, status: ModelStatus, alias_of: str | None) -> dict[str, Any]:
+    entry: dict[str, Any] = {
+        "id": id_,
+        "object": "model",
+        "created": int(status.ready_since or 0),
+        "owned_by": OWNED_BY,
+        "state": status.state.value,
+    }
+    if alias_of is not None:
+        entry["alias_of"] = alias_of
+    else:
+        entry["aliases"] = list(status.aliases)
+    return entry
+
+
+def models_reply(snapshot: Snapshot) -> Reply:
+    data = []
+    for status in sorted(snapshot.models, key=lambda s: s.name):
+        data.append(_model_entry(status.name, status, None))
+        data.extend(_model_entry(alias, status, status.name) for alias in status.aliases)
+    return json_reply(200, {"object": "list", "data": data})
+
+
+def model_reply(snapshot: Snapshot, name: str) -> Reply:
+    for status in snapshot.models:
+        if name == status.name:
+            return json_reply(200, _model_entry(name, status, None))
+        if name in status.aliases:
+            return json_reply(200, _model_entry(name, status, status.name))
+    raise unknown_model_error(name, snapshot.known_names())
+
+
+def overall_health(snapshot: Snapshot) -> str:
+    """ok: every model servable; degraded: some are not; unavailable: none is (or none configured)."""
+    servable = [s for s in snapshot.models if s.is_servable]
+    if not servable:
+        return "unavailable"
+    return "ok" if len(servable) == len(snapshot.models) else "degraded"
+
+
+def _gpu_json(gpu: GpuStatus) -> dict[str, Any]:
+    return asdict(gpu)
+
+
+def health_reply(snapshot: Snapshot) -> Reply:
+    overall = overall_health(snapshot)
+    body = {
+        "status": overall,
+        "models": {
+            s.name: {"state": s.state.value, **({"error": s.last_error} if s.last_error else {})}
+            for s in sorted(snapshot.models, key=lambda s: s.name)
+        },
+        "gpus": [_gpu_json(g) for g in sorted(snapshot.gpus, key=lambda g: g.index)],
+    }
+    if snapshot.notes:
+        body["notes"] = list(snapshot.notes)
+    return json_reply(503 if overall == "unavailable" else 200, body)
+
+
+def _status_json(status: ModelStatus) -> dict[str, Any]:
+    data = asdict(status)
+    data["state"] = status.state.value
+    data["aliases"] = list(status.aliases)
+    data["gpus"] = list(status.gpus)
+    return data
+
+
+def status_reply(snapshot: Snapshot, proxy: dict[str, Any]) -> Reply:
+    body = {
+        "status": overall_health(snapshot),
+        "time": time.time(),
+        "proxy": proxy,
+        "models": [_status_json(s) for s in sorted(snapshot.models, key=lambda s: s.name)],
+        "gpus": [_gpu_json(g) for g in sorted(snapshot.gpus, key=lambda g: g.index)],
+        "plan": snapshot.plan,
+        "notes": list(snapshot.notes),
+        **dict(snapshot.extra),
+    }
+    return json_reply(200, body)
+
+
+def metrics_reply(metrics: ProxyMetrics, snapshot: Snapshot) -> Reply:
+    return Reply(200, render(metrics, snapshot).encode(), content_type=b"text/plain; version=0.0.4; charset=utf-8")
+
+
+def admin_target(path: bytes) -> tuple[str, str | None] | None:
+    """b'/admin/reload' -> ('reload', None); b'/admin/models/m/load' -> ('load', 'm'); else None."""
+    if path == b"/admin/reload":
+        return "reload", None
+    parts = path.split(b"/")
+    # ['', 'admin', 'models', name, action]
+    if len(parts) == 5 and parts[2] == b"models" and parts[3] and parts[4].decode("latin-1") in ADMIN_ACTIONS:
+        try:
+            return parts[4].decode(), parts[3].decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+    return None
+
+
+def admin_done_reply(action: str, model: str | None, snapshot: Snapshot, summary: str | None = None) -> Reply:
+    body: dict[str, Any] = {"action": action, "ok": True}
+    if model is not None:
+        status = snapshot.model(model)
+        body["model"] = _status_json(status) if status else {"name": model}
+    if summary is not None:
+        body["summary"] = summary
+    return json_reply(200, body)
+
+
+def method_not_allowed(allowed: bytes) -> HttpError:
+    return HttpError(
+        405, f"method not allowed here; use {allowed.decode()}", code="method_not_allowed", headers=[(b"allow", allowed)]
+    )
+
+
+def not_found(path: bytes) -> HttpError:
+    return HttpError(404, f"no route {path.decode('latin-1')!r}", code="not_found")
+

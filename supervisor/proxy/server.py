@@ -1,0 +1,622 @@
+"""The OpenAI-compatible HTTP/1.1 server: listener, one loop per client connection, and the relay
+of each request to a child through a lease from `Backends`.
+
+Rules kept here:
+- every connection is its own failure boundary: nothing one connection raises reaches the
+  listener (an exception escaping a handler would cancel the serving task group; DESIGN.md);
+- one timeout per phase, each a named setting: header_timeout (first request, and a whole header
+  block once its first byte came), keepalive_timeout (idle between requests), body_timeout (each
+  wait for body bytes), upstream_connect_timeout, first_byte_timeout, stream_idle_timeout;
+- while a request is forwarded, a reader task watches the client socket: EOF or reset cancels the
+  relay at once and the upstream connection is closed, so the child stops generating;
+- responses are relayed as they arrive: what one read of the child gives is written before the
+  next read, never held back; what is already in hand is coalesced into one write;
+- settings and backends can be swapped with `configure()` while the listener stays bound; a
+  request uses the setup that was current when its head arrived.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+import h11
+from anyio.abc import SocketAttribute, SocketListener, TaskStatus
+
+from schemas.config import ProxySettings, parse_listen
+from supervisor.proxy import routes
+from supervisor.proxy.access import UNAUTHORIZED, ApiKeys, Cors, is_loopback
+from supervisor.proxy.backends import Backends, BackendError, ModelUnavailable
+from supervisor.proxy.http import (
+    MAX_HEADER_BYTES,
+    MODEL_ROUTES,
+    READ_SIZE,
+    HttpError,
+    Reply,
+    declared_length,
+    downstream_response_headers,
+    framing_problem,
+    head_size,
+    missing_model_error,
+    model_from_body,
+    protocol_error,
+    split_target,
+    unknown_model_error,
+    upstream_request_headers,
+    upstream_route,
+)
+from supervisor.proxy.metrics import NO_MODEL, ProxyMetrics
+from supervisor.proxy.sockets import Socket, accept
+from supervisor.proxy.upstream import UpstreamConnection, UpstreamError, UpstreamPool
+
+log = logging.getLogger("llama-smart-proxy.proxy")
+
+READ_AHEAD_BYTES = 256 * 1024  # client bytes buffered beyond the current request before reading pauses
+LINGER_S = 1.0  # after an early error reply, how long unread request bytes are drained before closing
+STATUS_CLIENT_GONE = 499  # nginx's code for "client closed the request", used in metrics and logs
+ACCEPT_BACKOFF_S = 0.1  # pause after accept() fails (out of file descriptors) before trying again
+
+
+@dataclass(frozen=True)
+class Setup:
+    """What a request is served with; replaced whole by `ProxyServer.configure`."""
+
+    settings: ProxySettings
+    backends: Backends
+    keys: ApiKeys
+    cors: Cors
+
+    @classmethod
+    def build(cls, settings: ProxySettings, backends: Backends) -> Setup:
+        return cls(settings, backends, ApiKeys.from_settings(settings), Cors.from_settings(settings))
+
+
+class CloseConnection(Exception):
+    """End this client connection now, without a reply (one may be half sent)."""
+
+
+class ClientGone(CloseConnection):
+    """The client closed or reset its connection."""
+
+
+class _Client:
+    """One client socket. A reader task owns receiving, so that EOF is noticed at any moment;
+    the connection loop takes the bytes from it."""
+
+    def __init__(self, sock: Socket, peer: str) -> None:
+        self.socket = sock
+        self.peer = peer
+        self.at_eof = False
+        self.watch_scope: anyio.CancelScope | None = None
+        self._chunks: deque[bytes] = deque()
+        self._buffered = 0
+        self._data_ready: anyio.Event | None = None
+        self._room: anyio.Event | None = None
+
+    async def read_loop(self) -> None:
+        try:
+            while True:
+                if self._buffered >= READ_AHEAD_BYTES:
+                    self._room = anyio.Event()
+                    await self._room.wait()
+                data = await self.socket.receive(READ_SIZE)
+                if not data:
+                    break
+                self._chunks.append(data)
+                self._buffered += len(data)
+                if self._data_ready is not None:
+                    self._data_ready.set()
+        except (anyio.ClosedResourceError, OSError):
+            pass
+        self.at_eof = True
+        if self._data_ready is not None:
+            self._data_ready.set()
+        if self.watch_scope is not None:
+            self.watch_scope.cancel()
+
+    async def receive(self) -> bytes:
+        """The next bytes from the client; b'' once it closed."""
+        while not self._chunks:
+            if self.at_eof:
+                return b""
+            self._data_ready = anyio.Event()
+            await self._data_ready.wait()
+            self._data_ready = None
+        data = self._chunks.popleft()
+        self._buffered -= len(data)
+        if self._room is not None:
+            self._room.set()
+            self._room = None
+        return data
+
+    async def send(self, data: bytes) -> None:
+        try:
+            await self.socket.send(data)
+        except (anyio.ClosedResourceError, OSError):
+            self.at_eof = True
+            raise ClientGone() from None
+
+
+class ProxyServer:
+    """The HTTP front. `serve()` runs until cancelled; `configure()` swaps settings and backends."""
+
+    def __init__(self, settings: ProxySettings, backends: Backends) -> None:
+        self._setup = Setup.build(settings, backends)
+        self.metrics = ProxyMetrics()
+        self.pool = UpstreamPool()
+        self.address: tuple[str, int] | None = None
+        self.started_at = time.time()
+        self._slots: anyio.Semaphore | None = None
+
+    def configure(self, settings: ProxySettings, backends: Backends) -> None:
+        """Serve new requests with these settings and backends; the listener stays bound.
+        (listen and max_connections take effect on the next start.)"""
+        self._setup = Setup.build(settings, backends)
+
+    @property
+    def setup(self) -> Setup:
+        return self._setup
+
+    async def serve(
+        self,
+        *,
+        listener: SocketListener | socket.socket | None = None,
+        task_status: TaskStatus[tuple[str, int]] = anyio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Accept and serve connections until cancelled. Binds `settings.listen` unless given an
+        already-bound listening socket (anyio's or a plain one, which the caller then owns).
+        Reports (host, port) once listening."""
+        settings = self._setup.settings
+        bound: list[SocketListener] = []
+        if listener is None:
+            host, port = parse_listen(settings.listen)
+            multi = await anyio.create_tcp_listener(local_host=host, local_port=port)
+            bound = list(multi.listeners)  # type: ignore[arg-type]
+            raw = [one.extra(SocketAttribute.raw_socket) for one in bound]
+        elif isinstance(listener, socket.socket):
+            raw = [listener]
+        else:
+            raw = [listener.extra(SocketAttribute.raw_socket)]
+        for one in raw:
+            one.setblocking(False)
+        sockname = raw[0].getsockname()
+        self.address = (str(sockname[0]), int(sockname[1]))
+        self._slots = anyio.Semaphore(settings.max_connections)
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self.pool.run_sweeper)
+                for one in raw:
+                    tg.start_soon(self._accept_loop, one, tg)
+                log.info("listening on %s:%d", *self.address)
+                task_status.started(self.address)
+        finally:
+            self.pool.close()
+            with anyio.CancelScope(shield=True):
+                for one in bound:
+                    await one.aclose()
+
+    async def _accept_loop(self, listener: socket.socket, tg: anyio.abc.TaskGroup) -> None:
+        assert self._slots is not None
+        while True:
+            await self._slots.acquire()
+            try:
+                sock, address = await accept(listener)
+            except OSError as exc:  # out of file descriptors, mostly: wait, never die
+                self._slots.release()
+                log.warning("accept failed: %s", exc)
+                await anyio.sleep(ACCEPT_BACKOFF_S)
+                continue
+            except BaseException:
+                self._slots.release()
+                raise
+            tg.start_soon(self._connection, sock, address)
+
+    async def _connection(self, raw: socket.socket, address: Any) -> None:
+        """One client connection; its own failure boundary."""
+        self.metrics.connections += 1
+        self.metrics.connections_total += 1
+        sock = Socket(raw)
+        try:
+            peer = str(address[0]) if isinstance(address, tuple) else "unix"
+            client = _Client(sock, peer)
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(client.read_loop)
+                try:
+                    await self._serve_requests(client)
+                except CloseConnection:
+                    pass
+                finally:
+                    tg.cancel_scope.cancel()
+        except Exception:
+            log.exception("a connection failed; it was closed, the server goes on")
+        finally:
+            self.metrics.connections -= 1
+            assert self._slots is not None
+            self._slots.release()
+            sock.close()
+
+    # ---- one connection's requests -------------------------------------------------------
+
+    async def _serve_requests(self, client: _Client) -> None:
+        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEADER_BYTES)
+        first = True
+        while True:
+            setup = self._setup
+            try:
+                request = await self._read_head(conn, client, setup, first)
+            except HttpError as error:
+                if conn.our_state is h11.IDLE or conn.our_state is h11.SEND_RESPONSE:
+                    await self._reply(conn, client, error.reply(), [])
+                    await self._linger(client)
+                return
+            if request is None:
+                return
+            first = False
+            await self._handle(conn, client, self._setup, request)
+            if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
+                if conn.their_state not in (h11.DONE, h11.MUST_CLOSE, h11.CLOSED):
+                    await self._linger(client)  # the request was not read to its end
+                return
+            try:
+                conn.start_next_cycle()
+            except h11.LocalProtocolError:
+                return
+
+    async def _read_head(self, conn: h11.Connection, client: _Client, setup: Setup, first: bool) -> h11.Request | None:
+        """The next request's head, or None when the client closed or idled out between requests."""
+        settings = setup.settings
+        fed = len(conn.trailing_data[0])
+        waited_for_first_byte = not fed
+        with anyio.move_on_after(settings.header_timeout if first else settings.keepalive_timeout) as scope:
+            while True:
+                try:
+                    event = conn.next_event()
+                except h11.RemoteProtocolError as exc:
+                    raise protocol_error(exc.error_status_hint, str(exc)) from None
+                if isinstance(event, h11.Request):
+                    # h11 bounds only a head still incomplete; one that arrived whole in a big read
+                    # is measured here.
+                    if fed > MAX_HEADER_BYTES and head_size(event) > MAX_HEADER_BYTES:
+                        raise protocol_error(431, "")
+                    return event
+                if event is h11.NEED_DATA:
+                    data = await client.receive()
+                    fed += len(data)
+                    if data and waited_for_first_byte:
+                        waited_for_first_byte = False
+                        scope.deadline = anyio.current_time() + settings.header_timeout
+                    conn.receive_data(data)
+                    continue
+                # ConnectionClosed (or PAUSED, which cannot happen between requests)
+                return None
+        if waited_for_first_byte:
+            return None  # idle keep-alive connection: close quietly
+        raise HttpError(408, "request header not received in time", code="timeout", close=True)
+
+    async def _read_body(self, conn: h11.Connection, client: _Client, setup: Setup, request: h11.Request) -> bytes:
+        limit = setup.settings.max_body_size
+        length = declared_length(request.headers)
+        if length is not None and length > limit:
+            raise HttpError(413, f"request body larger than {limit} bytes", code="body_too_large", close=True)
+        if conn.they_are_waiting_for_100_continue:
+            await client.send(conn.send(h11.InformationalResponse(status_code=100, headers=[])) or b"")
+        parts: list[bytes] = []
+        total = 0
+        while True:
+            try:
+                event = conn.next_event()
+            except h11.RemoteProtocolError as exc:
+                raise protocol_error(exc.error_status_hint, str(exc)) from None
+            if event is h11.NEED_DATA:
+                with anyio.move_on_after(setup.settings.body_timeout):
+                    data = await client.receive()
+                    if not data:
+                        raise ClientGone()
+                    conn.receive_data(data)
+                    continue
+                raise HttpError(408, "request body not received in time", code="timeout", close=True)
+            if isinstance(event, h11.Data):
+                total += len(event.data)
+                if total > limit:
+                    raise HttpError(413, f"request body larger than {limit} bytes", code="body_too_large", close=True)
+                parts.append(event.data)
+            elif isinstance(event, h11.EndOfMessage):
+                return parts[0] if len(parts) == 1 else b"".join(parts)
+            else:
+                raise ClientGone()
+
+    async def _handle(self, conn: h11.Connection, client: _Client, setup: Setup, request: h11.Request) -> None:
+        started = time.perf_counter()
+        model = NO_MODEL
+        cors = setup.cors.response_headers(request.headers) if setup.cors.enabled else []
+        try:
+            problem = framing_problem(request.headers)
+            if problem is not None:
+                raise problem
+            method = request.method
+            path, query = split_target(request.target)
+            if method == b"OPTIONS" and setup.cors.enabled:
+                preflight = setup.cors.preflight_headers(request.headers)
+                if preflight is not None:
+                    await self._reply(conn, client, Reply(204, headers=preflight), [])
+                    self._observe(model, 204, started)
+                    return
+            if path == b"/health":
+                if method != b"GET":
+                    raise routes.method_not_allowed(b"GET")
+                reply = routes.health_reply(await setup.backends.snapshot())
+                await self._reply(conn, client, reply, cors)
+                self._observe(model, reply.status, started)
+                return
+            if setup.keys.enabled and not setup.keys.accepts(request.headers):
+                raise UNAUTHORIZED
+            if path in MODEL_ROUTES:
+                if method != b"POST":
+                    raise routes.method_not_allowed(b"POST")
+                body = await self._read_body(conn, client, setup, request)
+                name = model_from_body(body) or setup.settings.default_model
+                model = setup.backends.resolve(name) if name is not None else None
+                if model is None:
+                    raise await self._resolve_failed(setup, name)
+                await self._forward(conn, client, setup, request, model, request.target, body, cors, started)
+                return
+            routed = upstream_route(path, query)
+            if routed is not None:
+                name, target = routed
+                model = setup.backends.resolve(name)
+                if model is None:
+                    raise await self._resolve_failed(setup, name)
+                body = await self._read_body(conn, client, setup, request)
+                await self._forward(conn, client, setup, request, model, target, body, cors, started)
+                return
+            reply = await self._own_route(conn, client, setup, request, method, path)
+            await self._reply(conn, client, reply, cors)
+            self._observe(model, reply.status, started)
+        except HttpError as error:
+            await self._reply(conn, client, error.reply(), cors)
+            self._observe(model, error.status, started)
+        except BackendError as error:
+            await self._reply(conn, client, _backend_error_reply(error), cors)
+            self._observe(model, error.status, started)
+
+    async def _resolve_failed(self, setup: Setup, name: str | None) -> HttpError:
+        known = (await setup.backends.snapshot()).known_names()
+        return missing_model_error(known) if name is None else unknown_model_error(name, known)
+
+    async def _own_route(
+        self, conn: h11.Connection, client: _Client, setup: Setup, request: h11.Request, method: bytes, path: bytes
+    ) -> Reply:
+        backends = setup.backends
+        if path == b"/v1/models" or path.startswith(b"/v1/models/"):
+            if method != b"GET":
+                raise routes.method_not_allowed(b"GET")
+            snapshot = await backends.snapshot()
+            if path == b"/v1/models":
+                return routes.models_reply(snapshot)
+            return routes.model_reply(snapshot, path[len(b"/v1/models/") :].decode("utf-8", "replace"))
+        if path == b"/status":
+            if method != b"GET":
+                raise routes.method_not_allowed(b"GET")
+            return routes.status_reply(await backends.snapshot(), self._proxy_status())
+        if path == b"/metrics":
+            if method != b"GET":
+                raise routes.method_not_allowed(b"GET")
+            return routes.metrics_reply(self.metrics, await backends.snapshot())
+        if path.startswith(routes.ADMIN_PREFIX):
+            target = routes.admin_target(path)
+            if target is None:
+                raise routes.not_found(path)
+            if method != b"POST":
+                raise routes.method_not_allowed(b"POST")
+            if not setup.keys.enabled and not is_loopback(client.peer):
+                raise HttpError(
+                    403, "admin routes need API keys configured when called from another host", code="forbidden"
+                )
+            await self._read_body(conn, client, setup, request)
+            action, name = target
+            summary = None
+            if name is not None:
+                model = backends.resolve(name)
+                if model is None:
+                    raise unknown_model_error(name, (await backends.snapshot()).known_names())
+                name = model
+                log.info("admin: %s %s", action, model)
+                if action == "load":
+                    await backends.load(model)
+                elif action == "unload":
+                    await backends.unload(model)
+                else:
+                    await backends.reset_failed(model)
+            else:
+                log.info("admin: reload")
+                summary = await backends.reload()
+            return routes.admin_done_reply(action, name, await backends.snapshot(), summary)
+        raise routes.not_found(path)
+
+    def _proxy_status(self) -> dict[str, Any]:
+        settings = self._setup.settings
+        return {
+            "listen": f"{self.address[0]}:{self.address[1]}" if self.address else settings.listen,
+            "started_at": self.started_at,
+            "connections": self.metrics.connections,
+            "in_flight": dict(self.metrics.in_flight),
+            "upstream_idle_connections": self.pool.idle_count(),
+            "auth": self._setup.keys.enabled,
+        }
+
+    # ---- forwarding ----------------------------------------------------------------------
+
+    async def _forward(
+        self,
+        conn: h11.Connection,
+        client: _Client,
+        setup: Setup,
+        request: h11.Request,
+        model: str,
+        target: bytes,
+        body: bytes,
+        cors: list[tuple[bytes, bytes]],
+        started: float,
+    ) -> None:
+        settings = setup.settings
+        status = STATUS_CLIENT_GONE
+        responded = False  # a response head went to the client
+        upstream_conn: UpstreamConnection | None = None
+        in_flight = self.metrics.in_flight
+        in_flight[model] += 1
+        try:
+            with anyio.CancelScope() as scope:
+                client.watch_scope = scope
+                if client.at_eof:
+                    scope.cancel()
+                try:
+                    async with setup.backends.lease(model) as upstream:
+                        host = f"{upstream.host}:{upstream.port}".encode()
+                        headers = upstream_request_headers(
+                            request.headers,
+                            host=host,
+                            peer=client.peer.encode(),
+                            body_length=len(body),
+                            drop_authorization=setup.keys.enabled,
+                        )
+                        outgoing = h11.Request(method=request.method, target=target, headers=headers)
+
+                        def on_sent() -> None:
+                            scope.deadline = anyio.current_time() + settings.first_byte_timeout
+
+                        upstream_conn, response = await self.pool.exchange(
+                            upstream,
+                            lambda c: c.start_request(outgoing, body),
+                            connect_timeout=settings.upstream_connect_timeout,
+                            on_sent=on_sent,
+                        )
+                        status = response.status_code
+                        response_headers, _ = downstream_response_headers(response.headers)
+                        if cors:
+                            response_headers.extend(cors)
+                        pending = [conn.send(h11.Response(status_code=status, headers=response_headers)) or b""]
+                        responded = True
+                        await self._relay_body(conn, client, upstream_conn, pending, scope, settings.stream_idle_timeout)
+                        self.pool.checkin(upstream_conn)
+                        upstream_conn = None
+                except ModelUnavailable as error:
+                    status = error.status
+                    await self._reply(conn, client, _backend_error_reply(error), cors)
+                except UpstreamError as error:
+                    status = error.status
+                    if responded:
+                        log.warning("model %s: %s; the client's response ends unfinished", model, error.message)
+                        raise CloseConnection() from None  # the client sees its response end unfinished
+                    log.warning("model %s: %s", model, error.message)
+                    await self._reply(
+                        conn, client, HttpError(error.status, error.message, type="server_error", code="upstream_error").reply(), cors
+                    )
+            if scope.cancelled_caught:
+                if client.at_eof:
+                    raise ClientGone()
+                # a phase deadline passed: first byte or stream idle
+                status = 504
+                if responded:
+                    raise CloseConnection()
+                await self._reply(
+                    conn,
+                    client,
+                    HttpError(504, f"model {model!r} did not answer in time", type="server_error", code="timeout").reply(),
+                    cors,
+                )
+        except ClientGone:
+            status = STATUS_CLIENT_GONE
+            raise
+        finally:
+            client.watch_scope = None
+            in_flight[model] -= 1
+            if upstream_conn is not None:
+                upstream_conn.close()
+            self._observe(model, status, started)
+
+    async def _relay_body(
+        self,
+        conn: h11.Connection,
+        client: _Client,
+        upstream: UpstreamConnection,
+        pending: list[bytes],
+        scope: anyio.CancelScope,
+        idle_timeout: float,
+    ) -> None:
+        """Relay the child's response body as it arrives; write what is in hand before each read."""
+        up = upstream.h11
+        while True:
+            try:
+                event = up.next_event()
+            except h11.RemoteProtocolError as exc:
+                raise UpstreamError(502, f"the model's server broke the response: {exc}") from None
+            if event is h11.NEED_DATA:
+                if pending:
+                    await client.send(b"".join(pending))
+                    pending.clear()
+                scope.deadline = anyio.current_time() + idle_timeout
+                await upstream.receive_more()
+                continue
+            if type(event) is h11.Data:
+                pending.append(conn.send(event) or b"")
+            elif type(event) is h11.EndOfMessage:
+                pending.append(conn.send(h11.EndOfMessage()) or b"")
+                await client.send(b"".join(pending))
+                return
+            else:
+                raise UpstreamError(502, "the model's server closed the connection mid-response")
+
+    # ---- writing -------------------------------------------------------------------------
+
+    async def _reply(self, conn: h11.Connection, client: _Client, reply: Reply, cors: list[tuple[bytes, bytes]]) -> None:
+        """Send a whole reply; ask to close when the request was not read to its end."""
+        if conn.our_state is not h11.SEND_RESPONSE and conn.our_state is not h11.IDLE:
+            raise CloseConnection()  # a response already started: nothing sensible can follow
+        if conn.their_state is h11.SEND_BODY and not reply.close:
+            _drop_buffered_body(conn)
+        close = reply.close or conn.their_state is not h11.DONE
+        headers = reply.head_headers()
+        if cors:
+            headers.extend(cors)
+        if close and not reply.close:
+            headers.append((b"connection", b"close"))
+        data = conn.send(h11.Response(status_code=reply.status, headers=headers)) or b""
+        if reply.body:
+            data += conn.send(h11.Data(data=reply.body)) or b""
+        data += conn.send(h11.EndOfMessage()) or b""
+        await client.send(data)
+
+    async def _linger(self, client: _Client) -> None:
+        """Half-close, then read and drop what the client still sends for a moment, so that a client
+        still sending its body reads our answer instead of a reset."""
+        client.socket.shutdown_write()
+        with anyio.move_on_after(LINGER_S):
+            while await client.receive():
+                pass
+
+    def _observe(self, model: str, status: int, started: float) -> None:
+        self.metrics.observe(model, status, time.perf_counter() - started)
+
+
+def _drop_buffered_body(conn: h11.Connection) -> None:
+    """Read the rest of a request we answer without its body (a GET's empty one, or a small body
+    already received), so that the connection can stay open; stop at the first need for I/O."""
+    try:
+        while True:
+            event = conn.next_event()
+            if event is h11.NEED_DATA or type(event) is h11.EndOfMessage:
+                return
+    except h11.RemoteProtocolError:
+        return
+
+
+def _backend_error_reply(error: BackendError) -> Reply:
+    headers = []
+    if isinstance(error, ModelUnavailable):
+        headers.append((b"retry-after", b"%d" % max(1, round(error.retry_after_s))))
+    return HttpError(error.status, error.message, type=error.error_type, code=getattr(error, "kind", None), headers=headers).reply()

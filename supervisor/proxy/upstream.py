@@ -1,0 +1,240 @@
+"""Connections to llama-server children: one h11 client connection each, pooled per child.
+
+Rules kept here (llama-server's HTTP library closes an idle keep-alive connection after about 5 s
+or 100 requests, and each idle connection holds one of its few HTTP threads; DESIGN.md):
+- a connection goes back to the pool only when both sides finished the exchange (h11 DONE/DONE);
+  anything else is closed, never reused;
+- an idle connection expires after IDLE_EXPIRY_S, well before the child's 5 s, and one the child
+  already closed (readable while idle) is dropped before reuse;
+- at most `Upstream.pool_size` idle connections per child; the oldest go first;
+- a reused connection that fails before any response byte is retried once on a fresh one;
+- closing never awaits, so a cancelled relay still closes its socket at once (llama-server stops
+  generating when its client goes away).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import anyio
+import h11
+
+from supervisor.proxy.backends import Upstream
+from supervisor.proxy.http import READ_SIZE
+from supervisor.proxy.sockets import Socket, connect
+
+log = logging.getLogger("llama-smart-proxy.upstream")
+
+IDLE_EXPIRY_S = 2.0  # llama-server (cpp-httplib) closes idle keep-alive connections after 5 s
+SWEEP_INTERVAL_S = 0.5  # how often idle connections past their expiry are closed
+
+
+class UpstreamError(Exception):
+    """The child could not give a response; `status` is what the client gets if nothing was sent yet."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+class UpstreamClosed(UpstreamError):
+    """The child closed or reset the connection."""
+
+    def __init__(self, message: str = "the model's server closed the connection") -> None:
+        super().__init__(502, message)
+
+
+class UpstreamConnection:
+    """One keep-alive connection to one child."""
+
+    __slots__ = ("upstream", "socket", "h11", "requests", "idle_since", "bytes_in")
+
+    def __init__(self, upstream: Upstream, sock: Socket) -> None:
+        self.upstream = upstream
+        self.socket = sock
+        self.h11 = h11.Connection(h11.CLIENT)
+        self.requests = 0
+        self.idle_since = 0.0
+        self.bytes_in = 0
+
+    @property
+    def closed(self) -> bool:
+        return self.socket.closed
+
+    @property
+    def is_reused(self) -> bool:
+        return self.requests > 1
+
+    def is_reusable(self) -> bool:
+        return not self.closed and self.h11.our_state is h11.DONE and self.h11.their_state is h11.DONE
+
+    def has_expired(self, now: float) -> bool:
+        return now - self.idle_since >= IDLE_EXPIRY_S
+
+    def is_dropped_by_peer(self) -> bool:
+        """An idle connection with something to read was closed by the child (or is garbage)."""
+        return self.socket.is_readable()
+
+    def start_request(self, request: h11.Request, body: bytes) -> bytes:
+        """The bytes of one whole request, and h11's state advanced past it."""
+        self.requests += 1
+        self.bytes_in = 0
+        data = self.h11.send(request) or b""
+        if body:
+            data += self.h11.send(h11.Data(data=body)) or b""
+        return data + (self.h11.send(h11.EndOfMessage()) or b"")
+
+    async def send(self, data: bytes) -> None:
+        try:
+            await self.socket.send(data)
+        except (anyio.ClosedResourceError, OSError) as exc:
+            raise UpstreamClosed(f"sending to the model's server failed: {exc.__class__.__name__}") from None
+
+    async def next_event(self) -> h11.Event:
+        """The next h11 event of the response, reading as needed."""
+        conn = self.h11
+        while True:
+            try:
+                event = conn.next_event()
+            except h11.RemoteProtocolError as exc:
+                raise UpstreamClosed(f"the model's server broke the response: {exc}") from None
+            if event is not h11.NEED_DATA:
+                return event  # type: ignore[return-value]
+            await self.receive_more()
+
+    async def receive_more(self) -> None:
+        """Read once from the child into h11 (EOF and resets become b'', which h11 judges)."""
+        try:
+            data = await self.socket.receive(READ_SIZE)
+        except (anyio.ClosedResourceError, OSError):
+            data = b""
+        self.bytes_in += len(data)
+        self.h11.receive_data(data)
+
+    async def receive_head(self) -> h11.Response:
+        while True:
+            event = await self.next_event()
+            if isinstance(event, h11.Response):
+                return event
+            if isinstance(event, h11.ConnectionClosed):
+                raise UpstreamClosed()
+            # 1xx informational responses are per hop: skipped.
+
+    def close(self) -> None:
+        self.socket.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else f"{self.h11.our_state}/{self.h11.their_state}"
+        return f"UpstreamConnection({self.upstream.host}:{self.upstream.port}, {state}, requests={self.requests})"
+
+
+class UpstreamPool:
+    """Idle keep-alive connections, per child (host, port)."""
+
+    def __init__(self) -> None:
+        self._idle: dict[tuple[str, int], list[UpstreamConnection]] = {}
+        self.opened = 0
+        self.reused = 0
+        self.retried = 0
+
+    def idle_count(self, upstream: Upstream | None = None) -> int:
+        if upstream is not None:
+            return len(self._idle.get((upstream.host, upstream.port), ()))
+        return sum(len(conns) for conns in self._idle.values())
+
+    async def checkout(self, upstream: Upstream, connect_timeout: float, *, fresh: bool = False) -> UpstreamConnection:
+        """An idle connection to `upstream` that is still good, else a new one."""
+        if not fresh:
+            idle = self._idle.get((upstream.host, upstream.port))
+            now = anyio.current_time()
+            while idle:
+                conn = idle.pop()
+                if conn.has_expired(now) or conn.is_dropped_by_peer():
+                    conn.close()
+                    continue
+                self.reused += 1
+                return conn
+        try:
+            with anyio.fail_after(connect_timeout):
+                sock = await connect(upstream.host, upstream.port)
+        except TimeoutError:
+            raise UpstreamError(
+                504, f"connecting to the model's server at {upstream.host}:{upstream.port} timed out"
+            ) from None
+        except OSError as exc:
+            raise UpstreamError(
+                502, f"cannot connect to the model's server at {upstream.host}:{upstream.port}: {exc.strerror or exc}"
+            ) from None
+        self.opened += 1
+        return UpstreamConnection(upstream, sock)
+
+    def checkin(self, conn: UpstreamConnection) -> None:
+        """Return a connection after its exchange: pooled if both sides are done, else closed."""
+        if not conn.is_reusable():
+            conn.close()
+            return
+        conn.h11.start_next_cycle()
+        conn.idle_since = anyio.current_time()
+        idle = self._idle.setdefault((conn.upstream.host, conn.upstream.port), [])
+        idle.append(conn)
+        if len(idle) > conn.upstream.pool_size:
+            idle.pop(0).close()
+
+    async def exchange(
+        self,
+        upstream: Upstream,
+        build: Callable[[UpstreamConnection], bytes],
+        *,
+        connect_timeout: float,
+        on_sent: Callable[[], None] = lambda: None,
+    ) -> tuple[UpstreamConnection, h11.Response]:
+        """Send one request and wait for the response head; retry once on a fresh connection when
+        a reused one fails before any response byte (the child closed it while idle). The caller
+        owns the returned connection and must `checkin` it."""
+        conn = await self.checkout(upstream, connect_timeout)
+        for attempt in (1, 2):
+            try:
+                await conn.send(build(conn))
+                on_sent()
+                return conn, await conn.receive_head()
+            except UpstreamClosed:
+                conn.close()
+                if attempt == 2 or not conn.is_reused or conn.bytes_in:
+                    raise
+                log.debug("retrying on a fresh connection after %r failed before any response byte", conn)
+                self.retried += 1
+                conn = await self.checkout(upstream, connect_timeout, fresh=True)
+            except BaseException:
+                conn.close()
+                raise
+        raise AssertionError("unreachable")
+
+    def sweep(self) -> None:
+        """Close idle connections past their expiry."""
+        now = anyio.current_time()
+        for key in list(self._idle):
+            idle = self._idle[key]
+            keep = [c for c in idle if not c.has_expired(now)]
+            for conn in idle:
+                if conn not in keep:
+                    conn.close()
+            if keep:
+                self._idle[key] = keep
+            else:
+                del self._idle[key]
+
+    async def run_sweeper(self) -> None:
+        while True:
+            await anyio.sleep(SWEEP_INTERVAL_S)
+            self.sweep()
+
+    def close(self) -> None:
+        idle, self._idle = self._idle, {}
+        for conns in idle.values():
+            for conn in conns:
+                conn.close()
+
+    def __repr__(self) -> str:
+        return f"UpstreamPool(idle={self.idle_count()}, opened={self.opened}, reused={self.reused}, retried={self.retried})"
