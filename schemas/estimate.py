@@ -11,7 +11,9 @@ All sizes are bytes.
 
 from __future__ import annotations
 
-from pydantic import Field, computed_field
+from typing import Any
+
+from pydantic import Field, computed_field, model_validator
 
 from schemas.config import CacheType, Contract
 
@@ -34,6 +36,7 @@ class LayerMemory(Contract):
     recurrent_bytes: int = Field(0, ge=0, description="Recurrent state of this layer, every slot.")
 
 
+
 class ComputeProfile(Contract):
     """Compute (scheduler) buffer per device, by the role the device plays in a placement."""
 
@@ -45,9 +48,19 @@ class ComputeProfile(Contract):
         ge=0, description="A GPU of a multi-GPU split without the output layer."
     )
     gpu_partial_bytes: int = Field(
-        ge=0, description="A GPU when some layers stay on the CPU (host weights are staged here)."
+        ge=0,
+        description="Each GPU when some layers stay on the CPU (-ngl offloads the last layers, so "
+        "never layer 0); on CUDA host weights are staged here for large batches (op offload).",
     )
-    host_with_gpu_bytes: int = Field(ge=0, description="Host compute buffer when GPUs are used.")
+    host_with_gpu_bytes: int = Field(
+        ge=0, description="Host compute buffer when one GPU holds every layer and the output."
+    )
+    host_split_bytes: int = Field(
+        0,
+        ge=0,
+        description="Host compute buffer when several GPUs hold every layer (pipeline parallelism "
+        "keeps 4 copies of the graph inputs).",
+    )
     host_cpu_only_bytes: int = Field(ge=0, description="Compute buffer of a CPU-only run.")
 
 
@@ -87,7 +100,22 @@ class MemoryProfile(Contract):
         return len(self.layers)
 
 
-class DeviceMemory(Contract):
+class _WithTotal(Contract):
+    """A contract whose JSON carries a computed `total_bytes`: read back, it is checked, not stored."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_total(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "total_bytes" in data:
+            data = dict(data)
+            total = data.pop("total_bytes")
+            checked = cls.model_validate(data)
+            if total != checked.total_bytes:  # type: ignore[attr-defined]
+                raise ValueError(f"total_bytes {total} is not the sum of the parts ({checked.total_bytes})")  # type: ignore[attr-defined]
+        return data
+
+
+class DeviceMemory(_WithTotal):
     device: str = Field(description='"CPU" (the host) or "GPU<n>", n its position in the placement.')
     weights_bytes: int = 0
     kv_bytes: int = 0
@@ -109,7 +137,7 @@ class DeviceMemory(Contract):
         )
 
 
-class Estimate(Contract):
+class Estimate(_WithTotal):
     model: str
     architecture: str
     settings: EstimateSettings

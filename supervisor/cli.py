@@ -183,6 +183,30 @@ def _http(method: str, url: str, api_key: str | None) -> bytes:
         raise UserError(f"{url}: {exc.reason}") from None
 
 
+def cmd_estimate(args: argparse.Namespace) -> int:
+    from supervisor.memory.report import estimate_file, render_estimate
+
+    result = estimate_file(
+        args.file,
+        ctx=args.ctx,
+        parallel=args.parallel,
+        kv_unified=args.kv_unified,
+        cache_type_k=args.cache_type_k,
+        cache_type_v=args.cache_type_v,
+        flash_attn=args.flash_attn,
+        batch=args.batch,
+        ubatch=args.ubatch,
+        gpu_layers=args.gpu_layers,
+        tensor_split=args.tensor_split or (),
+        mmproj=args.mmproj,
+    )
+    if args.json:
+        print_json(result.estimate.model_dump(mode="json"))
+    else:
+        print(render_estimate(result), end="")
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="llama-smart-proxy",
@@ -247,9 +271,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--url", default="http://127.0.0.1:8080", help="the running proxy (default: %(default)s)")
     p.add_argument("--api-key", help="a key from proxy.api_keys (or env LLAMA_SMART_PROXY_API_KEY)")
 
+    p = command("estimate", cmd_estimate, "show the memory a GGUF model needs, per GPU and on the host")
+    p.add_argument("file", type=Path, help="the GGUF file (the first part of a split model)")
+    p.add_argument("--ctx", type=int, metavar="N", help="context size (-c); 0: the model's own (default 4096)")
+    p.add_argument("--parallel", type=int, metavar="P", help="parallel slots (-np, default 1)")
+    p.add_argument("--kv-unified", action=argparse.BooleanOptionalAction, default=None,
+                   help="one KV cache shared by all slots (default) or one per slot")  # fmt: skip
+    cache_types = ["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "iq4_nl"]
+    p.add_argument("--cache-type-k", choices=cache_types, metavar="T", help="K cache type (default f16)")
+    p.add_argument("--cache-type-v", choices=cache_types, metavar="T", help="V cache type (default f16)")
+    p.add_argument("--flash-attn", choices=["on", "off", "auto"], help="flash attention (default on)")
+    p.add_argument("--batch", type=int, metavar="N", help="logical batch size (-b, default 2048)")
+    p.add_argument("--ubatch", type=int, metavar="N", help="physical batch size (-ub, default 512)")
+    p.add_argument("--gpu-layers", type=int, metavar="N", help="layers on GPUs, output counted (-ngl); default all, 0: CPU only")
+    p.add_argument("--tensor-split", type=_fractions, metavar="A,B,...", help="split across GPUs (-ts), one number per GPU")
+    p.add_argument("--mmproj", type=Path, metavar="FILE", help="a vision projector loaded with the model")
+    p.add_argument("--json", action="store_true", help="print the Estimate as JSON")
+
     p = command("schema", cmd_schema, "print the JSON Schema of the config, plan or inventory")
     p.add_argument("name", nargs="?", help="config, plan or inventory (default: all)")
     return parser
+
+
+def _fractions(text: str) -> list[float]:
+    try:
+        values = [float(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers such as 3,1, got {text!r}") from None
+    if any(v < 0 for v in values) or not any(v > 0 for v in values):
+        raise argparse.ArgumentTypeError(f"expected non-negative numbers, at least one positive, got {text!r}")
+    return values
 
 
 def main(argv: Sequence[str] | None = None) -> int:

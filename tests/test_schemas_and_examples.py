@@ -65,3 +65,20 @@ def test_reference_example_lists_every_key() -> None:
             assert re.search(rf"^{key} = ", text, re.M), f"reference.toml lacks {key}"
     for key in ("file", "mmproj", "aliases"):
         assert re.search(rf"^#? ?{key} = ", text.split("[models.", 1)[1], re.M), key
+
+
+def test_plan_json_reads_back_into_the_same_plan(tmp_path: Path, tiny_model: Path) -> None:
+    """`plan --json` output is an input too (`plan --against`): it must validate as a Plan."""
+    import subprocess
+    import sys
+
+    from schemas.plan import Plan
+
+    result = subprocess.run(
+        [sys.executable, "-m", "supervisor", "plan", "--config", str(EXAMPLES / "multi-gpu.toml"),
+         "--inventory", str(EXAMPLES / "inventory-2x24gb.json"), "--json"],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    plan = Plan.model_validate_json(result.stdout)
+    assert plan.model_dump_json() == Plan.model_validate_json(plan.model_dump_json()).model_dump_json()
+    assert any(m.estimate is not None and m.estimate.gpus for m in plan.models)

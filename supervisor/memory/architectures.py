@@ -98,6 +98,7 @@ class Hyperparameters:
     embedding_model: bool  # no KV cache; llama-server runs it with --embedding
     n_layer_nextn: int
     is_moe: list[bool]  # the layer routes through experts (it has ffn_gate_inp)
+    n_expert_shared: int
     ffn_gated: bool  # SwiGLU-style feed-forward (gate and up); BERT's is plain
     attn_softcap: bool  # gemma2's logit soft-capping (an extra KQ-sized pass without FA)
     ssm_d_inner: int
@@ -109,10 +110,6 @@ class Hyperparameters:
 
     def n_embd_v_gqa(self, il: int) -> int:
         return (self.head_v_swa if self.is_swa[il] else self.head_v) * self.n_head_kv[il]
-
-
-def _get(md: dict[str, MetadataValue], key: str, default: MetadataValue | None = None) -> MetadataValue | None:
-    return md.get(key, default)
 
 
 def _int(md: dict[str, MetadataValue], key: str, default: int = 0) -> int:
@@ -262,8 +259,9 @@ def hyperparameters(header: ModelHeader) -> Hyperparameters:
         embedding_model=arch in NO_KV_ARCHITECTURES or (pooling not in (0, -1) and not causal),
         n_layer_nextn=nextn,
         is_moe=is_moe,
+        n_expert_shared=_int(md, f"{arch}.expert_shared_count"),
         ffn_gated=arch != "bert",
-        attn_softcap=arch == "gemma2" or bool(_get(md, f"{arch}.attn_logit_softcapping", 0.0)),
+        attn_softcap=arch == "gemma2" or bool(md.get(f"{arch}.attn_logit_softcapping", 0.0)),
         ssm_d_inner=d_inner,
         key_length_mla=_int(md, f"{arch}.attention.key_length_mla"),
         post_norms="blk.0.post_ffw_norm.weight" in names,

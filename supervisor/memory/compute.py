@@ -11,10 +11,11 @@ backend (benchmarks/accuracy: estimate vs. llama.cpp's own figure for every arch
 under, at most 15 % over). Version-dependent: the logits term follows PR #23861 (the server
 reserves n_seq outputs, not n_ubatch).
 
-GPU buffers are not measured here (no GPU in the measuring machine): a CUDA device runs the same
-graph with its own kernels and, across several GPUs, pipeline parallelism keeps
-GGML_SCHED_MAX_COPIES = 4 copies of the graph inputs (ggml/src/ggml-backend.cpp). The CUDA figures
-are the CPU graph times CUDA_COMPUTE_MARGIN plus those copies; calibrate both on a GPU.
+The device roles (one device, a pipeline-parallel split, a partial offload, and the host in each)
+are measured with ggml-rpc-server devices standing in for GPUs (`_roles`). CUDA buffers are not
+measured here (no GPU in the measuring machine): a CUDA device runs the same graph with its own
+kernels, so the CUDA figures are those roles times CUDA_COMPUTE_MARGIN, plus, on partial offload,
+the largest layer tensor for CUDA's op offload; calibrate both on a GPU.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from schemas.estimate import ComputeProfile
 from schemas.header import ModelHeader
 
 if TYPE_CHECKING:
-    from schemas.config import FlashAttn, ModelSpec
+    from schemas.config import FlashAttn
     from supervisor.memory.architectures import Hyperparameters
     from supervisor.memory.profile import Context, DeviceBackend
 
@@ -39,6 +40,7 @@ GRAPH_CONSTANT_BYTES = 256 * 1024
 # margin over the CPU figure until a GPU run calibrates it.
 CUDA_COMPUTE_MARGIN = 1.15
 SCHED_MAX_COPIES = 4  # ggml/src/ggml-backend.cpp GGML_SCHED_MAX_COPIES (pipeline parallelism)
+PARTIAL_SHIFT_ROWS = -2  # a device holding some layers: two rows of n_embd fewer (measured)
 # The fitted coefficients reproduce llama.cpp's figure to within a few percent; this keeps the
 # estimate above it where the fit is loose (multi-stream graphs, odd head layouts).
 SAFETY_FACTOR = 1.03
@@ -65,23 +67,31 @@ def _mask_bytes(hp: Hyperparameters, ctx: Context, flash_attn: bool) -> int:
     return size
 
 
-def _ffn_values(hp: Hyperparameters, il: int, flash_attn: bool) -> int:
-    """Live f32 values per token while a layer's feed-forward runs."""
+def _ffn_values(hp: Hyperparameters, il: int, flash_attn: bool, shift: int) -> int:
+    """Live f32 values per token while a layer's feed-forward runs.
+
+    shift: see _layer_values (a device holding some layers only). The per-expert down outputs of a
+    wide-routing MoE (many experts used, no shared expert) stay one row higher there instead.
+    """
     if hp.is_moe[il]:
         used, ffe = hp.n_expert_used, hp.n_ff_exp or hp.n_ff[il]
-        # gate/up/act per selected expert, or the per-expert down outputs and their weighting
-        return max(3 * ffe * used + 5 * hp.n_embd, 2 * (hp.n_embd + ffe) * used)
+        # gate, up and their product for each selected expert
+        values = 3 * ffe * used + 5 * hp.n_embd + shift
+        if not hp.n_expert_shared:
+            # the selected experts' down outputs and their weighted copy (qwen3moe: 8 of 128)
+            down = 2 * (hp.n_embd + ffe) * used + (hp.n_embd if shift else 0)
+            values = max(values, down)
+        return values
     if not hp.ffn_gated:
-        return 2 * hp.n_ff[il] + hp.n_embd
+        return 2 * hp.n_ff[il] + hp.n_embd + shift
     values = 3 * hp.n_ff[il] + 5 * hp.n_embd
     if not flash_attn and hp.has_attention[il] and not hp.is_mla:
         # without flash attention the attention's permuted output is still alive here; this
         # phase is the peak at small contexts (measured: ctx <= ~1024 with FA off)
         n_q = hp.n_head[il] * (hp.head_k_swa if hp.is_swa[il] else hp.head_k)
-        values = max(values, 3 * hp.n_ff[il] + 3 * hp.n_embd + 3 * n_q + hp.n_embd_k_gqa(il) + hp.n_embd_v_gqa(il))
-    if hp.post_norms:
-        values += hp.n_embd
-    return values
+        kv = hp.n_embd_k_gqa(il) + hp.n_embd_v_gqa(il)
+        values = max(values, 3 * hp.n_ff[il] + 3 * hp.n_embd + 3 * n_q + kv + (hp.n_embd if hp.post_norms else 0))
+    return values + shift
 
 
 def _attention_values(hp: Hyperparameters, ctx: Context, il: int, flash_attn: bool) -> int:
@@ -113,19 +123,25 @@ def _recurrent_values(hp: Hyperparameters, il: int) -> int:
         return 0
     if hp.ssm_d_inner:
         return 15 * hp.ssm_d_inner // 2  # mamba: in-projection, conv, scan output and gate
-    return 6 * hp.n_embd  # short convolution (lfm2): in-projection and its three slices
+    return 17 * hp.n_embd  # short convolution (lfm2): in-projection, its slices, conv window
 
 
-def _layer_peak(hp: Hyperparameters, ctx: Context, flash_attn: bool) -> int:
+def _layer_values(hp: Hyperparameters, ctx: Context, il: int, flash_attn: bool, shift: int = 0) -> int:
+    """Peak live f32 values per token inside layer il.
+
+    shift adjusts the phases for a device that holds some of the layers only (measured: two
+    rows of n_embd fewer than in the whole graph).
+    """
+    return max(
+        _ffn_values(hp, il, flash_attn, shift),
+        _attention_values(hp, ctx, il, flash_attn) + shift,
+        _recurrent_values(hp, il) + shift,
+    )
+
+
+def _layer_peak(hp: Hyperparameters, ctx: Context, flash_attn: bool, shift: int = 0) -> int:
     """Peak live bytes inside one layer, over every layer of the model."""
-    peak = 0
-    for il in range(hp.n_layer):
-        values = max(
-            _ffn_values(hp, il, flash_attn),
-            _attention_values(hp, ctx, il, flash_attn),
-            _recurrent_values(hp, il),
-        )
-        peak = max(peak, values)
+    peak = max((_layer_values(hp, ctx, il, flash_attn, shift) for il in range(hp.n_layer)), default=0)
     return F32 * ctx.n_ubatch * peak
 
 
@@ -142,52 +158,111 @@ def _output_phase(hp: Hyperparameters, ctx: Context) -> int:
     return F32 * ctx.n_seq * hp.n_vocab + F32 * ctx.n_ubatch * hp.n_embd
 
 
-def cpu_graph_bytes(hp: Hyperparameters, ctx: Context, flash_attn: bool) -> int:
-    """The compute buffer of a run with every layer on one device."""
-    peak = max(_layer_peak(hp, ctx, flash_attn), _output_phase(hp, ctx))
-    total = _mask_bytes(hp, ctx, flash_attn) + _recurrent_state_bytes(hp, ctx) + peak
-    total = int(total * SAFETY_FACTOR) + GRAPH_CONSTANT_BYTES
+def _graph(hp: Hyperparameters, ctx: Context, flash_attn: bool, shift: int = 0) -> int:
+    """Masks, recurrent states and the peak phase: the whole graph on one backend, unpadded."""
+    peak = max(_layer_peak(hp, ctx, flash_attn, shift), _output_phase(hp, ctx))
+    return _mask_bytes(hp, ctx, flash_attn) + _recurrent_state_bytes(hp, ctx) + peak
+
+
+def _charged(value: int, hp: Hyperparameters) -> int:
+    total = int(value * SAFETY_FACTOR) + GRAPH_CONSTANT_BYTES
     if not hp.known:
         total = int(total * UNKNOWN_ARCH_FACTOR)
     return total
 
 
+def cpu_graph_bytes(hp: Hyperparameters, ctx: Context, flash_attn: bool) -> int:
+    """The compute buffer of a run with every layer on one device."""
+    return _charged(_graph(hp, ctx, flash_attn), hp)
+
+
+def _partial(hp: Hyperparameters, ctx: Context, flash_attn: bool) -> int:
+    """A device in a partial offload: `-ngl k <= n_layer` offloads the output layer and the last
+    k-1 blocks, never block 0, so leading dense blocks (deepseek2) do not count. Measured on RPC
+    devices, which lack CUDA's op offload: a device holding only the output layer needs just
+    its logits there, and the one holding the output of a wide-routing MoE four rows less; both
+    are charged the common figure here (the planner prices a partial offload per device alike).
+    """
+    shift = PARTIAL_SHIFT_ROWS * hp.n_embd
+    layers = range(1, hp.n_layer) if hp.n_layer > 1 else range(hp.n_layer)
+    values = max((_layer_values(hp, ctx, il, flash_attn, shift) for il in layers), default=0)
+    peak = max(F32 * ctx.n_ubatch * values, _output_phase(hp, ctx))
+    return _mask_bytes(hp, ctx, flash_attn) + _recurrent_state_bytes(hp, ctx) + peak
+
+
+def _roles(hp: Hyperparameters, ctx: Context, flash_attn: bool) -> dict[str, int]:
+    """Compute buffer of each device role, as llama.cpp's CPU and RPC backends size them.
+
+    Measured with ggml-rpc-server devices (benchmarks/accuracy):
+    - one device holding everything: the whole graph less one row of n_embd; the host keeps the
+      masks and the input embeddings (and, without flash attention, one K+V row-set per cache);
+    - several devices holding everything run pipeline-parallel: the scheduler keeps
+      GGML_SCHED_MAX_COPIES = 4 copies of every graph input, so each device adds 3 more masks and
+      the activations it receives (11 rows of n_embd before the output device, 2 on it), and the
+      host holds 4 masks and 10 rows. (A no_alloc dry run, as llama-fit-params does, reports 4
+      more rows on the output device than llama-server then allocates; this follows the server.)
+    - a device holding some layers: the graph less two n_embd rows over the layers it may hold;
+      the host runs the rest of the model, so it needs the whole graph.
+    """
+    x = ctx.n_ubatch
+    graph = _graph(hp, ctx, flash_attn)
+    masks = _mask_bytes(hp, ctx, flash_attn)
+    row = F32 * x * hp.n_embd
+    kv_rows = 0
+    if not flash_attn and any(hp.has_attention):
+        caches = 2 if any(hp.is_swa) else 1
+        width = max(hp.n_embd_k_gqa(il) + hp.n_embd_v_gqa(il) for il in range(hp.n_layer))
+        kv_rows = F32 * x * width * caches
+    extra = (SCHED_MAX_COPIES - 1) * masks + (SCHED_MAX_COPIES - 1) * kv_rows
+    return {
+        "full": graph - row,
+        "host_full": masks + 4 * row + kv_rows,
+        "split_other": graph + extra + 11 * row,
+        "split_output": graph + extra + 2 * row,
+        "host_split": SCHED_MAX_COPIES * (masks + kv_rows) + 10 * row,
+        "partial": _partial(hp, ctx, flash_attn),
+        "cpu_only": graph,
+    }
+
+
 def compute_profile(
     hp: Hyperparameters,
     ctx: Context,
-    spec: ModelSpec,
     *,
     flash_attn: FlashAttn,
     largest_layer_tensor: int,
     device_backend: DeviceBackend,
 ) -> ComputeProfile:
     if flash_attn == "auto":
-        graph = max(cpu_graph_bytes(hp, ctx, True), cpu_graph_bytes(hp, ctx, False))
-        inputs = _mask_bytes(hp, ctx, False)
+        on, off = _roles(hp, ctx, True), _roles(hp, ctx, False)
+        roles = {key: max(on[key], off[key]) for key in on}
     else:
-        graph = cpu_graph_bytes(hp, ctx, flash_attn == "on")
-        inputs = _mask_bytes(hp, ctx, flash_attn == "on")
-    # the host keeps the input embeddings' rows when the layers are on a device
-    host_inputs = F32 * ctx.n_ubatch * hp.n_embd + GRAPH_CONSTANT_BYTES
+        roles = _roles(hp, ctx, flash_attn == "on")
+    charged = {key: _charged(value, hp) for key, value in roles.items()}
     if device_backend == "cpu":
         return ComputeProfile(
-            gpu_full_bytes=graph,
-            gpu_split_output_bytes=graph,
-            gpu_split_other_bytes=graph,
-            gpu_partial_bytes=graph,
-            host_with_gpu_bytes=host_inputs,
-            host_cpu_only_bytes=graph,
+            gpu_full_bytes=charged["full"],
+            gpu_split_output_bytes=charged["split_output"],
+            gpu_split_other_bytes=charged["split_other"],
+            gpu_partial_bytes=charged["partial"],
+            host_with_gpu_bytes=charged["host_full"],
+            host_split_bytes=charged["host_split"],
+            host_cpu_only_bytes=charged["cpu_only"],
         )
-    device = int(graph * CUDA_COMPUTE_MARGIN)
-    copies = (SCHED_MAX_COPIES - 1) * inputs
+
+    def cuda(value: int) -> int:
+        return int(value * CUDA_COMPUTE_MARGIN)
+
     return ComputeProfile(
-        gpu_full_bytes=device,
-        gpu_split_output_bytes=device + copies,
-        gpu_split_other_bytes=device + copies,
-        # op offload (batch >= 32) stages host-resident weights in the device's compute buffer
-        gpu_partial_bytes=device + largest_layer_tensor,
-        host_with_gpu_bytes=host_inputs,
-        host_cpu_only_bytes=graph,
+        gpu_full_bytes=cuda(charged["full"]),
+        gpu_split_output_bytes=cuda(charged["split_output"]),
+        gpu_split_other_bytes=cuda(charged["split_other"]),
+        # CUDA offloads ops with a batch >= 32 whose weights stay on the host (op offload): the
+        # weights are staged in the device's compute buffer, the largest one at a time
+        gpu_partial_bytes=cuda(charged["partial"]) + largest_layer_tensor,
+        host_with_gpu_bytes=charged["host_full"],
+        host_split_bytes=charged["host_split"],
+        host_cpu_only_bytes=charged["cpu_only"],
     )
 
 

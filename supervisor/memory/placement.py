@@ -70,10 +70,12 @@ def place(profile: MemoryProfile, gpu_layers: int, tensor_split: Sequence[float]
     compute = [0] * n_gpus
     used = sorted({d for d in where if d is not None})
     partial = gpu_layers < n + 1
+    # The planner mirrors these roles in its search (supervisor/planner.py _Model.fixed): keep
+    # the two in step. A partial offload charges every device the same (gpu_partial_bytes).
     for d in used:
         if partial:
             compute[d] = profile.compute.gpu_partial_bytes
-        elif len(used) == 1:
+        elif n_gpus == 1:
             compute[d] = profile.compute.gpu_full_bytes
         elif d == output_slot:
             compute[d] = profile.compute.gpu_split_output_bytes
@@ -81,6 +83,10 @@ def place(profile: MemoryProfile, gpu_layers: int, tensor_split: Sequence[float]
             compute[d] = profile.compute.gpu_split_other_bytes
     if n_gpus == 0 or partial:
         host_compute = profile.compute.host_cpu_only_bytes
+    elif n_gpus > 1:
+        # llama.cpp enables pipeline parallelism for a full offload when it is given several
+        # devices (src/llama-context.cpp), whether or not each of them receives layers
+        host_compute = profile.compute.host_split_bytes
     else:
         host_compute = profile.compute.host_with_gpu_bytes
 

@@ -33,7 +33,7 @@ from typing import Literal
 import gguf
 
 from schemas.config import ModelSpec
-from schemas.estimate import ComputeProfile, EstimateSettings, LayerMemory, MemoryProfile
+from schemas.estimate import EstimateSettings, LayerMemory, MemoryProfile
 from schemas.header import ModelHeader, TensorInfo
 from supervisor.memory import compute
 from supervisor.memory.architectures import Hyperparameters, hyperparameters
@@ -244,7 +244,6 @@ def memory_profile(
     compute_profile = compute.compute_profile(
         hp,
         ctx,
-        spec,
         flash_attn=spec.flash_attn,
         largest_layer_tensor=weights.largest_layer_tensor,
         device_backend=device_backend,
