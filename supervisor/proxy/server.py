@@ -152,11 +152,14 @@ class ProxyServer:
         self.address: tuple[str, int] | None = None
         self.started_at = time.time()
         self._slots: anyio.Semaphore | None = None
-        self._accepting = anyio.CancelScope()
+        self._accepting: anyio.CancelScope | None = None
+        self._accept_stopped = False
 
     def stop_accepting(self) -> None:
         """Accept no more connections (shutdown); connections already open are served on."""
-        self._accepting.cancel()
+        self._accept_stopped = True
+        if self._accepting is not None:
+            self._accepting.cancel()
 
     def configure(self, settings: ProxySettings, backends: Backends) -> None:
         """Serve new requests with these settings and backends; the listener stays bound.
@@ -205,7 +208,9 @@ class ProxyServer:
                     await one.aclose()
 
     async def _accept_all(self, listeners: list[socket.socket], tg: anyio.abc.TaskGroup) -> None:
-        with self._accepting:
+        with anyio.CancelScope() as self._accepting:
+            if self._accept_stopped:
+                return
             async with anyio.create_task_group() as accepting:
                 for one in listeners:
                     accepting.start_soon(self._accept_loop, one, tg)
