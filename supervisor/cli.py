@@ -16,6 +16,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from schemas.plan import Plan
 from supervisor.config import load_config
 from supervisor.errors import UserError
 
@@ -24,6 +25,7 @@ log = logging.getLogger("llama-smart-proxy")
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_INVALID = 2
+EXIT_UNPLACED = 3
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -74,31 +76,111 @@ def cmd_inventory(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from supervisor.inventory import load_inventory, take_inventory
     from supervisor.plan_report import render_plan, verdict
-    from supervisor.planner import plan
-    from supervisor.snapshot import build_profiles
+    from supervisor.planning import Source, prepare
 
-    loaded = load_config(args.config, require_model_files=False)
-    if args.inventory is not None:
-        inventory = load_inventory(args.inventory)
-        machine = f"snapshot {args.inventory}"
-        if inventory.hostname or inventory.taken_at:
-            machine += f" of {inventory.hostname or '?'} taken {inventory.taken_at or '?'}"
-    else:
-        inventory = take_inventory()
-        machine = "this machine (NVML now)"
-    found = build_profiles(loaded.config, inventory.models, have_snapshot=args.inventory is not None)
-    result = plan(loaded.config, inventory, found.profiles, found.headers, found.notes)
+    prepared = prepare(Source(args.config, inventory_path=args.inventory, require_model_files=False))
+    result = prepared.plan
     outcome = verdict(result, strict=args.strict)
+    if args.against is not None:
+        from supervisor.reload import diff_plans, refusal
+
+        running = read_running_plan(args.against)
+        why = refusal(running, result)
+        print(f"Against {args.against}:")
+        for line in diff_plans(running, result).describe():
+            print(f"  {line}")
+        if why is not None:
+            print(f"  a reload would be refused: {why}")
+            return EXIT_UNPLACED
+        return outcome.exit_code
     if args.json:
         print_json(result.model_dump(mode="json"))
         if outcome.exit_code:
             print(f"llama-smart-proxy: plan: {outcome.text}", file=sys.stderr)
     else:
-        print(render_plan(result, [f"Plan for {loaded.path}", f"Machine: {machine}: {inventory.message}"]))
+        lines = [f"Plan for {prepared.loaded.path}", f"Machine: {prepared.machine}: {prepared.inventory.message}"]
+        print(render_plan(result, lines))
         print(f"Result: {outcome.text}")
     return outcome.exit_code
+
+
+def read_running_plan(where: str) -> Plan:
+    """A plan from `plan --json` output, a saved /status answer, or a running proxy's /status URL."""
+    from pydantic import ValidationError
+
+    from schemas.plan import Plan
+
+    if where.startswith(("http://", "https://")):
+        text = _http("GET", where, api_key=None).decode()
+    else:
+        try:
+            text = Path(where).read_text()
+        except OSError as exc:
+            raise UserError(f"{where}: cannot read: {exc.strerror}") from None
+    try:
+        data = json.loads(text)
+    except ValueError as exc:
+        raise UserError(f"{where}: not JSON: {exc}") from None
+    if isinstance(data, dict) and isinstance(data.get("plan"), dict):
+        data = data["plan"]  # a /status answer
+    try:
+        return Plan.model_validate(data)
+    except ValidationError as exc:
+        raise UserError(f"{where}: not a plan or a /status answer: {exc.errors()[0]['msg']}") from None
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from supervisor.planning import Source
+    from supervisor.serve import demo_config, serve
+
+    overrides = {"proxy.listen": args.listen} if args.listen else None
+    if args.demo:
+        if args.config is not None:
+            raise UserError("serve: give --config or --demo, not both")
+        return serve(Source(builtin=demo_config(args.listen)))
+    if args.config is None:
+        raise UserError("serve: --config FILE is required (or --demo for the built-in tiny model)")
+    source = Source(args.config, overrides=overrides, inventory_path=args.inventory)
+    return serve(source, watch=args.watch)
+
+
+def cmd_admin(args: argparse.Namespace) -> int:
+    import os
+
+    base = args.url.rstrip("/")
+    if args.action == "reload":
+        path = "/admin/reload"
+    else:
+        if not args.model:
+            raise UserError(f"admin {args.action}: name the model")
+        path = f"/admin/models/{args.model}/{args.action}"
+    key = args.api_key or os.environ.get("LLAMA_SMART_PROXY_API_KEY")
+    body = _http("POST", base + path, api_key=key)
+    print(body.decode().strip())
+    return EXIT_OK
+
+
+def _http(method: str, url: str, api_key: str | None) -> bytes:
+    """One request with the standard library (the CLI needs no HTTP client dependency)."""
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(url, method=method, data=b"" if method == "POST" else None)
+    if api_key:
+        request.add_header("Authorization", f"Bearer {api_key}")
+    try:
+        with urllib.request.urlopen(request, timeout=600) as response:
+            return response.read()
+    except urllib.error.HTTPError as exc:
+        detail = exc.read().decode(errors="replace").strip()
+        try:
+            detail = json.loads(detail)["error"]["message"]
+        except (ValueError, KeyError, TypeError):
+            pass
+        raise UserError(f"{url}: {exc.code} {detail}") from None
+    except urllib.error.URLError as exc:
+        raise UserError(f"{url}: {exc.reason}") from None
 
 
 def cmd_estimate(args: argparse.Namespace) -> int:
@@ -169,6 +251,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--strict", action="store_true", help="also fail (exit 4) when a model falls back to partial offload or the CPU"
     )
+    p.add_argument(
+        "--against",
+        metavar="RUNNING",
+        help="show what a reload to this config would change, against a running plan: a `plan --json` "
+        "file, a saved /status answer, or a running proxy's /status URL (exit 3 if it would be refused)",
+    )
+
+    p = command("serve", cmd_serve, "start every resident model as planned and serve the OpenAI-compatible address")
+    p.add_argument("--config", "-c", type=Path, help="the TOML config")
+    p.add_argument("--demo", action="store_true", help="serve the built-in tiny model (no config needed)")
+    p.add_argument("--listen", help="host:port to bind, overriding proxy.listen and the environment")
+    p.add_argument("--watch", action="store_true", help="reload when the config (or a file it includes) is saved")
+    p.add_argument("--inventory", "-i", type=Path, help="plan for this snapshot instead of this machine (testing)")
+
+    p = command("admin", cmd_admin, "load, unload or reset a model, or reload the config, on a running proxy")
+    p.add_argument("action", choices=["load", "unload", "reset", "reload"])
+    p.add_argument("model", nargs="?", help="the model (not for reload)")
+    p.add_argument("--url", default="http://127.0.0.1:8080", help="the running proxy (default: %(default)s)")
+    p.add_argument("--api-key", help="a key from proxy.api_keys (or env LLAMA_SMART_PROXY_API_KEY)")
 
     p = command("estimate", cmd_estimate, "show the memory a GGUF model needs, per GPU and on the host")
     p.add_argument("file", type=Path, help="the GGUF file (the first part of a split model)")

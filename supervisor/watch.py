@@ -6,8 +6,8 @@ Rules kept here:
 - a change counts once the files have stopped changing for `debounce_s` (one save, one reload,
   however many writes the editor made);
 - a save whose bytes equal what was last seen does nothing;
-- a file that does not parse as TOML yet is a save in progress (or a typo): it is reported once and
-  does not trigger a reload; the next save that parses does.
+- a file that is empty or does not parse as TOML yet is a save in progress (or a typo): it is
+  reported once and does not trigger a reload; the next save that parses does.
 """
 
 from __future__ import annotations
@@ -55,6 +55,8 @@ def content_digest(paths: Sequence[Path]) -> tuple[str, str | None]:
             data = b""
             problem = problem or f"{path}: {exc.strerror}"
         digest.update(str(path).encode() + b"\0" + data + b"\0")
+        if problem is None and not data.strip():
+            problem = f"{path}: empty"  # editors truncate before they write: never apply that
         if problem is None:
             try:
                 tomllib.loads(data.decode("utf-8"))

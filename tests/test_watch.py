@@ -87,3 +87,13 @@ async def test_save_that_changes_nothing_does_nothing(tmp_path: Path) -> None:
         os.utime(path)
 
     assert await run_watcher(path, touch) == 0
+
+
+async def test_emptied_file_gives_no_reload(tmp_path: Path) -> None:
+    path = tmp_path / "config.toml"
+    path.write_text(CONFIG.format(ctx=1))
+
+    async def truncate() -> None:
+        path.write_text("")
+
+    assert await run_watcher(path, truncate) == 0

@@ -97,6 +97,8 @@ class Snapshot:
     """The plan as JSON data (`Plan.model_dump(mode="json")`), shown by /status."""
     notes: tuple[str, ...] = ()
     """Plain statements for /status and /health, e.g. the last reload's error."""
+    reloads: Mapping[str, int] = field(default_factory=dict)
+    """Config reloads so far by result: {"ok": n, "failed": m}."""
     extra: Mapping[str, Any] = field(default_factory=dict)
     """Runtime facts for /status that have no field here yet."""
 

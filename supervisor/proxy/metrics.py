@@ -144,4 +144,10 @@ def render(metrics: ProxyMetrics, snapshot: Snapshot) -> str:
         "Memory in use on each GPU, measured through NVML.",
         (("", {"gpu": g.index}, g.used_bytes) for g in gpus if g.used_bytes is not None),
     )
+    w.family(
+        p + "reloads_total",
+        "counter",
+        "Config reloads, by result (failed: refused, the running config kept).",
+        (("", {"result": result}, n) for result, n in sorted(snapshot.reloads.items())),
+    )
     return "\n".join(w.lines) + "\n"

@@ -156,6 +156,14 @@ class ProxyServer:
         self.address: tuple[str, int] | None = None
         self.started_at = time.time()
         self._slots: anyio.Semaphore | None = None
+        self._accepting: anyio.CancelScope | None = None
+        self._accept_stopped = False
+
+    def stop_accepting(self) -> None:
+        """Accept no more connections (shutdown); connections already open are served on."""
+        self._accept_stopped = True
+        if self._accepting is not None:
+            self._accepting.cancel()
 
     def configure(self, settings: ProxySettings, backends: Backends) -> None:
         """Serve new requests with these settings and backends; the listener stays bound and
@@ -196,8 +204,7 @@ class ProxyServer:
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self.pool.run_sweeper)
-                for one in raw:
-                    tg.start_soon(self._accept_loop, one, tg)
+                tg.start_soon(self._accept_all, raw, tg)
                 log.info("listening on %s:%d", *self.address)
                 task_status.started(self.address)
         finally:
@@ -205,6 +212,14 @@ class ProxyServer:
             with anyio.CancelScope(shield=True):
                 for one in bound:
                     await one.aclose()
+
+    async def _accept_all(self, listeners: list[socket.socket], tg: anyio.abc.TaskGroup) -> None:
+        with anyio.CancelScope() as self._accepting:
+            if self._accept_stopped:
+                return
+            async with anyio.create_task_group() as accepting:
+                for one in listeners:
+                    accepting.start_soon(self._accept_loop, one, tg)
 
     async def _accept_loop(self, listener: socket.socket, tg: anyio.abc.TaskGroup) -> None:
         assert self._slots is not None

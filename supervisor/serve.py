@@ -1,0 +1,260 @@
+"""`llama-smart-proxy serve`: plan, start the children, serve the address, reload, shut down.
+
+The order of things, and why:
+1. plan completely before starting anything (a config that cannot be planned starts nothing);
+2. bind the listener, then start the resident models concurrently, announcing each as it is
+   ready; READY=1 goes to systemd once the listener is bound and every resident is ready (or
+   has failed, which /health shows);
+3. SIGHUP, POST /admin/reload and `--watch` reload: a new plan is made in full, then applied as a
+   diff; any failure keeps the running config whole and is shown in /status;
+4. SIGTERM or SIGINT: stop accepting, let in-flight requests finish (drain_timeout), stop every
+   child, exit 0. A second signal skips the wait.
+Every task lives in one task group inside `supervise()`, so leaving it stops every child.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import anyio
+from anyio.abc import TaskGroup, TaskStatus
+
+from schemas.config import Config, ModelConfig
+from supervisor.children import Children, supervise
+from supervisor.config import LoadedConfig
+from supervisor.errors import UserError
+from supervisor.inventory import take_inventory
+from supervisor.llama_binary import check_llama_server, find_llama_server
+from supervisor.planning import Prepared, Source, credit_for, prepare
+from supervisor.process import Child
+from supervisor.proxy.backends import ActionRefused
+from supervisor.proxy.server import ProxyServer
+from supervisor.reload import refusal
+from supervisor.runtime import ReloadRecord, Runtime
+from supervisor.systemd import Notifier
+from supervisor.tinymodel import ensure_default_model
+from supervisor.watch import watch_config
+
+log = logging.getLogger("llama-smart-proxy")
+
+LIVE_GPU_CACHE_S = 1.0
+"""/health, /status and /metrics read NVML at most this often."""
+
+
+def demo_config(listen: str | None = None) -> LoadedConfig:
+    """The built-in default: the tiny model, planned on whatever this machine has."""
+    path = ensure_default_model()
+    config = Config.model_validate(
+        {
+            "proxy": {"listen": listen or "127.0.0.1:8080", "default_model": "tiny"},
+            "models": {"tiny": ModelConfig(file=path, aliases=["default"], ctx=2048).model_dump(exclude_none=True)},
+        }
+    )
+    return LoadedConfig(config=config, path=path.parent / "(built-in demo config)", files=())
+
+
+def describe_plan(prepared: Prepared) -> list[str]:
+    lines = [f"plan for {prepared.loaded.path} on {prepared.machine}: {prepared.inventory.message}"]
+    for model in prepared.plan.models:
+        lines.append(f"  {model.name}: {model.reason}")
+    lines += [f"  note: {note}" for note in prepared.plan.notes]
+    return lines
+
+
+@dataclass
+class Service:
+    """What one `serve` run holds; the reload and shutdown paths share it."""
+
+    source: Source
+    runtime: Runtime
+    proxy: ProxyServer
+    notifier: Notifier
+    stop_requested: anyio.Event = field(default_factory=anyio.Event)
+    ready: anyio.Event = field(default_factory=anyio.Event)
+    reload_lock: anyio.Lock = field(default_factory=anyio.Lock)
+
+    def status_line(self) -> str:
+        models = self.runtime.prepared.plan.models
+        states = [m.status().state.value for m in self.runtime._models.values()]
+        counts = ", ".join(f"{states.count(s)} {s}" for s in sorted(set(states)))
+        host, port = self.proxy.address or ("?", 0)
+        return f"{len(models)} models ({counts}) on {host}:{port}"
+
+    async def reload(self) -> str:
+        """Re-plan from the config and apply the difference; ActionRefused keeps the old one."""
+        await self.ready.wait()  # a reload asked for during start-up waits for the residents
+        async with self.reload_lock:
+            self.notifier.reloading()
+            started = time.monotonic()
+            try:
+                running = [m.name for m in self.runtime._all_models() if m.committed]
+                credit = credit_for(self.runtime.prepared.plan, running)
+                # header reads and NVML block: keep them off the event loop that serves requests
+                new = await anyio.to_thread.run_sync(lambda: prepare(self.source, credit=credit))
+                why = refusal(self.runtime.prepared.plan, new.plan)
+                if why is not None:
+                    raise ActionRefused(why)
+                old_listen = self.runtime.prepared.loaded.config.proxy.listen
+                if new.loaded.config.proxy.listen != old_listen:
+                    log.warning("proxy.listen changed to %s: takes effect at the next start", new.loaded.config.proxy.listen)
+                diff = await self.runtime.apply(new)
+                self.proxy.configure(new.loaded.config.proxy, self.runtime)
+                summary = f"reloaded in {time.monotonic() - started:.1f}s: " + ", ".join(diff.describe())
+                self.runtime.last_reload = ReloadRecord(time.time(), True, summary)
+                self.runtime.reloads["ok"] += 1
+                log.info("%s", summary)
+                return summary
+            except (UserError, ActionRefused) as exc:
+                summary = f"reload refused, the running config stays: {exc}"
+                self.runtime.last_reload = ReloadRecord(time.time(), False, summary)
+                self.runtime.reloads["failed"] += 1
+                log.error("%s", summary)
+                raise ActionRefused(summary) from None
+            finally:
+                self.notifier.ready(self.status_line())
+
+    async def reload_logged(self) -> None:
+        try:
+            await self.reload()
+        except ActionRefused:
+            pass  # logged and recorded by reload()
+
+
+def live_gpu_reader() -> Callable[[], Mapping[int, tuple[int, int]]]:
+    """Used and free bytes per GPU index from NVML, cached briefly."""
+    cache: dict[str, object] = {"at": -1e9, "value": {}}
+
+    def read() -> Mapping[int, tuple[int, int]]:
+        now = time.monotonic()
+        if now - cache["at"] > LIVE_GPU_CACHE_S:  # type: ignore[operator]
+            inventory = take_inventory()
+            cache["value"] = {g.index: (g.used_bytes, g.free_bytes) for g in inventory.gpus}
+            cache["at"] = now
+        return cache["value"]  # type: ignore[return-value]
+
+    return read
+
+
+def serve(source: Source, *, watch: bool = False) -> int:
+    """Plan, then run the service until SIGTERM/SIGINT. Returns the exit code."""
+    log.info("planning: reading the config, the GPUs and the model headers")
+    prepared = prepare(source)
+    config = prepared.loaded.config
+    logging.getLogger().setLevel(config.proxy.log_level.upper())
+    for line in describe_plan(prepared):
+        log.info("%s", line)
+    binary = find_llama_server(config.llama_server.binary)
+    info = check_llama_server(binary)
+    log.info("llama-server: %s (%s)", info.path, info.version)
+    anyio.run(_main, source, prepared, binary, watch)
+    return 0
+
+
+async def _main(source: Source, prepared: Prepared, binary: Path, watch: bool) -> None:
+    async with anyio.create_task_group() as tg:
+
+        async def serve_then_stop(*, task_status: TaskStatus[Service]) -> None:
+            await run_service(source, prepared, binary, watch, task_status=task_status)
+            tg.cancel_scope.cancel()  # the signal listener has nothing left to do
+
+        service = await tg.start(serve_then_stop)
+        tg.start_soon(_signals, service, tg)
+    log.info("stopped: every child is gone")
+
+
+async def run_service(
+    source: Source,
+    prepared: Prepared,
+    binary: Path,
+    watch: bool = False,
+    *,
+    task_status: TaskStatus[Service] = anyio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve until `service.stop_requested` is set, then drain and stop every child.
+
+    Reports the Service once the listener is bound; `service.ready` is set once every resident
+    model was started (or failed to).
+    """
+    notifier = Notifier()
+    async with supervise() as children:
+        async with anyio.create_task_group() as tg:
+            service = _build(source, prepared, binary, children, notifier)
+            await tg.start(service.runtime.run)
+            host, port = await tg.start(service.proxy.serve)
+            task_status.started(service)
+
+            if notifier.watchdog_interval is not None:
+                tg.start_soon(_watchdog, notifier, notifier.watchdog_interval)
+
+            def announce(child: Child) -> None:
+                log.info("model %s ready in %.2fs on port %s", child.name, child.load_seconds or 0, child.port)
+
+            async def start_residents() -> None:
+                residents = [m for m in prepared.plan.models if m.mode == "resident" and m.launch is not None]
+                log.info("listening on http://%s:%d; starting %d resident model(s)", host, port, len(residents))
+                results = await service.runtime.start_residents(on_ready=announce)
+                for name, reason in results.items():
+                    if reason:
+                        log.error("model %s did not start: %s", name, reason)
+                notifier.ready(service.status_line())
+                log.info("ready: %s", service.status_line())
+                if watch and source.config_path is not None:
+                    tg.start_soon(
+                        lambda: watch_config(lambda: service.runtime.prepared.loaded.files, service.reload_logged)
+                    )
+                service.ready.set()
+
+            tg.start_soon(start_residents)
+            await service.stop_requested.wait()
+            notifier.stopping(f"stopping: {service.status_line()}")
+            await _drain(service)
+            tg.cancel_scope.cancel()
+
+
+def _build(source: Source, prepared: Prepared, binary: Path, children: Children, notifier: Notifier) -> Service:
+    service: Service
+    runtime = Runtime(
+        prepared,
+        binary=binary,
+        children=children,
+        reload=lambda: service.reload(),
+        live_gpus=live_gpu_reader(),
+    )
+    proxy = ProxyServer(prepared.loaded.config.proxy, runtime)
+    service = Service(source, runtime, proxy, notifier)
+    return service
+
+
+async def _signals(service: Service, tg: TaskGroup) -> None:
+    with anyio.open_signal_receiver(signal.SIGHUP, signal.SIGTERM, signal.SIGINT) as signals:
+        async for signum in signals:
+            if signum == signal.SIGHUP:
+                log.info("SIGHUP: reloading %s", service.source.config_path or "(no config file)")
+                tg.start_soon(service.reload_logged)
+            elif service.stop_requested.is_set():
+                log.warning("second %s: stopping now", signal.Signals(signum).name)
+                tg.cancel_scope.cancel()
+                return
+            else:
+                log.info("%s: finishing in-flight requests, then stopping", signal.Signals(signum).name)
+                service.stop_requested.set()
+
+
+async def _drain(service: Service) -> None:
+    """Stop accepting, then wait for in-flight requests, at most drain_timeout."""
+    service.proxy.stop_accepting()
+    deadline = service.runtime.prepared.loaded.config.proxy.drain_timeout
+    with anyio.move_on_after(deadline):
+        await service.runtime.wait_idle()
+
+
+async def _watchdog(notifier: Notifier, interval_s: float) -> None:
+    # Pinged from a task of the serving task group: if the event loop stalls, pings stop.
+    while True:
+        notifier.watchdog()
+        await anyio.sleep(interval_s)

@@ -1,0 +1,183 @@
+"""`llama-smart-proxy serve` as a real process: signals, systemd's notify socket, --watch, the
+built-in demo on the real llama-server."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.fakes.supervision import pid_alive
+from tests.helpers import free_port, wait_for
+from tests.service_harness import Harness
+
+
+@pytest.fixture
+def harness(tmp_path: Path, tiny_model: Path) -> Harness:
+    return Harness.create(tmp_path, tiny_model)
+
+
+@contextmanager
+def serve_process(args: list[str], log: Path, env: dict[str, str] | None = None) -> Iterator[subprocess.Popen]:
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "supervisor", "serve", *args],
+            stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
+        )  # fmt: skip
+        try:
+            yield process
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait(timeout=10)
+
+
+def wait_ready(base: str, process: subprocess.Popen, log: Path, timeout: float = 60) -> dict:
+    def ready() -> dict | None:
+        assert process.poll() is None, f"serve exited with {process.returncode}:\n{log.read_text()[-3000:]}"
+        try:
+            status = httpx.get(f"{base}/status", timeout=2).json()
+        except httpx.HTTPError:
+            return None
+        models = status["models"]
+        return status if models and all(m["state"] == "ready" for m in models if m["mode"] == "resident") else None
+
+    return wait_for(ready, timeout, "serve to be ready")
+
+
+@pytest.mark.llama_server
+def test_demo_serves_the_tiny_model_on_the_real_llama_server_and_stops_on_ctrl_c(tmp_path: Path, llama_server: Path) -> None:
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    log = tmp_path / "serve.log"
+    env = {"XDG_CACHE_HOME": str(tmp_path / "cache"), "PATH": f"{llama_server.parent}:{os.environ['PATH']}"}
+    with serve_process(["--demo", "--listen", f"127.0.0.1:{port}"], log, env) as process:
+        status = wait_ready(base, process, log)
+        child_pid = status["models"][0]["pid"]
+        response = httpx.post(
+            f"{base}/v1/chat/completions",
+            json={"model": "tiny", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 8},
+            timeout=30,
+        )
+        assert response.status_code == 200 and response.json()["usage"]["completion_tokens"] == 8
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=30) == 0, log.read_text()[-3000:]
+    assert not pid_alive(child_pid)
+    text = log.read_text()
+    assert "model tiny ready in" in text and "stopped: every child is gone" in text
+
+
+def test_sigterm_lets_the_in_flight_stream_finish_then_exits_zero(harness: Harness) -> None:
+    config = harness.write_config({"m": {}})
+    log = harness.directory / "serve.log"
+    base = f"http://{harness.listen}"
+    with serve_process(["--config", str(config)], log) as process:
+        status = wait_ready(base, process, log)
+        child_pid = status["models"][0]["pid"]
+        body = {"model": "m", "stream": True, "fake": {"chunks": 20, "interval_ms": 50}}
+        with httpx.stream("POST", f"{base}/v1/chat/completions", json=body, timeout=30) as stream:
+            chunks = stream.iter_raw()
+            next(chunks)
+            process.send_signal(signal.SIGTERM)
+            rest = b"".join(chunks)
+        assert rest.rstrip().endswith(b"data: [DONE]")
+        assert process.wait(timeout=30) == 0, log.read_text()[-3000:]
+    assert not pid_alive(child_pid)
+
+
+class NotifyListener:
+    """A NOTIFY_SOCKET as systemd provides it, recording (time, message) pairs."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.sock.settimeout(0.2)
+        self.messages: list[tuple[float, dict[str, str]]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                data = self.sock.recv(4096)
+            except TimeoutError:
+                continue
+            fields = dict(line.split("=", 1) for line in data.decode().splitlines())
+            self.messages.append((time.monotonic(), fields))
+
+    def kinds(self) -> list[str]:
+        order = []
+        for _, fields in self.messages:
+            for kind in ("READY", "RELOADING", "STOPPING"):
+                if kind in fields:
+                    order.append(kind)
+        return order
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self.sock.close()
+
+
+def test_notify_socket_gets_ready_reloading_ready_watchdog_and_stopping_in_order(harness: Harness) -> None:
+    config = harness.write_config({"m": {}})
+    listener = NotifyListener(harness.directory / "notify.sock")
+    log = harness.directory / "serve.log"
+    env = {"NOTIFY_SOCKET": str(listener.path), "WATCHDOG_USEC": "400000"}
+    try:
+        with serve_process(["--config", str(config)], log, env) as process:
+            wait_for(lambda: "READY" in listener.kinds(), 30, "READY=1")
+            before_reload = time.monotonic_ns() // 1000
+            process.send_signal(signal.SIGHUP)
+            wait_for(lambda: listener.kinds().count("READY") == 2, 30, "READY=1 after the reload")
+            time.sleep(1.0)  # let a few watchdog pings arrive
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(timeout=30) == 0, log.read_text()[-3000:]
+    finally:
+        listener.close()
+    assert listener.kinds() == ["READY", "RELOADING", "READY", "STOPPING"]
+    reloading = next(f for _, f in listener.messages if "RELOADING" in f)
+    assert int(reloading["MONOTONIC_USEC"]) >= before_reload
+    pings = [t for t, f in listener.messages if f.get("WATCHDOG") == "1"]
+    gaps = [b - a for a, b in zip(pings, pings[1:])]
+    assert len(pings) >= 4, pings
+    assert all(0.1 < gap < 0.4 for gap in gaps), gaps  # half of WATCHDOG_USEC, never the full period
+
+
+def test_watch_reloads_once_per_editor_save_and_not_on_a_truncated_write(harness: Harness) -> None:
+    config = harness.write_config({"m": {}})
+    log = harness.directory / "serve.log"
+    base = f"http://{harness.listen}"
+    with serve_process(["--config", str(config), "--watch"], log) as process:
+        wait_ready(base, process, log)
+
+        def reloads() -> dict:
+            return httpx.get(f"{base}/status", timeout=5).json()["reloads"]
+
+        # an editor's save: write a temporary file, rename it over the config
+        saved = harness.write_config({"m": {}, "n": {}}, name=".config.toml.tmp")
+        os.replace(saved, config)
+        wait_for(lambda: reloads()["ok"] == 1, 15, "one reload after the save")
+        time.sleep(1.5)
+        assert reloads() == {"ok": 1, "failed": 0}
+        assert {m["name"] for m in httpx.get(f"{base}/status", timeout=5).json()["models"]} == {"m", "n"}
+
+        text = config.read_text()
+        cut = text.index('file = "n.gguf"') + len('file = "n.')
+        config.write_text(text[:cut])  # cut mid-line, as a writer that died leaves it
+        time.sleep(1.5)
+        assert reloads() == {"ok": 1, "failed": 0}
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0
