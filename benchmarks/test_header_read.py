@@ -13,15 +13,13 @@ Run: `python -m pytest benchmarks/test_header_read.py --benchmark-only` (or `mak
 
 from __future__ import annotations
 
-import statistics
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import gguf
 import pytest
 
 from benchmarks.accuracy.shapes import Q, Shape, llama_like, write_sparse_gguf
+from benchmarks.timing import median_seconds
 from supervisor.memory.reader import read_header
 
 GIB = 1024**3
@@ -54,24 +52,15 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return paths[0], paths[1]
 
 
-def _median(call: Callable[[], object], rounds: int) -> float:
-    times = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def test_header_of_a_40gb_model(benchmark, models: tuple[Path, Path]) -> None:  # type: ignore[no-untyped-def]
     big, small = models
     header = benchmark(read_header, big)
     assert header.file_size > 39 * GIB and len(header.tensors) == 80 * 9 + 4
     assert header.array_lengths["tokenizer.ggml.merges"] == N_MERGES
 
-    ours = _median(lambda: read_header(big), 7)
-    same_header = _median(lambda: read_header(small), 7)
-    reference = _median(lambda: gguf.GGUFReader(big), 1)
+    ours = median_seconds(lambda: read_header(big), 7)
+    same_header = median_seconds(lambda: read_header(small), 7)
+    reference = median_seconds(lambda: gguf.GGUFReader(big), 1)
     benchmark.extra_info.update(
         read_header_ms=round(ours * 1000, 1),
         same_header_small_file_ms=round(same_header * 1000, 1),

@@ -10,14 +10,13 @@ Run: `make bench`, or `python -m pytest benchmarks/test_planner_bench.py --bench
 from __future__ import annotations
 
 import os
-import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
+from benchmarks.timing import median_seconds
 from supervisor.planner import plan
 from tests.planning import GIB, MIB, make_config, make_inventory, make_profile
 
@@ -55,21 +54,12 @@ SCENARIOS = {
 }
 
 
-def _median_seconds(call, rounds: int) -> float:  # type: ignore[no-untyped-def]
-    times = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 @pytest.mark.parametrize("scenario", sorted(SCENARIOS))
 def test_plan_64_models_on_8_gpus_under_100_ms(benchmark, scenario: str) -> None:  # type: ignore[no-untyped-def]
     config, inventory, profiles = sixty_four_models(*SCENARIOS[scenario])
     one = make_config({"m": {}})
     one_inventory, one_profiles = make_inventory([24 * GIB]), {"m": make_profile()}
-    baseline = _median_seconds(lambda: plan(one, one_inventory, one_profiles), rounds=20)
+    baseline = median_seconds(lambda: plan(one, one_inventory, one_profiles), rounds=20)
 
     result = benchmark(plan, config, inventory, profiles)
 
@@ -101,7 +91,7 @@ def test_plan_command_on_the_multi_gpu_example_under_1_s(benchmark) -> None:  # 
         done = subprocess.run(command, capture_output=True, env=env, timeout=60)
         assert done.returncode == 0, done.stderr
 
-    baseline = _median_seconds(lambda: run(import_only), rounds=5)
+    baseline = median_seconds(lambda: run(import_only), rounds=5)
     benchmark.pedantic(run, args=(plan_command,), rounds=7, iterations=1, warmup_rounds=1)
 
     median = benchmark.stats.stats.median

@@ -890,10 +890,6 @@ def _reason(
     if m.profile is None:
         return f"{name} cannot be planned: {m.header.note or 'no GGUF header'}."
     avail = result.before.get(m.name, planner.usable)
-    moved = avail != planner.usable
-    where_free = "usable" + (" next to the other resident models" if moved else "")
-    if not m.resident:
-        where_free = "usable next to the resident models"
     need = m.single_need
     gpus = planner.gpus
     header = ""

@@ -29,7 +29,7 @@ import anyio
 from anyio.abc import TaskGroup, TaskStatus
 
 from schemas.config import ModelSpec
-from schemas.plan import ModelPlan, Plan
+from schemas.plan import ModelPlan
 from supervisor.child_state import ChildState
 from supervisor.children import Children
 from supervisor.eviction import Resident, make_room

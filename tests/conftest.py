@@ -1,12 +1,16 @@
 from __future__ import annotations
 
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 from supervisor.errors import LlamaServerError
 from supervisor.llama_binary import find_llama_server
 from supervisor.tinymodel import write_tiny_model
+from tests.helpers import free_port, wait_for
 
 
 @pytest.fixture(scope="session")
@@ -28,3 +32,26 @@ def llama_server() -> Path:
         return find_llama_server()
     except LlamaServerError as exc:
         pytest.fail(f"the real llama-server is needed for this test: {exc}")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_server(llama_server: Path, tiny_model: Path) -> Iterator[int]:
+    """The real llama-server on the tiny model, on the CPU, started directly; yields its port."""
+    port = free_port()
+    argv = [str(llama_server), "-m", str(tiny_model), "--host", "127.0.0.1", "--port", str(port),
+            "-c", "512", "-np", "1", "-ngl", "0", "--fit", "off"]  # fmt: skip
+    child = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+
+        def healthy() -> bool:
+            assert child.poll() is None, f"llama-server exited with {child.returncode}"
+            try:
+                return httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200
+            except httpx.TransportError:
+                return False
+
+        wait_for(healthy, timeout=60, what="llama-server /health")
+        yield port
+    finally:
+        child.terminate()
+        child.wait(timeout=10)

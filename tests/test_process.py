@@ -17,8 +17,8 @@ from pathlib import Path
 import anyio
 import pytest
 
-from supervisor.children import supervise
 from supervisor.child_state import ChildState
+from supervisor.children import supervise
 from supervisor.ports import PortPool
 from supervisor.process import (
     BIND_FAILURE,
@@ -32,9 +32,9 @@ from tests.fakes.supervision import (
     cpu_spec,
     pid_alive,
     quick_settings,
+    wrapped_pid,
     write_fake_llama_server,
     write_forking_wrapper,
-    wrapped_pid,
 )
 
 pytestmark = pytest.mark.anyio

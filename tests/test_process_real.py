@@ -20,8 +20,8 @@ from tests.fakes.supervision import (
     live_children,
     pid_alive,
     quick_settings,
-    write_forking_wrapper,
     wrapped_pid,
+    write_forking_wrapper,
 )
 
 pytestmark = [pytest.mark.anyio, pytest.mark.llama_server]

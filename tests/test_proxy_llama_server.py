@@ -4,65 +4,45 @@ streamed chat completion, and the proxy's own routes."""
 from __future__ import annotations
 
 import json
-import subprocess
-from pathlib import Path
 
 import httpx
 import pytest
 
 from supervisor.proxy.backends import Upstream
 from tests.fakes.static_backends import StaticBackends, running_proxy
-from tests.helpers import free_port, wait_for
 
 pytestmark = pytest.mark.llama_server
 
 
-def test_real_llama_server_answers_streamed_and_non_streamed_chat_through_the_proxy(
-    llama_server: Path, tiny_model: Path
-) -> None:
-    port = free_port()
-    argv = [str(llama_server), "-m", str(tiny_model), "--host", "127.0.0.1", "--port", str(port),
-            "-c", "512", "-np", "1", "-ngl", "0", "--fit", "off"]  # fmt: skip
-    child = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
+def test_real_llama_server_answers_streamed_and_non_streamed_chat_through_the_proxy(tiny_llama_server: int) -> None:
+    port = tiny_llama_server
+    backends = StaticBackends({"tiny": Upstream("127.0.0.1", port)}, aliases={"gpt-4o-mini": "tiny"})
+    with running_proxy(backends) as (server, base), httpx.Client(base_url=base, timeout=60) as client:
+        messages = [{"role": "user", "content": "hello"}]
+        response = client.post("/v1/chat/completions", json={"model": "gpt-4o-mini", "messages": messages, "max_tokens": 8})
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert body["object"] == "chat.completion"
+        assert body["usage"]["completion_tokens"] == 8
 
-        def healthy() -> bool:
-            assert child.poll() is None, f"llama-server exited with {child.returncode}"
-            try:
-                return httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200
-            except httpx.TransportError:
-                return False
+        request = {"model": "tiny", "messages": messages, "max_tokens": 8, "stream": True}
+        events = []
+        with client.stream("POST", "/v1/chat/completions", json=request) as stream:
+            assert stream.status_code == 200
+            assert stream.headers["content-type"].startswith("text/event-stream")
+            for line in stream.iter_lines():
+                if line.startswith("data: "):
+                    events.append(line.removeprefix("data: "))
+        assert events[-1] == "[DONE]"
+        chunks = [json.loads(e) for e in events[:-1]]
+        assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+        assert sum(1 for c in chunks if c["choices"] and c["choices"][0]["delta"].get("content") is not None) >= 1
 
-        wait_for(healthy, timeout=60, what="llama-server /health")
-        backends = StaticBackends({"tiny": Upstream("127.0.0.1", port)}, aliases={"gpt-4o-mini": "tiny"})
-        with running_proxy(backends) as (server, base), httpx.Client(base_url=base, timeout=60) as client:
-            messages = [{"role": "user", "content": "hello"}]
-            response = client.post("/v1/chat/completions", json={"model": "gpt-4o-mini", "messages": messages, "max_tokens": 8})
-            assert response.status_code == 200, response.text
-            body = response.json()
-            assert body["object"] == "chat.completion"
-            assert body["usage"]["completion_tokens"] == 8
+        assert client.get("/upstream/tiny/props").status_code == 200
+        assert client.get("/v1/models").json()["data"][0]["id"] == "tiny"
+        assert client.get("/health").status_code == 200
+        assert 'model="tiny",status="200"' in client.get("/metrics").text
+        # Keep-alive carried the non-streamed requests; llama-server (build 11434) closes the
+        # connection after a streamed response, so exactly one more was opened after it.
+        assert server.pool.opened == 2
 
-            request = {"model": "tiny", "messages": messages, "max_tokens": 8, "stream": True}
-            events = []
-            with client.stream("POST", "/v1/chat/completions", json=request) as stream:
-                assert stream.status_code == 200
-                assert stream.headers["content-type"].startswith("text/event-stream")
-                for line in stream.iter_lines():
-                    if line.startswith("data: "):
-                        events.append(line.removeprefix("data: "))
-            assert events[-1] == "[DONE]"
-            chunks = [json.loads(e) for e in events[:-1]]
-            assert all(c["object"] == "chat.completion.chunk" for c in chunks)
-            assert sum(1 for c in chunks if c["choices"] and c["choices"][0]["delta"].get("content") is not None) >= 1
-
-            assert client.get("/upstream/tiny/props").status_code == 200
-            assert client.get("/v1/models").json()["data"][0]["id"] == "tiny"
-            assert client.get("/health").status_code == 200
-            assert 'model="tiny",status="200"' in client.get("/metrics").text
-            # Keep-alive carried the non-streamed requests; llama-server (build 11434) closes the
-            # connection after a streamed response, so exactly one more was opened after it.
-            assert server.pool.opened == 2
-    finally:
-        child.terminate()
-        child.wait(timeout=10)

@@ -105,7 +105,6 @@ def test_hundred_reloads_under_load_lose_no_request(harness: Harness) -> None:
         stop = threading.Event()
         failures: list[str] = []
         counts = {"ok": 0, "streams": 0, "removed_404": 0}
-        removed_now = threading.Event()
 
         def load(model: str, stream: bool) -> None:
             with httpx.Client(timeout=30) as client:

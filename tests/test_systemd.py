@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
-import socket
 import time
 from pathlib import Path
 

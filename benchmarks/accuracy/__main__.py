@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.accuracy.cases import CASES, QUICK_CASES, Case
+from benchmarks.accuracy.cases import CASES, QUICK_CASES
 from benchmarks.accuracy.compare import CaseResult, run_case
 from benchmarks.accuracy.oracle import OracleUnavailable, build_probe, find_llama_bin
 

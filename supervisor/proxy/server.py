@@ -32,7 +32,7 @@ from anyio.abc import SocketAttribute, SocketListener, TaskStatus
 from schemas.config import ProxySettings, parse_listen
 from supervisor.proxy import routes
 from supervisor.proxy.access import UNAUTHORIZED, ApiKeys, Cors, is_loopback
-from supervisor.proxy.backends import Backends, BackendError, ModelUnavailable
+from supervisor.proxy.backends import BackendError, Backends, ModelUnavailable
 from supervisor.proxy.http import (
     MAX_HEADER_BYTES,
     MODEL_ROUTES,
