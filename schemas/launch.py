@@ -32,7 +32,9 @@ class LaunchSpec(Contract):
         description="GPU UUIDs the child sees, in order (CUDA_VISIBLE_DEVICES); empty: none.",
     )
     tensor_split: list[float] = Field(
-        default_factory=list, description="-ts fractions, one per device; empty for one device."
+        default_factory=list,
+        description="-ts proportions, one per device (llama.cpp normalises them; the planner "
+        "writes layer counts, which round exactly); empty for one device.",
     )
     split_mode: Literal["none", "layer"] = Field("layer", description="-sm.")
     main_gpu: int = Field(0, ge=0, description="-mg, an index into devices.")
