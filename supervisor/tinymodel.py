@@ -1,8 +1,8 @@
 """A tiny llama-architecture GGUF made by code: the built-in default model and the tests' fixture.
 
 Random weights and a byte-level vocabulary (every byte is a token), so the real llama-server loads
-it and answers a chat completion in milliseconds on the CPU. Its answers are noise; it exists to
-exercise everything around a model without downloading one.
+it and answers a chat completion in milliseconds on the CPU. Its answers are noise, and never end
+before max_tokens; it exists to exercise everything around a model without downloading one.
 """
 
 from __future__ import annotations
@@ -73,7 +73,11 @@ def write_tiny_model(path: Path | str, shape: TinyShape = TinyShape(), seed: int
 
     writer.add_tensor("token_embd.weight", weights(n_vocab, shape.n_embd))
     writer.add_tensor("output_norm.weight", np.ones(shape.n_embd, dtype=np.float32))
-    writer.add_tensor("output.weight", weights(n_vocab, shape.n_embd))
+    # Large byte logits and zero ones for <unk>, <s>, </s>: sampling never picks </s>, so a reply
+    # always runs to max_tokens and tests can count on its length.
+    output = (rng.standard_normal((n_vocab, shape.n_embd)) * 1.0).astype(np.float32)
+    output[: len(_SPECIAL)] = 0.0
+    writer.add_tensor("output.weight", output)
     kv_width = head_dim * shape.n_head_kv
     for i in range(shape.n_layer):
         writer.add_tensor(f"blk.{i}.attn_norm.weight", np.ones(shape.n_embd, dtype=np.float32))
@@ -96,7 +100,8 @@ def write_tiny_model(path: Path | str, shape: TinyShape = TinyShape(), seed: int
 def default_model_path() -> Path:
     """Where the built-in default keeps its tiny model: the user's cache directory."""
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return cache / "llama-smart-proxy" / "tiny-llama.gguf"
+    # the name carries a version: a model written by an older release is not reused
+    return cache / "llama-smart-proxy" / "tiny-llama-v2.gguf"
 
 
 def ensure_default_model() -> Path:
