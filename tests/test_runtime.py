@@ -154,3 +154,19 @@ def test_admin_load_and_unload_a_model(harness: Harness) -> None:
         assert httpx.post(f"{running.base}/admin/models/m/unload", timeout=10).status_code == 200
         assert running.model("m")["state"] == "stopped"
         assert httpx.post(f"{running.base}/admin/models/zzz/load", timeout=10).status_code == 404
+
+
+def test_max_concurrency_holds_extra_requests_until_one_finishes(harness: Harness) -> None:
+    config = harness.write_config({"one": {"max_concurrency": 1}})
+    with harness.serving(config) as running:
+        body = {"model": "one", "messages": [], "stream": True, "fake": {"chunks": 5, "interval_ms": 60}}
+        responses = concurrently(
+            lambda: httpx.post(f"{running.base}/v1/chat/completions", json=body, timeout=30),
+            lambda: httpx.post(f"{running.base}/v1/chat/completions", json=body, timeout=30),
+        )
+        assert [r.status_code for r in responses] == [200, 200]
+        requests = harness.events("request")
+        done = harness.events("done")
+        assert len(requests) == 2 and len(done) == 2
+        # the child saw the second request only after the first had finished
+        assert requests[1]["t"] >= done[0]["t"]
