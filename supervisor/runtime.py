@@ -288,6 +288,13 @@ class Runtime:
         self._changed.set()
         self._changed = anyio.Event()
 
+    def statuses(self) -> list[ModelStatus]:
+        return [m.status() for m in sorted(self._models.values(), key=lambda m: m.name)]
+
+    def committed(self) -> list[str]:
+        """Models counted against GPU memory now (running, starting, or draining)."""
+        return [m.name for m in self._all_models() if m.committed]
+
     def _all_models(self) -> list[ModelRuntime]:
         """Current models and draining predecessors (they still hold memory)."""
         return list(self._models.values()) + [d for d in self._draining if d not in self._models.values()]
@@ -330,7 +337,7 @@ class Runtime:
             },
         }
         return Snapshot(
-            models=tuple(m.status() for m in sorted(self._models.values(), key=lambda m: m.name)),
+            models=tuple(self.statuses()),
             gpus=gpus,
             plan=self.prepared.plan.model_dump(mode="json"),
             notes=tuple(notes),

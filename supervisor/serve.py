@@ -80,7 +80,7 @@ class Service:
 
     def status_line(self) -> str:
         models = self.runtime.prepared.plan.models
-        states = [m.status().state.value for m in self.runtime._models.values()]
+        states = [status.state.value for status in self.runtime.statuses()]
         counts = ", ".join(f"{states.count(s)} {s}" for s in sorted(set(states)))
         host, port = self.proxy.address or ("?", 0)
         return f"{len(models)} models ({counts}) on {host}:{port}"
@@ -92,8 +92,7 @@ class Service:
             self.notifier.reloading()
             started = time.monotonic()
             try:
-                running = [m.name for m in self.runtime._all_models() if m.committed]
-                credit = credit_for(self.runtime.prepared.plan, running)
+                credit = credit_for(self.runtime.prepared.plan, self.runtime.committed())
                 # header reads and NVML block: keep them off the event loop that serves requests
                 new = await anyio.to_thread.run_sync(lambda: prepare(self.source, credit=credit))
                 why = refusal(self.runtime.prepared.plan, new.plan)
