@@ -395,12 +395,12 @@ class Runtime:
                 await anyio.sleep(TTL_CHECK_S)
                 await self._unload_expired()
 
-    async def start_residents(self, on_ready: Callable[[Child], None] | None = None) -> dict[str, str | None]:
+    async def start_residents(self) -> dict[str, str | None]:
         """Start every placed resident model concurrently; {name: None or why it failed}."""
         residents = [m for m in self._models.values() if m.child is not None and m.spec.mode == "resident"]
         for m in residents:
             m.committed = True
-        results = await self._children.start_all([m.name for m in residents], on_ready=on_ready)
+        results = await self._children.start_all([m.name for m in residents])
         return {name: (error.reason if error else None) for name, error in results.items()}
 
     def _start_soon(self, m: ModelRuntime) -> None:

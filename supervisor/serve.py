@@ -31,7 +31,6 @@ from supervisor.errors import UserError
 from supervisor.inventory import take_inventory
 from supervisor.llama_binary import check_llama_server, find_llama_server
 from supervisor.planning import Prepared, Source, credit_for, prepare
-from supervisor.process import Child
 from supervisor.proxy.backends import ActionRefused
 from supervisor.proxy.server import ProxyServer
 from supervisor.reload import refusal
@@ -190,13 +189,11 @@ async def run_service(
             if notifier.watchdog_interval is not None:
                 tg.start_soon(_watchdog, notifier, notifier.watchdog_interval)
 
-            def announce(child: Child) -> None:
-                log.info("model %s ready in %.2fs on port %s", child.name, child.load_seconds or 0, child.port)
-
             async def start_residents() -> None:
                 residents = [m for m in prepared.plan.models if m.mode == "resident" and m.launch is not None]
                 log.info("listening on http://%s:%d; starting %d resident model(s)", host, port, len(residents))
-                results = await service.runtime.start_residents(on_ready=announce)
+                # each child announces itself as it becomes ready, with its load time
+                results = await service.runtime.start_residents()
                 for name, reason in results.items():
                     if reason:
                         log.error("model %s did not start: %s", name, reason)

@@ -7,6 +7,7 @@ before max_tokens; it exists to exercise everything around a model without downl
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +40,20 @@ def write_tiny_model(path: Path | str, shape: TinyShape = TinyShape(), seed: int
     """Write the tiny model to `path` (atomically) and return the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    # the writer logs every file it writes at INFO; that is noise in `serve --demo`'s output
+    gguf_log = logging.getLogger("gguf")
+    level = gguf_log.level
+    gguf_log.setLevel(logging.WARNING)
+    try:
+        _write(temporary, shape, seed)
+    finally:
+        gguf_log.setLevel(level)
+    temporary.replace(path)
+    return path
+
+
+def _write(temporary: Path, shape: TinyShape, seed: int) -> None:
     tokens = [t for t, _ in _SPECIAL] + [f"<0x{b:02X}>" for b in range(256)]
     types = [int(k) for _, k in _SPECIAL] + [int(gguf.TokenType.BYTE)] * 256
     n_vocab = len(tokens)
@@ -48,7 +63,6 @@ def write_tiny_model(path: Path | str, shape: TinyShape = TinyShape(), seed: int
     def weights(*dims: int) -> np.ndarray:
         return (rng.standard_normal(dims) * 0.02).astype(np.float32)
 
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     writer = gguf.GGUFWriter(str(temporary), "llama")
     writer.add_name("llama-smart-proxy tiny test model")
     writer.add_context_length(shape.n_ctx_train)
@@ -93,8 +107,6 @@ def write_tiny_model(path: Path | str, shape: TinyShape = TinyShape(), seed: int
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    temporary.replace(path)
-    return path
 
 
 def default_model_path() -> Path:
