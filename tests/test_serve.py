@@ -74,7 +74,7 @@ def test_demo_serves_the_tiny_model_on_the_real_llama_server_and_stops_on_ctrl_c
         assert process.wait(timeout=30) == 0, log.read_text()[-3000:]
     assert not pid_alive(child_pid)
     text = log.read_text()
-    assert "model tiny ready in" in text and "stopped: every child is gone" in text
+    assert "model tiny: ready in" in text and "stopped: every child is gone" in text
 
 
 def test_sigterm_lets_the_in_flight_stream_finish_then_exits_zero(harness: Harness) -> None:
