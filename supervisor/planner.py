@@ -26,9 +26,9 @@ it grows to the most layers that fit once everything else has its place.
 from __future__ import annotations
 
 import bisect
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from itertools import combinations
+from itertools import combinations, groupby
 from typing import Literal
 
 from schemas.config import Config, GpuRef, ModelSpec
@@ -503,19 +503,13 @@ class _Planner:
     def splits(self, m: _Model, avail: tuple[int, ...]) -> list[_Choice]:
         out: list[_Choice] = []
         ngl = m.n + 1
-        room = sorted((avail[p] for p in m.allowed), reverse=True)
-        for k in range(2, len(m.allowed) + 1):
-            total = m.total_on_gpus(ngl, k)
-            if sum(room[:k]) < total:
-                continue
+        sign = 1 if self.policy == "pack" else -1
+        for _, subsets in groupby(_split_subsets(m, avail), key=len):
             found = []
-            for subset in combinations(m.allowed, k):
-                if sum(avail[p] for p in subset) < total:
-                    continue
+            for subset in subsets:
                 for counts in self.distributions(m, ngl, subset, avail, every=self.exhaustive):
                     need = _device_bytes(m, ngl, counts)
                     found.append(_Choice("split", subset, counts, ngl, need))
-            sign = 1 if self.policy == "pack" else -1
             found.sort(key=lambda c: (sign * sum(avail[p] for p in c.gpus), c.gpus))
             out += found
             if found and not self.exhaustive:
@@ -596,16 +590,8 @@ class _Planner:
             return NONE
         if any(m.single_need <= avail[p] for p in m.allowed):
             return FULL
-        if m.split_ok:
-            ngl = m.n + 1
-            room = sorted((avail[p] for p in m.allowed), reverse=True)
-            for k in range(2, len(m.allowed) + 1):
-                total = m.total_on_gpus(ngl, k)
-                if sum(room[:k]) < total:
-                    continue
-                for subset in combinations(m.allowed, k):
-                    if sum(avail[p] for p in subset) >= total and _front_fill(m, ngl, subset, avail):
-                        return FULL
+        if m.split_ok and any(_front_fill(m, m.n + 1, s, avail) for s in _split_subsets(m, avail)):
+            return FULL
         if m.spec.allow_partial and m.n >= 1:
             if any(m.foothold_need <= avail[p] for p in m.allowed):
                 return PARTIAL
@@ -657,6 +643,20 @@ class _Planner:
 
 
 # --- layer arithmetic --------------------------------------------------------------------------
+
+
+def _split_subsets(m: _Model, avail: Sequence[int]) -> Iterator[tuple[int, ...]]:
+    """Sets of two or more allowed GPUs, fewest first, whose room together could hold every
+    layer (a per-device check follows)."""
+    ngl = m.n + 1
+    room = sorted((avail[p] for p in m.allowed), reverse=True)
+    for k in range(2, len(m.allowed) + 1):
+        total = m.total_on_gpus(ngl, k)
+        if sum(room[:k]) < total:
+            continue
+        for subset in combinations(m.allowed, k):
+            if sum(avail[p] for p in subset) >= total:
+                yield subset
 
 
 def _device_bytes(m: _Model, ngl: int, counts: Sequence[int]) -> tuple[int, ...]:
