@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from benchmarks.accuracy.shapes import llama_like
+from benchmarks.accuracy.shapes import SHAPES, llama_like
 from schemas.config import BUILTIN_DEFAULTS, ModelSpec
 from supervisor.memory.placement import place
 from supervisor.memory.profile import memory_profile, row_bytes
@@ -111,6 +111,18 @@ def test_tied_embeddings_are_copied_only_to_a_gpu_output() -> None:
     cpu_only = place(profile, 0, [])
     total = profile.input_weights_bytes + profile.output_weights_bytes + sum(l.weights_bytes for l in profile.layers)
     assert cpu_only.host.weights_bytes == total
+
+
+def test_an_encoder_has_no_head_so_nothing_of_its_embeddings_goes_to_the_gpu() -> None:
+    # measured on an H200: bge-base's CUDA0 model buffer holds the blocks alone (and the estimate
+    # was 44.7 MiB over when it copied token_embd there as a tied head)
+    header = SHAPES["bge-base-en-v1.5"].header()
+    profile = memory_profile(header, spec(ctx=512))
+    assert profile.tied_output_bytes == 0
+    on_gpu = place(profile, 99, [1.0])
+    embd = next(t for t in header.tensors if t.name == "token_embd.weight")
+    assert on_gpu.host.weights_bytes >= embd.n_bytes
+    assert on_gpu.gpus[0].weights_bytes == sum(l.weights_bytes for l in profile.layers) + profile.output_weights_bytes
 
 
 def test_full_offload_puts_every_layer_on_the_gpu_and_charges_its_overhead() -> None:

@@ -24,6 +24,15 @@ NO_KV_ARCHITECTURES = frozenset(
     }
 )  # fmt: skip
 
+# src/models/<arch>.cpp `load_arch_tensors`: no output head, or one that is never a duplicate of
+# token_embd (encoders; the embeddings stay on the host alone).
+NO_TIED_HEAD_ARCHITECTURES = frozenset(
+    {
+        "bert", "jina-bert-v2", "jina-bert-v3", "nomic-bert", "nomic-bert-moe", "neo-bert",
+        "eurobert", "modern-bert", "clef", "llada-moe", "wavtokenizer-dec",
+    }
+)  # fmt: skip
+
 # src/llama-arch.cpp `llm_arch_is_recurrent`: every layer keeps a fixed state, no KV cache.
 RECURRENT_ARCHITECTURES = frozenset({"mamba", "mamba2", "rwkv6", "rwkv6qwen2", "rwkv7", "arwkv7"})
 

@@ -36,7 +36,7 @@ from schemas.config import ModelSpec
 from schemas.estimate import EstimateSettings, LayerMemory, MemoryProfile
 from schemas.header import ModelHeader, TensorInfo
 from supervisor.memory import compute
-from supervisor.memory.architectures import Hyperparameters, hyperparameters
+from supervisor.memory.architectures import NO_TIED_HEAD_ARCHITECTURES, Hyperparameters, hyperparameters
 
 MIB = 1024**2
 CONTEXT_PADDING = 256  # src/llama-context.cpp: n_ctx = GGML_PAD(n_ctx, 256)
@@ -164,7 +164,7 @@ class Weights:
     unassigned_bytes: int  # tensors the estimator could not place (unknown architectures)
 
 
-def split_weights(header: ModelHeader, n_layer: int, backend: DeviceBackend) -> Weights:
+def split_weights(header: ModelHeader, n_layer: int, backend: DeviceBackend, *, ties_head: bool = True) -> Weights:
     layers = [0] * n_layer
     input_bytes = output_bytes = largest = unassigned = 0
     embeddings = 0
@@ -189,7 +189,7 @@ def split_weights(header: ModelHeader, n_layer: int, backend: DeviceBackend) -> 
             output_bytes += size
             has_output = has_output or tensor.name == "output.weight"
     # src/models/*.cpp: `if (output == NULL) output = token_embd (TENSOR_DUPLICATED)`
-    tied = embeddings if not has_output and embeddings else 0
+    tied = embeddings if ties_head and not has_output else 0
     return Weights(layers, input_bytes, output_bytes + unassigned, tied, largest, unassigned)
 
 
@@ -220,7 +220,7 @@ def memory_profile(
         max(a, b) for a, b in zip(kv_on, kv_bytes_per_layer(hp, ctx, spec, flash_attn=False))
     ]
     recurrent = recurrent_bytes_per_layer(hp, ctx)
-    weights = split_weights(header, hp.n_layer, device_backend)
+    weights = split_weights(header, hp.n_layer, device_backend, ties_head=hp.architecture not in NO_TIED_HEAD_ARCHITECTURES)
     embeddings = hp.embedding_model
     output_buffer = 4 * ctx.n_seq * (hp.n_vocab + (hp.n_embd if embeddings else 0))
 
