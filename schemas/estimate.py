@@ -88,7 +88,9 @@ class MemoryProfile(Contract):
     output_buffer_bytes: int = Field(ge=0, description="Logits/embeddings buffer, on the host.")
     compute: ComputeProfile
     device_overhead_bytes: int = Field(
-        ge=0, description="Fixed cost per GPU a child uses (CUDA context, cuBLAS workspace)."
+        ge=0,
+        description="What a child uses per GPU beside llama.cpp's buffers: CUDA context, cuBLAS, "
+        "and CUDA's memory pool (larger without flash attention).",
     )
     mmproj_bytes: int = Field(
         0, ge=0, description="Vision projector weights and compute, on the main GPU (or host)."

@@ -147,7 +147,7 @@ def _breakdown(d: DeviceMemory) -> str:
             ("recurrent", d.recurrent_bytes),
             ("compute", d.compute_bytes),
             ("output", d.output_bytes),
-            ("CUDA context", d.overhead_bytes),
+            ("CUDA overhead", d.overhead_bytes),
         )
         if value
     ]

@@ -151,3 +151,25 @@ def test_auto_flash_attention_charges_the_larger_of_on_and_off() -> None:
     off = memory_profile(LLAMA_8B.header(), spec(flash_attn="off"), device_backend="cpu")
     assert auto.settings.flash_attn is True
     assert auto.compute.host_cpu_only_bytes == off.compute.host_cpu_only_bytes
+
+
+def test_without_flash_attention_a_gpu_is_charged_the_f16_scores_in_cudas_pool() -> None:
+    # cuBLAS multiplies the attention weights by V in f16: cells x micro-batch x heads x 2 bytes,
+    # measured on an H200 as the pool's growth (benchmarks/results/estimator-gpu.md)
+    on = memory_profile(LLAMA_8B.header(), spec(ctx=8192, ubatch=2048, flash_attn="on"))
+    off = memory_profile(LLAMA_8B.header(), spec(ctx=8192, ubatch=2048, flash_attn="off"))
+    auto = memory_profile(LLAMA_8B.header(), spec(ctx=8192, ubatch=2048, flash_attn="auto"))
+    assert off.device_overhead_bytes - on.device_overhead_bytes == 8192 * 2048 * 32 * 2
+    assert auto.device_overhead_bytes == off.device_overhead_bytes  # auto may end up off
+    cpu = memory_profile(LLAMA_8B.header(), spec(flash_attn="off"), device_backend="cpu")
+    assert cpu.device_overhead_bytes == 0
+
+
+def test_a_partial_offload_on_cuda_needs_the_whole_graph_and_a_staged_weight() -> None:
+    # CUDA runs the host layers' large batches itself (op offload); an RPC device does not
+    header = LLAMA_8B.header()
+    cuda = memory_profile(header, spec(ctx=8192)).compute
+    cpu = memory_profile(header, spec(ctx=8192), device_backend="cpu").compute
+    largest = max(t.n_bytes for t in header.tensors if t.name.startswith("blk."))
+    assert cuda.gpu_partial_bytes >= cpu.gpu_full_bytes + largest
+    assert cuda.gpu_partial_bytes > cpu.gpu_partial_bytes + largest

@@ -12,10 +12,12 @@ under, at most 15 % over). Version-dependent: the logits term follows PR #23861 
 reserves n_seq outputs, not n_ubatch).
 
 The device roles (one device, a pipeline-parallel split, a partial offload, and the host in each)
-are measured with ggml-rpc-server devices standing in for GPUs (`_roles`). CUDA buffers are not
-measured here (no GPU in the measuring machine): a CUDA device runs the same graph with its own
-kernels, so the CUDA figures are those roles times CUDA_COMPUTE_MARGIN, plus, on partial offload,
-the largest layer tensor for CUDA's op offload; calibrate both on a GPU.
+are measured with ggml-rpc-server devices standing in for GPUs (`_roles`). A CUDA device
+allocates the same graph: on an H200 (benchmarks/accuracy/gpu.py, results in
+benchmarks/results/estimator-gpu.md) its compute buffer came to 0.95-0.97 of these figures for
+every transformer shape (0.84 for mamba, 0.73 for a BERT encoder), so CUDA takes them as they are,
+except on partial offload (`_cuda_partial`). CUDA's temporaries live outside these buffers, in its
+memory pool: `cuda_pool_bytes`.
 """
 
 from __future__ import annotations
@@ -36,9 +38,6 @@ F16 = 2
 # Small graph inputs (positions, token ids, output ids, slot indices) and allocator slack:
 # measured at 0.0176 MiB on the CPU for a 512-token micro-batch; charged generously.
 GRAPH_CONSTANT_BYTES = 256 * 1024
-# CUDA kernels differ from the CPU's (flash attention tiles, cuBLAS conversions): an unmeasured
-# margin over the CPU figure until a GPU run calibrates it.
-CUDA_COMPUTE_MARGIN = 1.15
 SCHED_MAX_COPIES = 4  # ggml/src/ggml-backend.cpp GGML_SCHED_MAX_COPIES (pipeline parallelism)
 PARTIAL_SHIFT_ROWS = -2  # a device holding some layers: two rows of n_embd fewer (measured)
 # The fitted coefficients reproduce llama.cpp's figure to within a few percent; this keeps the
@@ -250,20 +249,46 @@ def compute_profile(
             host_cpu_only_bytes=charged["cpu_only"],
         )
 
-    def cuda(value: int) -> int:
-        return int(value * CUDA_COMPUTE_MARGIN)
-
     return ComputeProfile(
-        gpu_full_bytes=cuda(charged["full"]),
-        gpu_split_output_bytes=cuda(charged["split_output"]),
-        gpu_split_other_bytes=cuda(charged["split_other"]),
-        # CUDA offloads ops with a batch >= 32 whose weights stay on the host (op offload): the
-        # weights are staged in the device's compute buffer, the largest one at a time
-        gpu_partial_bytes=cuda(charged["partial"]) + largest_layer_tensor,
+        gpu_full_bytes=charged["full"],
+        gpu_split_output_bytes=charged["split_output"],
+        gpu_split_other_bytes=charged["split_other"],
+        gpu_partial_bytes=_cuda_partial(charged, largest_layer_tensor),
         host_with_gpu_bytes=charged["host_full"],
         host_split_bytes=charged["host_split"],
         host_cpu_only_bytes=charged["cpu_only"],
     )
+
+
+def _cuda_partial(charged: dict[str, int], largest_layer_tensor: int) -> int:
+    """A CUDA device in a partial offload also runs the host layers' large-batch products (op
+    offload: batches of 32 and more go to the GPU with their weights copied over), so it needs the
+    whole graph's activations and the largest layer tensor staged beside them, not the smaller
+    figure of an RPC device holding some layers. Measured on an H200: 0.87-0.97 of this for dense
+    and MoE shapes at micro-batches of 512 and 2048.
+    """
+    return max(charged["full"], charged["partial"]) + largest_layer_tensor
+
+
+def cuda_pool_bytes(hp: Hyperparameters, ctx: Context, flash_attn: bool) -> int:
+    """Temporaries CUDA takes from its memory pool beyond the fixed per-device overhead.
+
+    Without flash attention cuBLAS multiplies the attention weights by V in f16, so the pool holds
+    an f16 copy of the widest layer's scores, `cells x n_ubatch x n_head` (measured on an H200:
+    the pool's growth was this plus 80-104 MiB, which DEVICE_OVERHEAD_BYTES covers). With flash
+    attention the pool stays within that overhead.
+    """
+    if flash_attn or not any(hp.n_head):
+        return 0
+    widest = max(
+        (
+            hp.n_head[il] * (ctx.swa_cells if hp.is_swa[il] else _attention_cells(hp, ctx))
+            for il in range(hp.n_layer)
+            if hp.has_attention[il] or hp.embedding_model
+        ),
+        default=0,
+    )
+    return F16 * ctx.n_ubatch * widest
 
 
 def mmproj_compute_bytes(mmproj: ModelHeader, *, flash_attn: bool) -> int:

@@ -44,11 +44,13 @@ SWA_PADDING = 256  # src/llama-kv-cache-iswa.cpp: "the SWA cache is always padde
 CPU_ALIGNMENT = 32  # ggml/src/ggml-impl.h TENSOR_ALIGNMENT: the CPU (and RPC-over-CPU) buffer
 CUDA_ALIGNMENT = 128  # ggml/src/ggml-cuda/ggml-cuda.cu: ggml_backend_cuda_buffer_type_get_alignment
 CUDA_MATRIX_ROW_PADDING = 512  # ggml/src/ggml-cuda/common.cuh MATRIX_ROW_PADDING
-# Per-GPU fixed cost outside llama.cpp's accounting: CUDA context, cuBLAS workspace, driver.
-# Measured elsewhere: 451-456 MiB "unaccounted" per RTX 4090 (llama.cpp PR #15860); Ollama
-# budgets 457 MiB, Unsloth 320 MiB, gguf-parser 250 MiB (GPUStack 500 MiB). Not yet measured by
-# this project on a GPU: the largest published figure, rounded up.
-DEVICE_OVERHEAD_BYTES = 512 * MIB
+# Per-GPU cost outside llama.cpp's buffers: CUDA context, cuBLAS, and CUDA's memory pool at its
+# working size. Measured on an H200 (driver 580, CUDA 13; benchmarks/results/estimator-gpu.md):
+# 597 MiB once a child is ready, at most 742 MiB after its slots filled their contexts with flash
+# attention (21 shapes and settings); without flash attention the pool grows further
+# (compute.cuda_pool_bytes). Smaller GPUs need less: 451-456 MiB measured per RTX 4090 (llama.cpp
+# PR #15860); Ollama budgets 457 MiB, gguf-parser 250 MiB.
+DEVICE_OVERHEAD_BYTES = 768 * MIB
 DEFAULT_CONTEXT = 4096  # when neither the config nor the model gives one
 
 DeviceBackend = Literal["cuda", "cpu"]
@@ -248,6 +250,10 @@ def memory_profile(
         largest_layer_tensor=weights.largest_layer_tensor,
         device_backend=device_backend,
     )
+    device_overhead = 0
+    if device_backend == "cuda":
+        pool = compute.cuda_pool_bytes(hp, ctx, flash_attn=spec.flash_attn == "on")  # "auto" may end up off
+        device_overhead = DEVICE_OVERHEAD_BYTES + pool
     mmproj_bytes = 0
     if mmproj is not None:
         mmproj_bytes = sum(tensor_bytes(t, device_backend) for t in mmproj.tensors) + compute.mmproj_compute_bytes(
@@ -280,7 +286,7 @@ def memory_profile(
         tied_output_bytes=weights.tied_output_bytes,
         output_buffer_bytes=output_buffer,
         compute=compute_profile,
-        device_overhead_bytes=DEVICE_OVERHEAD_BYTES if device_backend == "cuda" else 0,
+        device_overhead_bytes=device_overhead,
         mmproj_bytes=mmproj_bytes,
         warnings=warnings,
     )

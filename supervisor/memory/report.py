@@ -14,7 +14,6 @@ from schemas.config import BUILTIN_DEFAULTS, CacheType, FlashAttn, ModelSpec
 from schemas.estimate import DeviceMemory, Estimate, MemoryProfile
 from schemas.header import ModelHeader
 from schemas.units import format_bytes
-from supervisor.memory.compute import CUDA_COMPUTE_MARGIN
 from supervisor.memory.placement import place
 from supervisor.memory.profile import DEVICE_OVERHEAD_BYTES, memory_profile
 from supervisor.memory.reader import read_header
@@ -110,9 +109,9 @@ def render_estimate(result: FileEstimate) -> str:
     lines.append("")
     if estimate.gpus:
         lines.append(
-            f"note: GPU compute buffers carry an unmeasured CUDA margin (x{CUDA_COMPUTE_MARGIN:g}) and each GPU "
-            f"a {format_bytes(DEVICE_OVERHEAD_BYTES)} CUDA context; the host column is RAM "
-            "(with mmap the host weights are page cache)."
+            f"note: each GPU's overhead is CUDA's own use beside llama.cpp's buffers (context, cuBLAS, "
+            f"memory pool; {format_bytes(DEVICE_OVERHEAD_BYTES)} measured on an H200, more without flash "
+            "attention); the host column is RAM (with mmap the host weights are page cache)."
         )
     for warning in profile.warnings:
         lines.append(f"warning: {warning}")
