@@ -31,7 +31,7 @@ def test_table_shows_each_device_and_the_host_by_component(capsys: pytest.Captur
     assert "context 8192 (8192 cells)" in out
     assert "-ngl 20: the output and the last 19 of 32 layers on 2 GPUs split 3:1" in out
     header = next(line for line in out.splitlines() if "weights" in line)
-    assert header.split() == ["weights", "KV", "cache", "recurrent", "compute", "output", "CUDA", "ctx", "total"]
+    assert header.split() == ["weights", "KV", "cache", "recurrent", "compute", "output", "CUDA", "own", "total"]
     rows = {line.split()[0] for line in out.splitlines()[4:] if line.startswith("  ") and line != header}
     assert rows == {"GPU0", "GPU1", "host", "total"}
     assert "GiB" in out and "MiB" in out

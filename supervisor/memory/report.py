@@ -24,7 +24,7 @@ COLUMNS = (
     ("recurrent", "recurrent_bytes"),
     ("compute", "compute_bytes"),
     ("output", "output_bytes"),
-    ("CUDA ctx", "overhead_bytes"),
+    ("CUDA own", "overhead_bytes"),
     ("total", "total_bytes"),
 )
 
