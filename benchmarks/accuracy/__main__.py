@@ -190,7 +190,13 @@ RESULTS_NOTES = """## Known differences
   Over 13 cuts of the Qwen3-30B-A3B shape (`python -m benchmarks.accuracy.moe_output_device`:
   n_embd 1024-4096, 2-16 of 32 experts used, expert width 384-2048) the output device needed 0.63
   to 0.97 of the other device's buffer, not monotonic in the expert width (0.84 at 768, 0.63 at
-  1152, 0.80 at 2048). The only rule found that meets the target on every case here is a flat
+  1152, 0.80 at 2048). It is placement, not live data: with ggml-base built with
+  `-DGGML_ALLOCATOR_DEBUG` (same source, on LD_LIBRARY_PATH under the probe), the tensors live at
+  each device's peak in the real shape's cut are the same 56 MB (the KQ mask, the layer input,
+  the experts' activations and their outputs), at the top of a 100 MB buffer on the other device
+  and of an 84 MB one on the output device: the size is where ggml-alloc's best fit leaves holes,
+  which only replaying the allocator over llama.cpp's graph would predict. The only rule found
+  that meets the target on every case here is a flat
   discount between 0.930 and 0.941 of the common figure: a fit to these cases, not a model, so it
   is not used. The full shape stays the one figure over target (+22 % on that device, 19 MiB; the
   case's compute buffers together are +8.9 %). It errs safe.
