@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import difflib
 import glob
+import hashlib
 import re
 import tomllib
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,6 +61,8 @@ class LoadedConfig:
     path: Path
     files: tuple[Path, ...] = field(default=())
     """Every file read: the config itself, then its includes. A reload watches these."""
+    digest: str = ""
+    """files_digest of the bytes read: a save is new when the files no longer give this."""
 
 
 @dataclass
@@ -69,6 +72,7 @@ class _Source:
     path: Path
     lines: dict[KeyPath, int]
     data: dict[str, Any]
+    raw: bytes
 
 
 def load_config(
@@ -149,12 +153,26 @@ def load_config(
     if problems or config is None:
         problems.sort(key=lambda p: (str(p.file), p.line or 0))
         raise ConfigError(problems)
-    return LoadedConfig(config=config, path=path, files=tuple(s.path for s in sources))
+    return LoadedConfig(
+        config=config,
+        path=path,
+        files=tuple(s.path for s in sources),
+        digest=files_digest((s.path, s.raw) for s in sources),
+    )
+
+
+def files_digest(contents: Iterable[tuple[Path, bytes]]) -> str:
+    """One digest of several files' names and bytes, in order."""
+    digest = hashlib.sha256()
+    for path, data in contents:
+        digest.update(str(path).encode() + b"\0" + data + b"\0")
+    return digest.hexdigest()
 
 
 def _read_toml(path: Path, problems: list[ConfigProblem]) -> _Source | None:
     try:
-        text = path.read_text(encoding="utf-8")
+        raw = path.read_bytes()
+        text = raw.decode("utf-8")
     except FileNotFoundError:
         problems.append(ConfigProblem(path, None, "", "file not found"))
         return None
@@ -171,7 +189,7 @@ def _read_toml(path: Path, problems: list[ConfigProblem]) -> _Source | None:
             message += f" (column {match.group(2)})"
         problems.append(ConfigProblem(path, line, "", f"TOML syntax error: {message}"))
         return None
-    return _Source(path=path, lines=locate_keys(text), data=data)
+    return _Source(path=path, lines=locate_keys(text), data=data, raw=raw)
 
 
 def _included_files(main: _Source, problems: list[ConfigProblem]) -> list[Path]:

@@ -201,7 +201,7 @@ async def run_service(
                 log.info("ready: %s", service.status_line())
                 if watch and source.config_path is not None:
                     tg.start_soon(
-                        lambda: watch_config(lambda: service.runtime.prepared.loaded.files, service.reload_logged)
+                        lambda: watch_config(lambda: service.runtime.prepared.loaded, service.reload_logged)
                     )
                 service.ready.set()
 

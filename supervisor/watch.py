@@ -5,21 +5,25 @@ Rules kept here:
   and sees an editor's atomic rename (a new inode) as well as a write in place;
 - a change counts once the files have stopped changing for `debounce_s` (one save, one reload,
   however many writes the editor made);
-- a save whose bytes equal what was last seen does nothing;
+- a save is compared with the bytes the running config was read from, not with the file as it was
+  when watching began: an edit made while the first models load is applied once watching starts;
+- a save whose bytes equal what was loaded, or what was last tried, does nothing;
 - a file that is empty or does not parse as TOML yet is a save in progress (or a typo): it is
   reported once and does not trigger a reload; the next save that parses does.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import tomllib
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import anyio
+
+from supervisor.config import files_digest
 
 log = logging.getLogger("llama-smart-proxy.watch")
 
@@ -46,7 +50,7 @@ def take_snapshot(paths: Sequence[Path]) -> Snapshot:
 
 def content_digest(paths: Sequence[Path]) -> tuple[str, str | None]:
     """(digest of every file's bytes, the first TOML syntax problem or None)."""
-    digest = hashlib.sha256()
+    contents: list[tuple[Path, bytes]] = []
     problem = None
     for path in paths:
         try:
@@ -54,7 +58,7 @@ def content_digest(paths: Sequence[Path]) -> tuple[str, str | None]:
         except OSError as exc:
             data = b""
             problem = problem or f"{path}: {exc.strerror}"
-        digest.update(str(path).encode() + b"\0" + data + b"\0")
+        contents.append((path, data))
         if problem is None and not data.strip():
             problem = f"{path}: empty"  # editors truncate before they write: never apply that
         if problem is None:
@@ -62,23 +66,34 @@ def content_digest(paths: Sequence[Path]) -> tuple[str, str | None]:
                 tomllib.loads(data.decode("utf-8"))
             except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
                 problem = f"{path}: {exc}"
-    return digest.hexdigest(), problem
+    return files_digest(contents), problem
+
+
+class Loaded(Protocol):
+    """What the watcher needs of the running config (supervisor.config.LoadedConfig)."""
+
+    @property
+    def files(self) -> Sequence[Path]: ...
+
+    @property
+    def digest(self) -> str: ...
 
 
 async def watch_config(
-    files: Callable[[], Sequence[Path]],
+    loaded: Callable[[], Loaded],
     on_change: Callable[[], Awaitable[None]],
     *,
     debounce_s: float = 0.5,
     poll_s: float = POLL_S,
 ) -> None:
-    """Call `on_change` once per settled, parseable, different save of `files()`. Runs until cancelled.
+    """Call `on_change` once per settled, parseable save of `loaded().files` whose bytes differ from
+    those `loaded()` was read from. Runs until cancelled.
 
-    `files` is asked again after every reload, since a reload may change what is included.
+    `loaded` is asked again after every reload, since a reload may change what is included.
     """
-    paths = list(files())
-    seen = take_snapshot(paths)
-    applied, _ = content_digest(paths)
+    paths = list(loaded().files)
+    seen: Snapshot | None = None  # the first poll reads the files: they may have changed since loading
+    tried = loaded().digest
     reported: str | None = None
     while True:
         await anyio.sleep(poll_s)
@@ -93,7 +108,7 @@ async def watch_config(
             if current == seen:
                 break
         digest, problem = content_digest(paths)
-        if digest == applied:
+        if digest in (tried, loaded().digest):
             continue
         if problem is not None:
             if problem != reported:
@@ -101,9 +116,8 @@ async def watch_config(
                 reported = problem
             continue
         reported = None
-        applied = digest
+        tried = digest  # a refused reload is not retried until the files change again
         log.info("config file changed: reloading")
         await on_change()
-        paths = list(files())
-        seen = take_snapshot(paths)
-        applied, _ = content_digest(paths)
+        paths = list(loaded().files)
+        seen = None  # a save made during the reload is read on the next poll

@@ -169,7 +169,10 @@ def test_watch_reloads_once_per_editor_save_and_not_on_a_truncated_write(harness
         # an editor's save: write a temporary file, rename it over the config
         saved = harness.write_config({"m": {}, "n": {}}, name=".config.toml.tmp")
         os.replace(saved, config)
-        wait_for(lambda: reloads()["ok"] == 1, 15, "one reload after the save")
+        try:
+            wait_for(lambda: reloads()["ok"] == 1, 15, "one reload after the save")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; reloads {reloads()}; serve log:\n{log.read_text()[-3000:]}") from None
         time.sleep(1.5)
         assert reloads() == {"ok": 1, "failed": 0}
         assert {m["name"] for m in httpx.get(f"{base}/status", timeout=5).json()["models"]} == {"m", "n"}

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import anyio
 import pytest
 
+from supervisor.config import files_digest
 from supervisor.watch import watch_config
 
 pytestmark = pytest.mark.anyio
@@ -15,16 +17,32 @@ pytestmark = pytest.mark.anyio
 CONFIG = '[models.a]\nfile = "a.gguf"\nctx = {ctx}\n'
 
 
-async def run_watcher(path: Path, edits, settle_s: float = 0.4) -> int:
-    """Apply `edits` (an async callable) under the watcher; return how many reloads it asked for."""
+@dataclass
+class Loaded:
+    """The running config as the watcher sees it: its files and the digest of the bytes read."""
+
+    files: list[Path]
+    digest: str
+
+    @classmethod
+    def read(cls, path: Path) -> Loaded:
+        return cls([path], files_digest([(path, path.read_bytes())]))
+
+
+async def run_watcher(path: Path, edits, settle_s: float = 0.4, loaded: Loaded | None = None) -> int:
+    """Apply `edits` (an async callable) under the watcher; return how many reloads it asked for.
+
+    The running config is the file as it is now unless `loaded` says otherwise.
+    """
     reloads = 0
+    running = loaded or Loaded.read(path)
 
     async def on_change() -> None:
         nonlocal reloads
         reloads += 1
 
     async with anyio.create_task_group() as tg:
-        tg.start_soon(lambda: watch_config(lambda: [path], on_change, debounce_s=0.1, poll_s=0.02))
+        tg.start_soon(lambda: watch_config(lambda: running, on_change, debounce_s=0.1, poll_s=0.02))
         await anyio.sleep(0.05)
         await edits()
         await anyio.sleep(settle_s)
@@ -97,3 +115,29 @@ async def test_emptied_file_gives_no_reload(tmp_path: Path) -> None:
         path.write_text("")
 
     assert await run_watcher(path, truncate) == 0
+
+
+async def test_a_save_made_before_watching_began_is_applied_once(tmp_path: Path) -> None:
+    # serve reads the config, then loads its models (minutes, for a big one), then starts
+    # watching: an edit saved in between must not become the watcher's baseline
+    path = tmp_path / "config.toml"
+    path.write_text(CONFIG.format(ctx=1))
+    read_at_start = Loaded.read(path)
+    path.write_text(CONFIG.format(ctx=2))
+
+    async def nothing() -> None:
+        pass
+
+    assert await run_watcher(path, nothing, loaded=read_at_start) == 1
+
+
+async def test_a_refused_reload_is_not_retried_until_the_next_save(tmp_path: Path) -> None:
+    path = tmp_path / "config.toml"
+    path.write_text(CONFIG.format(ctx=1))
+    running = Loaded.read(path)  # a refused reload leaves the running config as it was
+
+    async def save_then_wait() -> None:
+        path.write_text(CONFIG.format(ctx=2))
+        await anyio.sleep(0.5)
+
+    assert await run_watcher(path, save_then_wait, loaded=running) == 1
