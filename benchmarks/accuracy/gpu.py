@@ -33,7 +33,7 @@ from pathlib import Path
 
 from benchmarks.accuracy.__main__ import default_models_dir
 from benchmarks.accuracy.cases import Case
-from benchmarks.accuracy.oracle import _BUFFER_LINE, _KIND, free_port
+from benchmarks.accuracy.oracle import free_port, parse_server_log
 from benchmarks.accuracy.shapes import SHAPES
 from schemas.estimate import Estimate
 from supervisor.memory.placement import place
@@ -71,7 +71,6 @@ GPU_CASES: list[Case] = [
     Case("llama-3.1-8b", ctx=8192, batch=2048, ubatch=2048, gpu_layers=20, tensor_split=(1,)),
 ]
 
-_CUDA_BUFFER = re.compile(r"^CUDA\d+$")
 _READY = re.compile(r"server is listening|listening on http")
 
 
@@ -125,14 +124,13 @@ def _post(port: int, path: str, body: dict[str, object]) -> None:
         response.read()
 
 
-def _parse_log(text: str) -> dict[str, dict[str, int]]:
-    logged: dict[str, dict[str, int]] = {}
-    for match in _BUFFER_LINE.finditer(text):
-        device = "GPU0" if _CUDA_BUFFER.match(match.group("buffer")) else "CPU"
-        kind = _KIND[match.group("kind")]
-        bucket = logged.setdefault(device, {})
-        bucket[kind] = bucket.get(kind, 0) + round(float(match.group("mib")) * MIB)
-    return logged
+def _logged(text: str) -> dict[str, dict[str, int]]:
+    """The buffer lines of one load, as "GPU0" and "CPU" -> component -> bytes (those logged)."""
+    devices = parse_server_log(text, endpoints=[]).devices
+    return {
+        "GPU0" if name == "CUDA0" else name: {k: v for k, v in asdict(buffers).items() if v and k != "context"}
+        for name, buffers in devices.items()
+    }
 
 
 def measure_case(case: Case, server: Path, models: Path, handle: object, baseline: int) -> GpuRun:
@@ -184,7 +182,7 @@ def measure_case(case: Case, server: Path, models: Path, handle: object, baselin
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
-    run.logged = _parse_log(log.read_text(errors="replace"))
+    run.logged = _logged(log.read_text(errors="replace"))
     return run
 
 

@@ -37,6 +37,7 @@ _BUFFER_LINE = re.compile(
 )
 _SIZE_LINE = re.compile(r"(?P<who>llama_kv_cache|llama_memory_recurrent): size =\s+(?P<mib>[\d.]+) MiB")
 _RPC_NAME = re.compile(r"^RPC\d+\[(?P<endpoint>[^\]]+)\]$")
+_CUDA_NAME = re.compile(r"^CUDA\d+$")
 _KIND = {"model": "weights", "KV": "kv", "RS": "recurrent", "compute": "compute", "output": "output"}
 
 
@@ -123,7 +124,9 @@ def _device_name(buffer: str, endpoints: list[str]) -> str:
     match = _RPC_NAME.match(buffer)
     if match is not None:
         return f"RPC{endpoints.index(match.group('endpoint'))}"
-    return "CPU"  # CPU, CPU_Mapped, CPU_REPACK: host memory
+    if _CUDA_NAME.match(buffer):
+        return buffer
+    return "CPU"  # CPU, CPU_Mapped, CPU_REPACK, CUDA_Host: host memory
 
 
 def parse_server_log(text: str, endpoints: list[str]) -> Measurement:
