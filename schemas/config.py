@@ -349,6 +349,10 @@ class Config(Contract):
     def model_specs(self) -> list[ModelSpec]:
         return [self.model_spec(name) for name in sorted(self.models)]
 
+    def child_extras(self, spec: ModelSpec) -> tuple[list[str], dict[str, str]]:
+        """A child's extra arguments and environment: [llama_server]'s, then the model's own."""
+        return [*self.llama_server.args, *spec.args], {**self.llama_server.env, **spec.env}
+
 
 def name_clashes(aliases_by_model: dict[str, list[str]]) -> list[tuple[tuple[str | int, ...], str]]:
     """Every name or alias used twice, as (key path, message), in file order."""

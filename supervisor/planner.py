@@ -844,6 +844,7 @@ def _launch(m: _Model, choice: _Choice, planner: _Planner, config: Config) -> La
     assert m.profile is not None
     s = m.profile.settings
     several = len(choice.gpus) > 1
+    args, env = config.child_extras(m.spec)
     return LaunchSpec(
         model=m.name,
         file=str(m.spec.file),
@@ -863,8 +864,8 @@ def _launch(m: _Model, choice: _Choice, planner: _Planner, config: Config) -> La
         tensor_split=[float(c) for c in choice.counts] if several else [],
         split_mode="layer" if several else "none",
         main_gpu=0,
-        args=list(config.llama_server.args) + list(m.spec.args),
-        env={**config.llama_server.env, **m.spec.env},
+        args=args,
+        env=env,
     )
 
 

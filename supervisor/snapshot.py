@@ -127,8 +127,12 @@ def build_profiles(
             assert missing is not None
             out.headers[spec.name] = HeaderInfo("missing", missing.note)
             continue
+        # the estimate sees the child's whole command line ([llama_server] args too): some change
+        # what llama-server loads
+        args, env = config.child_extras(spec)
+        seen = spec.model_copy(update={"args": args, "env": env})
         try:
-            out.profiles[spec.name] = profile(model.header, spec, projector.header if projector else None)
+            out.profiles[spec.name] = profile(model.header, seen, projector.header if projector else None)
         except UserError as exc:
             out.headers[spec.name] = HeaderInfo("missing", f"its header cannot be estimated: {exc}")
             continue

@@ -7,13 +7,16 @@ are llama.cpp's rules worked by hand. The accuracy harness checks the same again
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 
 from benchmarks.accuracy.shapes import SHAPES, Shape, llama_like
+from schemas.config import Config
 from schemas.header import ModelHeader
 from supervisor.memory.placement import place
 from supervisor.memory.profile import memory_profile, pad
+from supervisor.snapshot import build_profiles
 from tests.test_memory_profile import spec
 
 MIB = 1024**2
@@ -155,3 +158,31 @@ def test_vision_projector_weights_and_compute_go_to_the_first_gpu() -> None:
     assert split.gpus[0].weights_bytes - place(plain, 99, [1.0, 1.0]).gpus[0].weights_bytes == with_projector.mmproj_bytes
     off = memory_profile(header, spec(flash_attn="off"), projector)
     assert off.mmproj_bytes > with_projector.mmproj_bytes  # f32 attention over every patch without FA
+
+
+def test_a_nextn_block_takes_no_memory_unless_mtp_speculation_is_asked_for() -> None:
+    # llama.cpp skips a NextN/MTP block's tensors (TENSOR_SKIP) unless load_mtp; the accuracy
+    # harness checks the same against llama.cpp (deepseek-v2-lite-mtp cases)
+    header = SHAPES["deepseek-v2-lite-mtp"].header()
+    block = sum(t.n_bytes for t in header.tensors if t.name.startswith("blk.27."))
+    plain = memory_profile(header, spec())
+    asked = memory_profile(header, spec(args=["--spec-type", "ngram-mod,draft-mtp"]))
+    assert plain.n_layers == asked.n_layers == 28  # it keeps its place in -ngl's count
+    assert plain.layers[27].weights_bytes == 0 and any("NextN/MTP" in w for w in plain.warnings)
+    assert asked.layers[27].weights_bytes >= block > 100 * MIB
+    assert sum(layer.kv_bytes for layer in asked.layers[27:]) == 0  # no cache for it either way
+
+
+def test_arguments_given_to_every_child_reach_the_estimate(tmp_path: Path) -> None:
+    shape = SHAPES["deepseek-v2-lite-mtp"]
+
+    def block_27(args: list[str]) -> int:
+        config = Config.model_validate(
+            {"llama_server": {"args": args}, "models": {"ds": {"file": str(tmp_path / "ds.gguf")}}}
+        )
+        recorded = {str(tmp_path / "ds.gguf"): shape.header(str(tmp_path / "ds.gguf"))}  # as a snapshot has it
+        found = build_profiles(config, recorded, have_snapshot=True)
+        return found.profiles["ds"].layers[27].weights_bytes
+
+    assert block_27([]) == 0
+    assert block_27(["--spec-type", "draft-mtp"]) > 0

@@ -204,9 +204,10 @@ RESULTS_NOTES = """## Known differences
   offload over several devices (pipeline parallelism), where it reports four rows of n_embd more
   than the server then allocates; the estimator follows the server, and the probe cases here
   are CPU-only or partial offloads.
-- NextN/MTP blocks (deepseek-v3, glm4-moe) are counted in the weights although llama-server skips
-  them unless speculative MTP is configured: an over-count; their KV cache is excluded, as
-  llama.cpp does.
+- NextN/MTP blocks (DeepSeek-V3, GLM-4.5, Qwen3-Next and others) are left out of the weights
+  as llama.cpp leaves them unloaded unless MTP speculative decoding is asked for
+  (`--spec-type draft-mtp`, in the model's or [llama_server]'s args); the deepseek-v2-lite-mtp
+  cases carry one such block (412.6 MiB that llama.cpp does not allocate).
 
 ## GPUs, and what is not measured
 

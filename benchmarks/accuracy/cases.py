@@ -89,6 +89,8 @@ CPU_CASES: list[Case] = [
     *_pair("qwen3-30b-a3b", "probe", ctx=16384, parallel=4, kv_unified=False, cache_type_k="q8_0", cache_type_v="q8_0"),
     *_pair("deepseek-v2-lite", "probe", ctx=16384, flash_attn="off"),
     Case("deepseek-v2-lite", ctx=8192, cache_type_k="q8_0", cache_type_v="q8_0", oracle="probe"),
+    # a NextN/MTP block (DeepSeek-V3 style): llama.cpp leaves it unloaded unless asked for MTP
+    Case("deepseek-v2-lite-mtp", oracle="probe"),
     # recurrent and hybrid: state per slot, not per token
     *_pair("mamba-2.8b", ctx=16384, parallel=4),
     *_pair("lfm2-1.2b", ctx=32768, parallel=3, kv_unified=False),
@@ -116,6 +118,7 @@ SPLIT_CASES: list[Case] = [
     Case("mixtral-8x7b", gpu_layers=20, tensor_split=(1, 1), oracle="probe"),
     Case("qwen3-30b-a3b", ctx=8192, gpu_layers=30, tensor_split=(1, 1), oracle="probe"),
     Case("deepseek-v2-lite", gpu_layers=20, tensor_split=(2, 1), oracle="probe"),
+    Case("deepseek-v2-lite-mtp", gpu_layers=12, tensor_split=(1, 1), oracle="probe"),
 ]
 
 CASES: list[Case] = CPU_CASES + SPLIT_CASES

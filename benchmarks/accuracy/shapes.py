@@ -307,16 +307,25 @@ def gemma(
     return Shape(name, arch, n_vocab, md, t)
 
 
-def deepseek2_lite(name: str) -> Shape:
-    """DeepSeek-V2-Lite: MLA (kv_lora_rank 512, rope 64, no q LoRA), 64 experts of which 6 used, 2 shared."""
+def deepseek2_lite(name: str, nextn: int = 0) -> Shape:
+    """DeepSeek-V2-Lite: MLA (kv_lora_rank 512, rope 64, no q LoRA), 64 experts of which 6 used, 2 shared.
+
+    nextn: NextN/MTP blocks after the trunk, as DeepSeek-V3 has one (a MoE block and its nextn.*
+    projections and norms; the embeddings and head shared with the trunk).
+    """
     n_vocab, n_embd, n_layer, n_head = 102400, 2048, 27, 16
     kv_lora, rope, nope, v_head = 512, 64, 128, 128
     n_ff, n_ff_exp, n_expert, n_shared = 10944, 1408, 64, 2
     more_bits = q4_k_m(n_layer)
     t: list[Tensor] = []
     _io(t, n_embd, n_vocab)
-    for i in range(n_layer):
+    for i in range(n_layer + nextn):
         b = f"blk.{i}"
+        if i >= n_layer:
+            _t(t, f"{b}.nextn.eh_proj.weight", (2 * n_embd, n_embd), Q.Q8_0)
+            _t(t, f"{b}.nextn.enorm.weight", (n_embd,), Q.F32)
+            _t(t, f"{b}.nextn.hnorm.weight", (n_embd,), Q.F32)
+            _t(t, f"{b}.nextn.shared_head_norm.weight", (n_embd,), Q.F32)
         _t(t, f"{b}.attn_norm.weight", (n_embd,), Q.F32)
         _t(t, f"{b}.attn_kv_a_norm.weight", (kv_lora,), Q.F32)
         _t(t, f"{b}.attn_q.weight", (n_embd, n_head * (nope + rope)), Q.Q4_K)
@@ -340,7 +349,7 @@ def deepseek2_lite(name: str) -> Shape:
     md: Metadata = {
         "deepseek2.context_length": 163840,
         "deepseek2.embedding_length": n_embd,
-        "deepseek2.block_count": n_layer,
+        "deepseek2.block_count": n_layer + nextn,
         "deepseek2.feed_forward_length": n_ff,
         "deepseek2.attention.head_count": n_head,
         "deepseek2.attention.head_count_kv": 1,
@@ -360,6 +369,8 @@ def deepseek2_lite(name: str) -> Shape:
         "deepseek2.expert_weights_scale": 1.0,
         "deepseek2.vocab_size": n_vocab,
     }
+    if nextn:
+        md["deepseek2.nextn_predict_layers"] = nextn
     return Shape(name, "deepseek2", n_vocab, md, t)
 
 
@@ -508,6 +519,7 @@ SHAPES: dict[str, Shape] = {
                    n_ff=6144, n_ctx_train=40960, head_dim=128, qk_norm=True, n_expert=128, n_expert_used=8,
                    n_ff_exp=768),
         deepseek2_lite("deepseek-v2-lite"),
+        deepseek2_lite("deepseek-v2-lite-mtp", nextn=1),
         mamba("mamba-2.8b", n_vocab=50280, n_embd=2560, n_layer=64, d_state=16, d_conv=4, dt_rank=160),
         lfm2("lfm2-1.2b", n_vocab=65536, n_embd=2048, n_ff=8192, n_head=32,
              kv_heads=[0, 0, 8, 0, 0, 8, 0, 0, 8, 0, 8, 0, 8, 0, 8, 0], l_cache=3, n_ctx_train=128000),

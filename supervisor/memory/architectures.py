@@ -33,6 +33,18 @@ NO_TIED_HEAD_ARCHITECTURES = frozenset(
     }
 )  # fmt: skip
 
+# src/models/<arch>.cpp `load_arch_tensors`: NextN/MTP blocks (the last nextn_predict_layers
+# blocks) that llama.cpp does not load (TENSOR_SKIP): never, or unless MTP speculative decoding is
+# asked for (--spec-type draft-mtp sets load_mtp). Other architectures load them: they count.
+MTP_NEVER_LOADED_ARCHITECTURES = frozenset({"glm4", "bailingmoe2", "exaone-moe", "exaone4", "dots3note"})
+MTP_ON_REQUEST_ARCHITECTURES = frozenset(
+    {
+        "deepseek2", "deepseek32", "deepseek4", "glm4moe", "glm-dsa", "glm5-next", "qwen35",
+        "qwen35moe", "qwen3next", "qwen4exp", "bailingmoe3", "cohere2moe", "hy_v3", "mimo2",
+        "nemotron_h", "step35",
+    }
+)  # fmt: skip
+
 # src/llama-arch.cpp `llm_arch_is_recurrent`: every layer keeps a fixed state, no KV cache.
 RECURRENT_ARCHITECTURES = frozenset({"mamba", "mamba2", "rwkv6", "rwkv6qwen2", "rwkv7", "arwkv7"})
 

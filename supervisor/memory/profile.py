@@ -13,7 +13,8 @@ Pure: no I/O, no clock. It mirrors how llama.cpp build 11434 sizes each buffer:
   whatever the context (src/llama-memory-recurrent.cpp);
 - weights: each tensor as stored, padded to the buffer's alignment; blocks by their layer, the
   token embeddings on the host, the output layer (with a copy of the embeddings when it has no
-  output.weight and lands on a GPU) by itself (src/llama-model.cpp load_tensors);
+  output.weight and lands on a GPU) by itself (src/llama-model.cpp load_tensors); NextN/MTP
+  blocks that llama.cpp skips (`unloaded_mtp_blocks`) count nowhere;
 - output buffer: `4 * parallel * (n_vocab + n_embd if embeddings)` in host memory
   (src/llama-context.cpp output_reserve, with llama-server's n_outputs_max = parallel);
 - compute buffers: supervisor/memory/compute.py.
@@ -36,7 +37,13 @@ from schemas.config import ModelSpec
 from schemas.estimate import EstimateSettings, LayerMemory, MemoryProfile
 from schemas.header import ModelHeader, TensorInfo
 from supervisor.memory import compute
-from supervisor.memory.architectures import NO_TIED_HEAD_ARCHITECTURES, Hyperparameters, hyperparameters
+from supervisor.memory.architectures import (
+    MTP_NEVER_LOADED_ARCHITECTURES,
+    MTP_ON_REQUEST_ARCHITECTURES,
+    NO_TIED_HEAD_ARCHITECTURES,
+    Hyperparameters,
+    hyperparameters,
+)
 
 MIB = 1024**2
 CONTEXT_PADDING = 256  # src/llama-context.cpp: n_ctx = GGML_PAD(n_ctx, 256)
@@ -166,7 +173,11 @@ class Weights:
     unassigned_bytes: int  # tensors the estimator could not place (unknown architectures)
 
 
-def split_weights(header: ModelHeader, n_layer: int, backend: DeviceBackend, *, ties_head: bool = True) -> Weights:
+def split_weights(
+    header: ModelHeader, n_layer: int, backend: DeviceBackend, *, ties_head: bool = True, unloaded_blocks: int = 0
+) -> Weights:
+    """Weights by where llama.cpp puts them; the last `unloaded_blocks` blocks (NextN/MTP blocks
+    llama.cpp skips) count nowhere, though they keep their place in the layer count."""
     layers = [0] * n_layer
     input_bytes = output_bytes = largest = unassigned = 0
     embeddings = 0
@@ -176,6 +187,8 @@ def split_weights(header: ModelHeader, n_layer: int, backend: DeviceBackend, *, 
         match = _BLOCK.match(tensor.name)
         if match is not None:
             il = int(match.group(1))
+            if n_layer - unloaded_blocks <= il < n_layer:
+                continue
             if il < n_layer:
                 layers[il] += size
                 largest = max(largest, size)
@@ -193,6 +206,16 @@ def split_weights(header: ModelHeader, n_layer: int, backend: DeviceBackend, *, 
     # src/models/*.cpp: `if (output == NULL) output = token_embd (TENSOR_DUPLICATED)`
     tied = embeddings if ties_head and not has_output else 0
     return Weights(layers, input_bytes, output_bytes + unassigned, tied, largest, unassigned)
+
+
+def unloaded_mtp_blocks(hp: Hyperparameters, spec: ModelSpec) -> int:
+    """NextN/MTP blocks llama-server will not load: their weights take no memory."""
+    if not hp.n_layer_nextn or not hp.known:
+        return 0
+    if hp.architecture in MTP_NEVER_LOADED_ARCHITECTURES:
+        return hp.n_layer_nextn
+    mtp = any("draft-mtp" in arg for arg in spec.args) or "draft-mtp" in spec.env.get("LLAMA_ARG_SPEC_TYPE", "")
+    return hp.n_layer_nextn if hp.architecture in MTP_ON_REQUEST_ARCHITECTURES and not mtp else 0
 
 
 def memory_profile(
@@ -222,7 +245,20 @@ def memory_profile(
         max(a, b) for a, b in zip(kv_on, kv_bytes_per_layer(hp, ctx, spec, flash_attn=False))
     ]
     recurrent = recurrent_bytes_per_layer(hp, ctx)
-    weights = split_weights(header, hp.n_layer, device_backend, ties_head=hp.architecture not in NO_TIED_HEAD_ARCHITECTURES)
+    unloaded = unloaded_mtp_blocks(hp, spec)
+    if unloaded:
+        warnings.append(
+            f"the last {unloaded} block(s) are NextN/MTP layers, which llama-server does not load"
+            + ("" if hp.architecture in MTP_NEVER_LOADED_ARCHITECTURES else " unless --spec-type draft-mtp is given")
+            + ": not counted"
+        )
+    weights = split_weights(
+        header,
+        hp.n_layer,
+        device_backend,
+        ties_head=hp.architecture not in NO_TIED_HEAD_ARCHITECTURES,
+        unloaded_blocks=unloaded,
+    )
     embeddings = hp.embedding_model
     output_buffer = 4 * ctx.n_seq * (hp.n_vocab + (hp.n_embd if embeddings else 0))
 
