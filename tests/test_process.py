@@ -32,6 +32,7 @@ from tests.fakes.supervision import (
     cpu_spec,
     pid_alive,
     quick_settings,
+    taken_port,
     wrapped_pid,
     write_fake_llama_server,
     write_forking_wrapper,
@@ -192,8 +193,7 @@ async def test_a_port_in_use_is_skipped_without_a_start(fake_server: Path) -> No
 async def test_a_child_that_cannot_bind_its_port_is_retried_on_another_and_no_death_is_counted(
     fake_server: Path,
 ) -> None:
-    with listening_socket() as taken:
-        port = taken.getsockname()[1]
+    with taken_port() as port:
         # the probe is told every port is free, so the child itself meets the taken port,
         # as when another program binds it between our probe and the child's bind
         ports = PortPool((port, port + 20), is_free=lambda _: True)

@@ -12,15 +12,15 @@ import pytest
 
 from supervisor.child_state import ChildState
 from supervisor.children import supervise
-from supervisor.ports import PortPool, is_port_free
+from supervisor.ports import PortPool
 from supervisor.process import BIND_FAILURE, Child
 from supervisor.process_group import group_has_live_members
 from tests.fakes.supervision import (
-    TEST_PORT_RANGE,
     cpu_spec,
     live_children,
     pid_alive,
     quick_settings,
+    taken_port,
     wrapped_pid,
     write_forking_wrapper,
 )
@@ -76,13 +76,7 @@ async def test_stop_kills_the_real_server_forked_by_a_wrapper_script(
 async def test_the_real_servers_bind_failure_is_recognised_and_retried_on_another_port(
     llama_server: Path, tiny_model: Path
 ) -> None:
-    # below the kernel's ephemeral range, with the next port free too, so that "the next port" is
-    # ours to expect (a port the kernel picked may have a busy neighbour)
-    port = next(p for p in range(*TEST_PORT_RANGE) if is_port_free(p) and is_port_free(p + 1))
-    with socket.socket() as taken:
-        taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as is_port_free probes
-        taken.bind(("127.0.0.1", port))
-        taken.listen()
+    with taken_port() as port:
         ports = PortPool((port, port + 20), is_free=lambda _: True)  # the probe misses the taken port
         child = real_child(llama_server, tiny_model, ports=ports, crash_loop_deaths=1)
         with anyio.fail_after(TEST_DEADLINE_S):

@@ -13,11 +13,15 @@ from __future__ import annotations
 
 import os
 import shlex
+import socket
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from schemas.config import LlamaServerSettings
 from schemas.launch import LaunchSpec
+from supervisor.ports import is_port_free
 
 FAKE_SERVER = Path(__file__).with_name("fake_llama_server.py")
 WRAPPER_PID_PREFIX = "forking-wrapper: child pid "
@@ -55,6 +59,19 @@ def wrapped_pid(log_lines: list[str]) -> int | None:
 
 # Below the kernel's ephemeral range (32768-60999), so outgoing connections rarely sit on them.
 TEST_PORT_RANGE = (21000, 21999)
+
+
+@contextmanager
+def taken_port() -> Iterator[int]:
+    """A loopback port held by a listening socket, below the kernel's ephemeral range and with the
+    next port free too, so that "the next port" is the test's to expect (a port the kernel picks
+    may have a neighbour another connection holds)."""
+    port = next(p for p in range(*TEST_PORT_RANGE) if is_port_free(p) and is_port_free(p + 1))
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as is_port_free probes
+        sock.bind(("127.0.0.1", port))
+        sock.listen()
+        yield port
 
 
 def quick_settings(**overrides: object) -> LlamaServerSettings:
