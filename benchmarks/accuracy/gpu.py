@@ -83,7 +83,7 @@ class GpuRun:
     nvml_ready: int = 0  # GPU 0 used bytes over the baseline, once the server answered
     nvml_after_prompt: int = 0  # the same after a prompt of two micro-batches
     nvml_after_generate: int = 0  # and after every slot filled its context at once
-    process_after_prompt: int | None = None  # NVML's per-process figure, where the driver gives one
+    process_at_end: int | None = None  # NVML's per-process figure, last, where the driver gives one
     load_s: float = 0.0
     error: str = ""
 
@@ -172,7 +172,7 @@ def measure_case(case: Case, server: Path, models: Path, handle: object, baselin
                 for future in [pool.submit(_post, port, "/completion", body) for _ in range(case.parallel)]:
                     future.result()
         run.nvml_after_generate = _gpu_used(handle) - baseline
-        run.process_after_prompt = _process_used(handle, process.pid)
+        run.process_at_end = _process_used(handle, process.pid)
     except (RuntimeError, OSError) as exc:
         run.error = (str(exc) or type(exc).__name__)[-2000:]
     finally:
@@ -233,6 +233,7 @@ class Compared:
     beyond: int  # NVML's peak minus every CUDA buffer llama.cpp logged
     total_ratio: float  # the estimate's GPU total / NVML's peak
     partial: bool  # some layers on the host
+    process_gap: int | None  # NVML's device reading less its per-process one, at the end
 
 
 def report(data: dict[str, object]) -> tuple[list[str], list[Compared]]:
@@ -258,7 +259,8 @@ def report(data: dict[str, object]) -> tuple[list[str], list[Compared]]:
         compute = got["compute"]
         partial = case.gpu_layers <= _estimate(case, "cuda").n_layers
         row = Compared(run.label, est.compute_bytes / compute, compute / cpu_role, peak - sum(got.values()),
-                       est.total_bytes / peak, partial)  # fmt: skip
+                       est.total_bytes / peak, partial,
+                       None if run.process_at_end is None else run.nvml_after_generate - run.process_at_end)  # fmt: skip
         compared.append(row)
         lines.append(
             f"| {run.label} | {(est.weights_bytes - got.get('weights', 0)) / MIB:+.2f} "
@@ -275,7 +277,7 @@ def summary(compared: list[Compared]) -> list[str]:
     under = [c.label for c in compared if c.total_ratio < 1]
     worst = min(compared, key=lambda c: c.total_ratio)
     full = [c for c in compared if not c.partial] or compared
-    return [
+    lines = [
         f"- cases: {len(compared)}; the estimate's GPU total is under NVML's peak in {len(under)}"
         + (f" ({', '.join(under)})" if under else ""),
         f"- GPU total: from {(worst.total_ratio - 1) * 100:+.1f} % ({worst.label}) to "
@@ -287,6 +289,11 @@ def summary(compared: list[Compared]) -> list[str]:
         f"- NVML's peak beyond the buffers llama.cpp logs: {min(c.beyond for c in compared) / MIB:.0f} to "
         f"{max(c.beyond for c in compared) / MIB:.0f} MiB",
     ]
+    gaps = [c.process_gap for c in compared if c.process_gap is not None]
+    if gaps:
+        lines.append(f"- the device's used memory less the child's own (NVML per process): {min(gaps) / MIB:.0f} to "
+                     f"{max(gaps) / MIB:.0f} MiB, in {len(gaps)} cases: the device figure is the one compared")  # fmt: skip
+    return lines
 
 
 RESULTS_PREAMBLE = """# Estimator against real VRAM: one NVIDIA GPU
