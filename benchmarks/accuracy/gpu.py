@@ -253,11 +253,12 @@ def report(data: dict[str, object]) -> tuple[list[str], list[Compared]]:
             why = run.error.splitlines()[0] if run.error else "no CUDA buffers in the log"
             lines.append(f"| {run.label} | not measured: {why} |||||||||")
             continue
-        est = _estimate(case, "cuda").gpus[0]
+        estimate = _estimate(case, "cuda")
+        est = estimate.gpus[0]
         cpu_role = _estimate(case, "cpu").gpus[0].compute_bytes
         peak = max(run.nvml_after_prompt, run.nvml_after_generate)
         compute = got["compute"]
-        partial = case.gpu_layers <= _estimate(case, "cuda").n_layers
+        partial = estimate.gpu_layers <= estimate.n_layers  # the output layer counts in -ngl
         row = Compared(run.label, est.compute_bytes / compute, compute / cpu_role, peak - sum(got.values()),
                        est.total_bytes / peak, partial,
                        None if run.process_at_end is None else run.nvml_after_generate - run.process_at_end)  # fmt: skip
