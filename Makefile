@@ -31,7 +31,7 @@ bench: install
 	$(PY) -m pytest benchmarks --benchmark-only
 
 schemas: install
-	$(PY) -m schemas
+	$(PY) -m llama_smart_proxy.schemas
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis .benchmarks

@@ -89,9 +89,9 @@ def run_proxy(port: int, backend_port: int) -> None:
 
     import anyio
 
-    from schemas.config import ProxySettings
-    from supervisor.proxy.backends import ModelState, ModelStatus, Snapshot, Upstream
-    from supervisor.proxy.server import ProxyServer
+    from llama_smart_proxy.schemas.config import ProxySettings
+    from llama_smart_proxy.supervisor.proxy.backends import ModelState, ModelStatus, Snapshot, Upstream
+    from llama_smart_proxy.supervisor.proxy.server import ProxyServer
 
     logging.basicConfig(level=logging.WARNING)
     upstream = Upstream("127.0.0.1", backend_port, pool_size=128)

@@ -20,7 +20,7 @@ import pytest
 
 from benchmarks.accuracy.shapes import Q, Shape, llama_like, write_sparse_gguf
 from benchmarks.timing import median_seconds
-from supervisor.memory.reader import read_header
+from llama_smart_proxy.supervisor.memory.reader import read_header
 
 GIB = 1024**3
 GOAL_SIZE_RATIO = 1.5

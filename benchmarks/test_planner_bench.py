@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks.timing import median_seconds
-from supervisor.planner import plan
+from llama_smart_proxy.supervisor.planner import plan
 from tests.planning import GIB, MIB, make_config, make_inventory, make_profile
 
 ROOT = Path(__file__).parent.parent
@@ -82,7 +82,7 @@ def test_plan_64_models_on_8_gpus_under_100_ms(benchmark, scenario: str) -> None
 def test_plan_command_on_the_multi_gpu_example_under_1_s(benchmark) -> None:  # type: ignore[no-untyped-def]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     plan_command = [
-        sys.executable, "-m", "supervisor", "plan", "--config", str(ROOT / "examples" / "multi-gpu.toml"),
+        sys.executable, "-m", "llama_smart_proxy.supervisor", "plan", "--config", str(ROOT / "examples" / "multi-gpu.toml"),
         "--inventory", str(ROOT / "examples" / "inventory-2x24gb.json"),
     ]  # fmt: skip
     import_only = [sys.executable, "-c", "import supervisor.cli"]

@@ -1,4 +1,4 @@
 """The data contracts: pydantic models for Config, Inventory, Estimate and Plan.
 
-The JSON Schema files beside this module are generated from them: `python -m schemas`.
+The JSON Schema files beside this module are generated from them: `python -m llama_smart_proxy.schemas`.
 """

@@ -15,7 +15,7 @@ from typing import Any
 
 from pydantic import Field, computed_field, model_validator
 
-from schemas.config import CacheType, Contract
+from llama_smart_proxy.schemas.config import CacheType, Contract
 
 
 class EstimateSettings(Contract):

@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from schemas.config import Config
-from schemas.inventory import Inventory
-from schemas.plan import Plan
+from llama_smart_proxy.schemas.config import Config
+from llama_smart_proxy.schemas.inventory import Inventory
+from llama_smart_proxy.schemas.plan import Plan
 
 HERE = Path(__file__).parent
 SCHEMAS = {"config": Config, "plan": Plan, "inventory": Inventory}

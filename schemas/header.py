@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from schemas.config import Contract
+from llama_smart_proxy.schemas.config import Contract
 
 MetadataValue = int | float | bool | str | list[int] | list[float] | list[bool]
 

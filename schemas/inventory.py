@@ -11,8 +11,8 @@ from typing import Literal
 
 from pydantic import Field
 
-from schemas.config import Contract
-from schemas.header import ModelHeader
+from llama_smart_proxy.schemas.config import Contract
+from llama_smart_proxy.schemas.header import ModelHeader
 
 NvmlStatus = Literal["ok", "library_missing", "driver_not_loaded", "no_device", "error"]
 

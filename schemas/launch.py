@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from schemas.config import CacheType, Contract
+from llama_smart_proxy.schemas.config import CacheType, Contract
 
 
 class LaunchSpec(Contract):

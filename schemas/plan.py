@@ -10,9 +10,9 @@ from typing import Literal
 
 from pydantic import Field
 
-from schemas.config import Contract, Mode
-from schemas.estimate import Estimate
-from schemas.launch import LaunchSpec
+from llama_smart_proxy.schemas.config import Contract, Mode
+from llama_smart_proxy.schemas.estimate import Estimate
+from llama_smart_proxy.schemas.launch import LaunchSpec
 
 Placement = Literal["gpu", "split", "partial", "cpu", "unplaced"]
 

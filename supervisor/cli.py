@@ -16,9 +16,9 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from schemas.plan import Plan
-from supervisor.config import load_config
-from supervisor.errors import UserError
+from llama_smart_proxy.schemas.plan import Plan
+from llama_smart_proxy.supervisor.config import load_config
+from llama_smart_proxy.supervisor.errors import UserError
 
 log = logging.getLogger("llama-smart-proxy")
 
@@ -40,7 +40,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_tiny_model(args: argparse.Namespace) -> int:
-    from supervisor.tinymodel import write_tiny_model
+    from llama_smart_proxy.supervisor.tinymodel import write_tiny_model
 
     path = write_tiny_model(args.path)
     print(f"wrote {path} ({path.stat().st_size} bytes): a tiny random llama model for tests and demos")
@@ -48,7 +48,7 @@ def cmd_tiny_model(args: argparse.Namespace) -> int:
 
 
 def cmd_schema(args: argparse.Namespace) -> int:
-    from schemas.generate import schema_texts
+    from llama_smart_proxy.schemas.generate import schema_texts
 
     for name, text in schema_texts().items():
         if args.name in (None, name):
@@ -57,8 +57,8 @@ def cmd_schema(args: argparse.Namespace) -> int:
 
 
 def cmd_inventory(args: argparse.Namespace) -> int:
-    from supervisor.inventory import describe_inventory, dump_inventory, take_inventory
-    from supervisor.snapshot import record_headers
+    from llama_smart_proxy.supervisor.inventory import describe_inventory, dump_inventory, take_inventory
+    from llama_smart_proxy.supervisor.snapshot import record_headers
 
     models: dict = {}
     warnings: list[str] = []
@@ -76,14 +76,14 @@ def cmd_inventory(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from supervisor.plan_report import render_plan, verdict
-    from supervisor.planning import Source, prepare
+    from llama_smart_proxy.supervisor.plan_report import render_plan, verdict
+    from llama_smart_proxy.supervisor.planning import Source, prepare
 
     prepared = prepare(Source(args.config, inventory_path=args.inventory, require_model_files=False))
     result = prepared.plan
     outcome = verdict(result, strict=args.strict)
     if args.against is not None:
-        from supervisor.reload import diff_plans, refusal
+        from llama_smart_proxy.supervisor.reload import diff_plans, refusal
 
         running = read_running_plan(args.against)
         why = refusal(running, result)
@@ -109,7 +109,7 @@ def read_running_plan(where: str) -> Plan:
     """A plan from `plan --json` output, a saved /status answer, or a running proxy's /status URL."""
     from pydantic import ValidationError
 
-    from schemas.plan import Plan
+    from llama_smart_proxy.schemas.plan import Plan
 
     if where.startswith(("http://", "https://")):
         text = _http("GET", where, api_key=None).decode()
@@ -131,8 +131,8 @@ def read_running_plan(where: str) -> Plan:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from supervisor.planning import Source
-    from supervisor.serve import demo_config, serve
+    from llama_smart_proxy.supervisor.planning import Source
+    from llama_smart_proxy.supervisor.serve import demo_config, serve
 
     overrides = {"proxy.listen": args.listen} if args.listen else None
     if args.demo:
@@ -184,7 +184,7 @@ def _http(method: str, url: str, api_key: str | None) -> bytes:
 
 
 def cmd_estimate(args: argparse.Namespace) -> int:
-    from supervisor.memory.report import estimate_file, render_estimate
+    from llama_smart_proxy.supervisor.memory.report import estimate_file, render_estimate
 
     result = estimate_file(
         args.file,

@@ -28,8 +28,8 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from schemas.config import Config, name_clashes, parse_listen
-from supervisor.errors import ConfigError, ConfigProblem
+from llama_smart_proxy.schemas.config import Config, name_clashes, parse_listen
+from llama_smart_proxy.supervisor.errors import ConfigError, ConfigProblem
 
 KeyPath = tuple[str | int, ...]
 ENV_PREFIX = "LLAMA_SMART_PROXY_"

@@ -9,7 +9,7 @@ from __future__ import annotations
 import anyio
 import h11
 
-from supervisor.launch import CHILD_HOST
+from llama_smart_proxy.supervisor.launch import CHILD_HOST
 
 
 async def probe_health(port: int, *, timeout_s: float, host: str = CHILD_HOST) -> int | None:

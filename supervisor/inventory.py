@@ -23,10 +23,10 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from schemas.header import ModelHeader
-from schemas.inventory import Gpu, Host, Inventory
-from schemas.units import format_bytes
-from supervisor.errors import InventoryError
+from llama_smart_proxy.schemas.header import ModelHeader
+from llama_smart_proxy.schemas.inventory import Gpu, Host, Inventory
+from llama_smart_proxy.schemas.units import format_bytes
+from llama_smart_proxy.supervisor.errors import InventoryError
 
 MEMINFO = Path("/proc/meminfo")
 

@@ -16,8 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from schemas.config import LlamaServerSettings
-from schemas.launch import LaunchSpec
+from llama_smart_proxy.schemas.config import LlamaServerSettings
+from llama_smart_proxy.schemas.launch import LaunchSpec
 
 CHILD_HOST = "127.0.0.1"
 

@@ -10,8 +10,8 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from supervisor.errors import LlamaServerError
-from supervisor.launch import FLAGS_USED
+from llama_smart_proxy.supervisor.errors import LlamaServerError
+from llama_smart_proxy.supervisor.launch import FLAGS_USED
 
 INSTALL_HINT = "install it with `pip install 'llama-smart-proxy[llama]'` or set llama_server.binary"
 

@@ -13,9 +13,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from schemas.estimate import DeviceMemory
-from schemas.plan import ModelPlan, Plan
-from schemas.units import MIB, format_bytes
+from llama_smart_proxy.schemas.estimate import DeviceMemory
+from llama_smart_proxy.schemas.plan import ModelPlan, Plan
+from llama_smart_proxy.schemas.units import MIB, format_bytes
 
 EXIT_OK = 0
 EXIT_UNPLACED = 3

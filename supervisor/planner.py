@@ -31,13 +31,13 @@ from dataclasses import dataclass, field
 from itertools import combinations, groupby
 from typing import Literal
 
-from schemas.config import Config, GpuRef, ModelSpec
-from schemas.estimate import Estimate, MemoryProfile
-from schemas.inventory import Inventory
-from schemas.launch import LaunchSpec
-from schemas.plan import GpuPlan, HostPlan, ModelPlan, ModelShare, Plan
-from schemas.units import MIB, format_bytes
-from supervisor.memory.placement import place
+from llama_smart_proxy.schemas.config import Config, GpuRef, ModelSpec
+from llama_smart_proxy.schemas.estimate import Estimate, MemoryProfile
+from llama_smart_proxy.schemas.inventory import Inventory
+from llama_smart_proxy.schemas.launch import LaunchSpec
+from llama_smart_proxy.schemas.plan import GpuPlan, HostPlan, ModelPlan, ModelShare, Plan
+from llama_smart_proxy.schemas.units import MIB, format_bytes
+from llama_smart_proxy.supervisor.memory.placement import place
 
 HeaderSource = Literal["file", "snapshot", "missing"]
 Guard = Callable[[tuple[int, ...]], bool]  # a test of the memory left on each GPU

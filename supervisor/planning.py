@@ -12,12 +12,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from schemas.inventory import Inventory
-from schemas.plan import Plan
-from supervisor.config import LoadedConfig, load_config
-from supervisor.inventory import load_inventory, take_inventory
-from supervisor.planner import plan
-from supervisor.snapshot import build_profiles
+from llama_smart_proxy.schemas.inventory import Inventory
+from llama_smart_proxy.schemas.plan import Plan
+from llama_smart_proxy.supervisor.config import LoadedConfig, load_config
+from llama_smart_proxy.supervisor.inventory import load_inventory, take_inventory
+from llama_smart_proxy.supervisor.planner import plan
+from llama_smart_proxy.supervisor.snapshot import build_profiles
 
 
 @dataclass(frozen=True)

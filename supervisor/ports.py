@@ -13,7 +13,7 @@ from __future__ import annotations
 import socket
 from collections.abc import Callable
 
-from supervisor.launch import CHILD_HOST
+from llama_smart_proxy.supervisor.launch import CHILD_HOST
 
 
 class NoFreePort(RuntimeError):

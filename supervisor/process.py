@@ -32,19 +32,19 @@ from typing import Literal
 import anyio
 from anyio.abc import ByteReceiveStream, Process, TaskStatus
 
-from schemas.config import LlamaServerSettings
-from schemas.launch import LaunchSpec
-from supervisor.child_state import (
+from llama_smart_proxy.schemas.config import LlamaServerSettings
+from llama_smart_proxy.schemas.launch import LaunchSpec
+from llama_smart_proxy.supervisor.child_state import (
     ChildEvent,
     ChildState,
     CrashHistory,
     LoadDeadline,
     next_state,
 )
-from supervisor.health_probe import probe_health
-from supervisor.launch import build_command
-from supervisor.ports import NoFreePort, PortPool
-from supervisor.process_group import spawn_in_group, stop_group
+from llama_smart_proxy.supervisor.health_probe import probe_health
+from llama_smart_proxy.supervisor.launch import build_command
+from llama_smart_proxy.supervisor.ports import NoFreePort, PortPool
+from llama_smart_proxy.supervisor.process_group import spawn_in_group, stop_group
 
 log = logging.getLogger("llama-smart-proxy.process")
 output_log = logging.getLogger("llama-smart-proxy.llama-server")

@@ -30,7 +30,7 @@ import sys
 import anyio
 from anyio.abc import Process
 
-from supervisor.launch import Command
+from llama_smart_proxy.supervisor.launch import Command
 
 GROUP_POLL_S = 0.05
 """While stopping, how often to look whether the group's other members are gone."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from schemas.plan import ModelPlan, Plan
+from llama_smart_proxy.schemas.plan import ModelPlan, Plan
 
 
 @dataclass(frozen=True)

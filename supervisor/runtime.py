@@ -28,15 +28,15 @@ from pathlib import Path
 import anyio
 from anyio.abc import TaskGroup, TaskStatus
 
-from schemas.config import ModelSpec
-from schemas.plan import ModelPlan
-from supervisor.child_state import ChildState
-from supervisor.children import Children
-from supervisor.eviction import Resident, make_room
-from supervisor.planning import Prepared
-from supervisor.ports import PortPool
-from supervisor.process import Child, ChildError, ChildFailed
-from supervisor.proxy.backends import (
+from llama_smart_proxy.schemas.config import ModelSpec
+from llama_smart_proxy.schemas.plan import ModelPlan
+from llama_smart_proxy.supervisor.child_state import ChildState
+from llama_smart_proxy.supervisor.children import Children
+from llama_smart_proxy.supervisor.eviction import Resident, make_room
+from llama_smart_proxy.supervisor.planning import Prepared
+from llama_smart_proxy.supervisor.ports import PortPool
+from llama_smart_proxy.supervisor.process import Child, ChildError, ChildFailed
+from llama_smart_proxy.supervisor.proxy.backends import (
     ActionRefused,
     GpuStatus,
     ModelState,
@@ -46,7 +46,7 @@ from supervisor.proxy.backends import (
     UnknownModel,
     Upstream,
 )
-from supervisor.reload import PlanDiff, diff_plans
+from llama_smart_proxy.supervisor.reload import PlanDiff, diff_plans
 
 log = logging.getLogger("llama-smart-proxy.runtime")
 

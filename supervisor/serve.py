@@ -24,20 +24,20 @@ from pathlib import Path
 import anyio
 from anyio.abc import TaskGroup, TaskStatus
 
-from schemas.config import Config, ModelConfig
-from supervisor.children import Children, supervise
-from supervisor.config import LoadedConfig
-from supervisor.errors import UserError
-from supervisor.inventory import take_inventory
-from supervisor.llama_binary import check_llama_server, find_llama_server
-from supervisor.planning import Prepared, Source, credit_for, prepare
-from supervisor.proxy.backends import ActionRefused
-from supervisor.proxy.server import ProxyServer
-from supervisor.reload import refusal
-from supervisor.runtime import ReloadRecord, Runtime
-from supervisor.systemd import Notifier
-from supervisor.tinymodel import ensure_default_model
-from supervisor.watch import watch_config
+from llama_smart_proxy.schemas.config import Config, ModelConfig
+from llama_smart_proxy.supervisor.children import Children, supervise
+from llama_smart_proxy.supervisor.config import LoadedConfig
+from llama_smart_proxy.supervisor.errors import UserError
+from llama_smart_proxy.supervisor.inventory import take_inventory
+from llama_smart_proxy.supervisor.llama_binary import check_llama_server, find_llama_server
+from llama_smart_proxy.supervisor.planning import Prepared, Source, credit_for, prepare
+from llama_smart_proxy.supervisor.proxy.backends import ActionRefused
+from llama_smart_proxy.supervisor.proxy.server import ProxyServer
+from llama_smart_proxy.supervisor.reload import refusal
+from llama_smart_proxy.supervisor.runtime import ReloadRecord, Runtime
+from llama_smart_proxy.supervisor.systemd import Notifier
+from llama_smart_proxy.supervisor.tinymodel import ensure_default_model
+from llama_smart_proxy.supervisor.watch import watch_config
 
 log = logging.getLogger("llama-smart-proxy")
 

@@ -17,24 +17,24 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from schemas.config import Config, ModelSpec
-from schemas.estimate import MemoryProfile
-from schemas.header import ModelHeader
-from supervisor.errors import UserError
-from supervisor.planner import HeaderInfo
+from llama_smart_proxy.schemas.config import Config, ModelSpec
+from llama_smart_proxy.schemas.estimate import MemoryProfile
+from llama_smart_proxy.schemas.header import ModelHeader
+from llama_smart_proxy.supervisor.errors import UserError
+from llama_smart_proxy.supervisor.planner import HeaderInfo
 
 Reader = Callable[[Path], ModelHeader]
 Profiler = Callable[[ModelHeader, ModelSpec, "ModelHeader | None"], MemoryProfile]
 
 
 def _default_reader(path: Path) -> ModelHeader:
-    from supervisor.memory.reader import read_header
+    from llama_smart_proxy.supervisor.memory.reader import read_header
 
     return read_header(path)
 
 
 def _default_profiler(header: ModelHeader, spec: ModelSpec, mmproj: ModelHeader | None) -> MemoryProfile:
-    from supervisor.memory.profile import memory_profile
+    from llama_smart_proxy.supervisor.memory.profile import memory_profile
 
     return memory_profile(header, spec, mmproj)
 

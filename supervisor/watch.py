@@ -23,7 +23,7 @@ from typing import Protocol
 
 import anyio
 
-from supervisor.config import files_digest
+from llama_smart_proxy.supervisor.config import files_digest
 
 log = logging.getLogger("llama-smart-proxy.watch")
 

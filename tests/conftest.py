@@ -7,9 +7,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from supervisor.errors import LlamaServerError
-from supervisor.llama_binary import find_llama_server
-from supervisor.tinymodel import write_tiny_model
+from llama_smart_proxy.supervisor.errors import LlamaServerError
+from llama_smart_proxy.supervisor.llama_binary import find_llama_server
+from llama_smart_proxy.supervisor.tinymodel import write_tiny_model
 from tests.helpers import free_port, wait_for
 
 

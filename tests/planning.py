@@ -9,9 +9,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from schemas.config import Config
-from schemas.estimate import ComputeProfile, EstimateSettings, LayerMemory, MemoryProfile
-from schemas.inventory import Gpu, Host, Inventory
+from llama_smart_proxy.schemas.config import Config
+from llama_smart_proxy.schemas.estimate import ComputeProfile, EstimateSettings, LayerMemory, MemoryProfile
+from llama_smart_proxy.schemas.inventory import Gpu, Host, Inventory
 
 MIB = 1024**2
 GIB = 1024**3

@@ -15,9 +15,9 @@ import anyio
 import anyio.from_thread
 import httpx
 
-from supervisor.inventory import dump_inventory
-from supervisor.planning import Source, prepare
-from supervisor.serve import Service, run_service
+from llama_smart_proxy.supervisor.inventory import dump_inventory
+from llama_smart_proxy.supervisor.planning import Source, prepare
+from llama_smart_proxy.supervisor.serve import Service, run_service
 from tests.fakes.supervision import TEST_PORT_RANGE, write_fake_llama_server
 from tests.helpers import free_port, wait_for
 from tests.planning import make_inventory

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from schemas.config import Config
-from supervisor.cli import main
-from supervisor.config import load_config, locate_keys
-from supervisor.errors import ConfigError
+from llama_smart_proxy.schemas.config import Config
+from llama_smart_proxy.supervisor.cli import main
+from llama_smart_proxy.supervisor.config import load_config, locate_keys
+from llama_smart_proxy.supervisor.errors import ConfigError
 
 
 def write(path: Path, text: str) -> Path:

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from benchmarks.accuracy.shapes import SHAPES, write_sparse_gguf
-from schemas.estimate import Estimate
-from supervisor.cli import main
+from llama_smart_proxy.schemas.estimate import Estimate
+from llama_smart_proxy.supervisor.cli import main
 
 GIB = 1024**3
 

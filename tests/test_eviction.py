@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from supervisor.eviction import Resident, make_room
+from llama_smart_proxy.supervisor.eviction import Resident, make_room
 
 GIB = 1024**3
 

@@ -8,10 +8,10 @@ import json
 import h11
 import pytest
 
-from schemas.config import ProxySettings
-from supervisor.proxy.access import ApiKeys, Cors
-from supervisor.proxy.backends import GpuStatus, ModelState, ModelStatus, Snapshot
-from supervisor.proxy.http import (
+from llama_smart_proxy.schemas.config import ProxySettings
+from llama_smart_proxy.supervisor.proxy.access import ApiKeys, Cors
+from llama_smart_proxy.supervisor.proxy.backends import GpuStatus, ModelState, ModelStatus, Snapshot
+from llama_smart_proxy.supervisor.proxy.http import (
     HttpError,
     downstream_response_headers,
     end_to_end,
@@ -20,8 +20,8 @@ from supervisor.proxy.http import (
     upstream_request_headers,
     upstream_route,
 )
-from supervisor.proxy.metrics import ProxyMetrics, render
-from supervisor.proxy.routes import admin_target, health_reply, models_reply, status_reply
+from llama_smart_proxy.supervisor.proxy.metrics import ProxyMetrics, render
+from llama_smart_proxy.supervisor.proxy.routes import admin_target, health_reply, models_reply, status_reply
 
 
 def parsed_headers(raw: bytes) -> list[tuple[bytes, bytes]]:
@@ -206,14 +206,14 @@ def test_admin_targets_parse_model_actions_and_reload() -> None:
 
 
 def test_admin_without_keys_is_for_loopback_peers_only() -> None:
-    from supervisor.proxy.access import is_loopback
+    from llama_smart_proxy.supervisor.proxy.access import is_loopback
 
     assert is_loopback("127.0.0.1") and is_loopback("::1")
     assert not is_loopback("192.168.1.5") and not is_loopback("unix")
 
 
 def test_an_unreadable_key_file_is_one_user_error_naming_the_file(tmp_path) -> None:
-    from supervisor.errors import UserError
+    from llama_smart_proxy.supervisor.errors import UserError
 
     missing = tmp_path / "nope.txt"
     with pytest.raises(UserError) as caught:

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from schemas.inventory import Host, Inventory
-from supervisor.errors import InventoryError
-from supervisor.inventory import dump_inventory, load_inventory, read_host, take_inventory
+from llama_smart_proxy.schemas.inventory import Host, Inventory
+from llama_smart_proxy.supervisor.errors import InventoryError
+from llama_smart_proxy.supervisor.inventory import dump_inventory, load_inventory, read_host, take_inventory
 from tests.fakes import fake_pynvml as fake
 from tests.fakes.fake_pynvml import FakeNvml, gpu
 

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from schemas.config import LlamaServerSettings
-from schemas.launch import LaunchSpec
-from supervisor.errors import LlamaServerError
-from supervisor.launch import FLAGS_USED, build_command
-from supervisor.llama_binary import check_llama_server, help_flags
+from llama_smart_proxy.schemas.config import LlamaServerSettings
+from llama_smart_proxy.schemas.launch import LaunchSpec
+from llama_smart_proxy.supervisor.errors import LlamaServerError
+from llama_smart_proxy.supervisor.launch import FLAGS_USED, build_command
+from llama_smart_proxy.supervisor.llama_binary import check_llama_server, help_flags
 from tests.fakes.supervision import write_fake_llama_server
 
 BINARY = Path("/opt/llama/llama-server")

@@ -18,11 +18,11 @@ from pathlib import Path
 import anyio
 import pytest
 
-from supervisor.children import supervise
-from supervisor.memory.placement import layer_devices
-from supervisor.ports import PortPool
-from supervisor.process import Child
-from supervisor.tinymodel import TinyShape, write_tiny_model
+from llama_smart_proxy.supervisor.children import supervise
+from llama_smart_proxy.supervisor.memory.placement import layer_devices
+from llama_smart_proxy.supervisor.ports import PortPool
+from llama_smart_proxy.supervisor.process import Child
+from llama_smart_proxy.supervisor.tinymodel import TinyShape, write_tiny_model
 from tests.fakes.supervision import cpu_spec, quick_settings
 from tests.helpers import free_port, wait_for
 

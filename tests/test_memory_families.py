@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 
 from benchmarks.accuracy.shapes import SHAPES, Shape, llama_like
-from schemas.config import Config
-from schemas.header import ModelHeader
-from supervisor.memory.placement import place
-from supervisor.memory.profile import memory_profile, pad
-from supervisor.snapshot import build_profiles
+from llama_smart_proxy.schemas.config import Config
+from llama_smart_proxy.schemas.header import ModelHeader
+from llama_smart_proxy.supervisor.memory.placement import place
+from llama_smart_proxy.supervisor.memory.profile import memory_profile, pad
+from llama_smart_proxy.supervisor.snapshot import build_profiles
 from tests.test_memory_profile import spec
 
 MIB = 1024**2
@@ -142,7 +142,7 @@ def test_empty_header_of_an_unknown_architecture_does_not_crash() -> None:
 
 
 def test_vision_projector_weights_and_compute_go_to_the_first_gpu() -> None:
-    from schemas.header import TensorInfo
+    from llama_smart_proxy.schemas.header import TensorInfo
 
     projector = ModelHeader(
         path="/m/mmproj.gguf", file_size=600 * MIB, mtime_ns=0, architecture="clip",

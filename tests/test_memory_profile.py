@@ -12,9 +12,9 @@ from typing import Any
 import pytest
 
 from benchmarks.accuracy.shapes import SHAPES, llama_like
-from schemas.config import BUILTIN_DEFAULTS, ModelSpec
-from supervisor.memory.placement import place
-from supervisor.memory.profile import memory_profile, row_bytes
+from llama_smart_proxy.schemas.config import BUILTIN_DEFAULTS, ModelSpec
+from llama_smart_proxy.supervisor.memory.placement import place
+from llama_smart_proxy.supervisor.memory.profile import memory_profile, row_bytes
 
 MIB = 1024**2
 

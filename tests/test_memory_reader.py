@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from benchmarks.accuracy.shapes import llama_like, write_sparse_gguf
-from supervisor.errors import ModelFileError
-from supervisor.memory.reader import read_header, split_parts
+from llama_smart_proxy.supervisor.errors import ModelFileError
+from llama_smart_proxy.supervisor.memory.reader import read_header, split_parts
 
 SMALL = llama_like(
     "small", "llama", n_vocab=1000, n_embd=256, n_layer=4, n_head=4, n_head_kv=2, n_ff=512, n_ctx_train=2048

@@ -16,9 +16,9 @@ from pathlib import Path
 import anyio
 import pytest
 
-from supervisor.children import supervise
-from supervisor.ports import PortPool
-from supervisor.process import Child
+from llama_smart_proxy.supervisor.children import supervise
+from llama_smart_proxy.supervisor.ports import PortPool
+from llama_smart_proxy.supervisor.process import Child
 from tests.fakes.supervision import (
     cpu_spec,
     open_fds,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from supervisor.cli import main
+from llama_smart_proxy.supervisor.cli import main
 from tests.service_harness import Harness
 
 

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from schemas.inventory import Inventory
-from supervisor.cli import main
-from supervisor.inventory import dump_inventory, load_inventory
+from llama_smart_proxy.schemas.inventory import Inventory
+from llama_smart_proxy.supervisor.cli import main
+from llama_smart_proxy.supervisor.inventory import dump_inventory, load_inventory
 from tests.fakes.fake_pynvml import FakeNvml, gpu
 from tests.json_schema import validate
 
@@ -108,7 +108,7 @@ def test_exit_3_names_the_model_that_cannot_be_placed_and_how_much_it_lacks(work
 
 def test_json_validates_against_the_committed_schema_and_is_byte_identical_across_runs(workdir: Path) -> None:
     command = [
-        sys.executable, "-m", "supervisor", "plan", "--config", str(workdir / "datacenter.toml"),
+        sys.executable, "-m", "llama_smart_proxy.supervisor", "plan", "--config", str(workdir / "datacenter.toml"),
         "--inventory", str(workdir / "inventory-4x80gb.json"), "--json",
     ]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -199,7 +199,7 @@ def test_a_snapshot_plans_the_same_in_another_directory_once_the_files_are_gone(
 
 
 def test_the_ci_snippet_runs_commands_the_cli_accepts() -> None:
-    from supervisor.cli import build_parser
+    from llama_smart_proxy.supervisor.cli import build_parser
 
     text = (EXAMPLES / "ci-plan-check.yml").read_text()
     commands = [line.strip() for line in text.splitlines() if line.strip().startswith("llama-smart-proxy ")]

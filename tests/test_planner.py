@@ -7,9 +7,9 @@ Default profile (tests/planning.py): each layer 100 MiB weights + 8 MiB KV, outp
 
 from __future__ import annotations
 
-from schemas.plan import Plan
-from supervisor.memory.placement import place
-from supervisor.planner import HeaderInfo, plan
+from llama_smart_proxy.schemas.plan import Plan
+from llama_smart_proxy.supervisor.memory.placement import place
+from llama_smart_proxy.supervisor.planner import HeaderInfo, plan
 from tests.planning import GIB, MIB, make_config, make_inventory, make_profile
 
 

@@ -14,12 +14,12 @@ from collections.abc import Mapping
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from schemas.config import Config
-from schemas.estimate import MemoryProfile
-from schemas.inventory import Inventory
-from schemas.plan import Plan
-from supervisor.memory.placement import place
-from supervisor.planner import plan
+from llama_smart_proxy.schemas.config import Config
+from llama_smart_proxy.schemas.estimate import MemoryProfile
+from llama_smart_proxy.schemas.inventory import Inventory
+from llama_smart_proxy.schemas.plan import Plan
+from llama_smart_proxy.supervisor.memory.placement import place
+from llama_smart_proxy.supervisor.planner import plan
 from tests.planning import MIB, make_config, make_inventory, make_profile
 
 SIZES_MIB = st.integers(min_value=1, max_value=40).map(lambda k: k * 256)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from supervisor.child_state import (
+from llama_smart_proxy.supervisor.child_state import (
     JITTER,
     TRANSITIONS,
     ChildEvent,

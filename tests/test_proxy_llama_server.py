@@ -8,7 +8,7 @@ import json
 import httpx
 import pytest
 
-from supervisor.proxy.backends import Upstream
+from llama_smart_proxy.supervisor.proxy.backends import Upstream
 from tests.fakes.static_backends import StaticBackends, running_proxy
 
 pytestmark = pytest.mark.llama_server

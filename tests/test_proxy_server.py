@@ -14,9 +14,9 @@ import anyio.from_thread
 import httpx
 import pytest
 
-from schemas.config import ProxySettings
-from supervisor.proxy.backends import ModelUnavailable, Upstream
-from supervisor.proxy.server import ProxyServer
+from llama_smart_proxy.schemas.config import ProxySettings
+from llama_smart_proxy.supervisor.proxy.backends import ModelUnavailable, Upstream
+from llama_smart_proxy.supervisor.proxy.server import ProxyServer
 from tests.fakes.static_backends import FakeLlama, ScriptedUpstream, StaticBackends, running_proxy
 from tests.helpers import free_port, wait_for
 
@@ -389,7 +389,7 @@ def test_upstream_connect_failure_is_a_502_naming_the_model(backends: StaticBack
 
 
 def test_idle_upstream_connections_are_closed_by_the_proxy_before_the_childs_own_timeout(monkeypatch) -> None:
-    from supervisor.proxy import upstream as upstream_module
+    from llama_smart_proxy.supervisor.proxy import upstream as upstream_module
 
     monkeypatch.setattr(upstream_module, "IDLE_EXPIRY_S", 0.3)
     monkeypatch.setattr(upstream_module, "SWEEP_INTERVAL_S", 0.05)

@@ -9,7 +9,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from supervisor.proxy.backends import ActionRefused
+from llama_smart_proxy.supervisor.proxy.backends import ActionRefused
 from tests.service_harness import Harness
 
 

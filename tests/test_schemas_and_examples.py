@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from schemas.config import Config, GpuSettings, LlamaServerSettings, ModelSettings, ProxySettings
-from schemas.generate import HERE, schema_texts
-from supervisor.config import load_config
+from llama_smart_proxy.schemas.config import Config, GpuSettings, LlamaServerSettings, ModelSettings, ProxySettings
+from llama_smart_proxy.schemas.generate import HERE, schema_texts
+from llama_smart_proxy.supervisor.config import load_config
 
 EXAMPLES = Path(__file__).parent.parent / "examples"
 
@@ -19,7 +19,7 @@ EXAMPLES = Path(__file__).parent.parent / "examples"
 @pytest.mark.parametrize("name", sorted(schema_texts()))
 def test_committed_schema_is_fresh(name: str) -> None:
     committed = (HERE / f"{name}.schema.json").read_text()
-    assert committed == schema_texts()[name], f"run `python -m schemas` to regenerate {name}.schema.json"
+    assert committed == schema_texts()[name], f"run `python -m llama_smart_proxy.schemas` to regenerate {name}.schema.json"
 
 
 def copy_examples_with_models(tmp_path: Path, tiny_model: Path) -> Path:
@@ -72,10 +72,10 @@ def test_plan_json_reads_back_into_the_same_plan(tmp_path: Path, tiny_model: Pat
     import subprocess
     import sys
 
-    from schemas.plan import Plan
+    from llama_smart_proxy.schemas.plan import Plan
 
     result = subprocess.run(
-        [sys.executable, "-m", "supervisor", "plan", "--config", str(EXAMPLES / "multi-gpu.toml"),
+        [sys.executable, "-m", "llama_smart_proxy.supervisor", "plan", "--config", str(EXAMPLES / "multi-gpu.toml"),
          "--inventory", str(EXAMPLES / "inventory-2x24gb.json"), "--json"],
         capture_output=True, text=True, check=True,
     )  # fmt: skip

@@ -31,7 +31,7 @@ def harness(tmp_path: Path, tiny_model: Path) -> Harness:
 def serve_process(args: list[str], log: Path, env: dict[str, str] | None = None) -> Iterator[subprocess.Popen]:
     with log.open("wb") as out:
         process = subprocess.Popen(
-            [sys.executable, "-m", "supervisor", "serve", *args],
+            [sys.executable, "-m", "llama_smart_proxy.supervisor", "serve", *args],
             stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
         )  # fmt: skip
         try:

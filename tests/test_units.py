@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from schemas.units import format_bytes, parse_duration, parse_size
+from llama_smart_proxy.schemas.units import format_bytes, parse_duration, parse_size
 
 
 @pytest.mark.parametrize(

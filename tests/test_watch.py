@@ -9,8 +9,8 @@ from pathlib import Path
 import anyio
 import pytest
 
-from supervisor.config import files_digest
-from supervisor.watch import watch_config
+from llama_smart_proxy.supervisor.config import files_digest
+from llama_smart_proxy.supervisor.watch import watch_config
 
 pytestmark = pytest.mark.anyio
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from schemas.config import BUILTIN_DEFAULTS, CacheType, FlashAttn, ModelSpec
+from llama_smart_proxy.schemas.config import BUILTIN_DEFAULTS, CacheType, FlashAttn, ModelSpec
 
 Oracle = Literal["server", "probe"]
 

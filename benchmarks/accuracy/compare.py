@@ -14,10 +14,10 @@ from pathlib import Path
 from benchmarks.accuracy.cases import Case
 from benchmarks.accuracy.oracle import Measurement, OracleUnavailable, rpc_servers, run_probe, run_server
 from benchmarks.accuracy.shapes import SHAPES
-from schemas.estimate import DeviceMemory, Estimate
-from supervisor.memory.placement import place
-from supervisor.memory.profile import memory_profile
-from supervisor.memory.reader import read_header
+from llama_smart_proxy.schemas.estimate import DeviceMemory, Estimate
+from llama_smart_proxy.supervisor.memory.placement import place
+from llama_smart_proxy.supervisor.memory.profile import memory_profile
+from llama_smart_proxy.supervisor.memory.reader import read_header
 
 MIB = 1024**2
 EXACT_TOLERANCE = MIB

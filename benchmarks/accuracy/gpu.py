@@ -35,9 +35,9 @@ from benchmarks.accuracy.__main__ import default_models_dir
 from benchmarks.accuracy.cases import Case
 from benchmarks.accuracy.oracle import free_port, parse_server_log
 from benchmarks.accuracy.shapes import SHAPES
-from schemas.estimate import Estimate
-from supervisor.memory.placement import place
-from supervisor.memory.profile import DeviceBackend, memory_profile
+from llama_smart_proxy.schemas.estimate import Estimate
+from llama_smart_proxy.supervisor.memory.placement import place
+from llama_smart_proxy.supervisor.memory.profile import DeviceBackend, memory_profile
 
 MIB = 1024**2
 LOAD_TIMEOUT_S = 300.0

@@ -69,7 +69,7 @@ class Measurement:
 
 
 def find_llama_bin() -> Path:
-    from supervisor.llama_binary import find_llama_server
+    from llama_smart_proxy.supervisor.llama_binary import find_llama_server
 
     return find_llama_server().parent
 

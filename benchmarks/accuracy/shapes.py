@@ -20,7 +20,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-from schemas.header import ModelHeader, TensorInfo
+from llama_smart_proxy.schemas.header import ModelHeader, TensorInfo
 
 Q = gguf.GGMLQuantizationType
 Tensor = tuple[str, tuple[int, ...], Q]  # name, shape in ggml order (ne0 first), type

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from schemas.header import MetadataValue, ModelHeader
+from llama_smart_proxy.schemas.header import MetadataValue, ModelHeader
 
 # src/llama-model.cpp `create_memory`: these get no memory module at all (res = nullptr).
 NO_KV_ARCHITECTURES = frozenset(

@@ -24,13 +24,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from schemas.estimate import ComputeProfile
-from schemas.header import ModelHeader
+from llama_smart_proxy.schemas.estimate import ComputeProfile
+from llama_smart_proxy.schemas.header import ModelHeader
 
 if TYPE_CHECKING:
-    from schemas.config import FlashAttn
-    from supervisor.memory.architectures import Hyperparameters
-    from supervisor.memory.profile import Context, DeviceBackend
+    from llama_smart_proxy.schemas.config import FlashAttn
+    from llama_smart_proxy.supervisor.memory.architectures import Hyperparameters
+    from llama_smart_proxy.supervisor.memory.profile import Context, DeviceBackend
 
 MIB = 1024**2
 F32 = 4

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from schemas.estimate import DeviceMemory, Estimate, MemoryProfile
+from llama_smart_proxy.schemas.estimate import DeviceMemory, Estimate, MemoryProfile
 
 
 def layer_devices(n_layers: int, gpu_layers: int, tensor_split: Sequence[float]) -> list[int | None]:

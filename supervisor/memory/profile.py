@@ -33,11 +33,11 @@ from typing import Literal
 
 import gguf
 
-from schemas.config import ModelSpec
-from schemas.estimate import EstimateSettings, LayerMemory, MemoryProfile
-from schemas.header import ModelHeader, TensorInfo
-from supervisor.memory import compute
-from supervisor.memory.architectures import (
+from llama_smart_proxy.schemas.config import ModelSpec
+from llama_smart_proxy.schemas.estimate import EstimateSettings, LayerMemory, MemoryProfile
+from llama_smart_proxy.schemas.header import ModelHeader, TensorInfo
+from llama_smart_proxy.supervisor.memory import compute
+from llama_smart_proxy.supervisor.memory.architectures import (
     MTP_NEVER_LOADED_ARCHITECTURES,
     MTP_ON_REQUEST_ARCHITECTURES,
     NO_TIED_HEAD_ARCHITECTURES,

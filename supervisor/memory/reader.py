@@ -24,8 +24,8 @@ from pathlib import Path
 
 import gguf
 
-from schemas.header import MetadataValue, ModelHeader, TensorInfo
-from supervisor.errors import ModelFileError
+from llama_smart_proxy.schemas.header import MetadataValue, ModelHeader, TensorInfo
+from llama_smart_proxy.supervisor.errors import ModelFileError
 
 GGUF_MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)  # version 1 used 32-bit lengths; llama.cpp itself no longer reads it
@@ -116,7 +116,7 @@ def read_header(path: Path) -> ModelHeader:
 
 
 def _check_required(path: Path, architecture: str, metadata: dict[str, MetadataValue]) -> None:
-    from supervisor.memory.architectures import is_known_architecture
+    from llama_smart_proxy.supervisor.memory.architectures import is_known_architecture
 
     if not is_known_architecture(architecture):
         return

@@ -10,13 +10,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from schemas.config import BUILTIN_DEFAULTS, CacheType, FlashAttn, ModelSpec
-from schemas.estimate import DeviceMemory, Estimate, MemoryProfile
-from schemas.header import ModelHeader
-from schemas.units import format_bytes
-from supervisor.memory.placement import place
-from supervisor.memory.profile import DEVICE_OVERHEAD_BYTES, memory_profile
-from supervisor.memory.reader import read_header
+from llama_smart_proxy.schemas.config import BUILTIN_DEFAULTS, CacheType, FlashAttn, ModelSpec
+from llama_smart_proxy.schemas.estimate import DeviceMemory, Estimate, MemoryProfile
+from llama_smart_proxy.schemas.header import ModelHeader
+from llama_smart_proxy.schemas.units import format_bytes
+from llama_smart_proxy.supervisor.memory.placement import place
+from llama_smart_proxy.supervisor.memory.profile import DEVICE_OVERHEAD_BYTES, memory_profile
+from llama_smart_proxy.supervisor.memory.reader import read_header
 
 COLUMNS = (
     ("weights", "weights_bytes"),

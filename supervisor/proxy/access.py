@@ -17,9 +17,9 @@ import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
 
-from schemas.config import ProxySettings
-from supervisor.errors import UserError
-from supervisor.proxy.http import Headers, HttpError, header_value
+from llama_smart_proxy.schemas.config import ProxySettings
+from llama_smart_proxy.supervisor.errors import UserError
+from llama_smart_proxy.supervisor.proxy.http import Headers, HttpError, header_value
 
 
 class ApiKeyFileError(UserError):

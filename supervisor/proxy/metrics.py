@@ -13,7 +13,7 @@ import bisect
 from collections import defaultdict
 from collections.abc import Iterable
 
-from supervisor.proxy.backends import ModelState, Snapshot
+from llama_smart_proxy.supervisor.proxy.backends import ModelState, Snapshot
 
 LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 NO_MODEL = ""  # the model label of requests that named none we could route

@@ -14,9 +14,9 @@ import time
 from dataclasses import asdict
 from typing import Any
 
-from supervisor.proxy.backends import GpuStatus, ModelStatus, Snapshot
-from supervisor.proxy.http import HttpError, Reply, json_reply, unknown_model_error
-from supervisor.proxy.metrics import ProxyMetrics, render
+from llama_smart_proxy.supervisor.proxy.backends import GpuStatus, ModelStatus, Snapshot
+from llama_smart_proxy.supervisor.proxy.http import HttpError, Reply, json_reply, unknown_model_error
+from llama_smart_proxy.supervisor.proxy.metrics import ProxyMetrics, render
 
 OWNED_BY = "llama-smart-proxy"
 ADMIN_PREFIX = b"/admin/"

@@ -29,11 +29,11 @@ import anyio.to_thread
 import h11
 from anyio.abc import SocketAttribute, SocketListener, TaskStatus
 
-from schemas.config import ProxySettings, parse_listen
-from supervisor.proxy import routes
-from supervisor.proxy.access import UNAUTHORIZED, ApiKeys, Cors, is_loopback
-from supervisor.proxy.backends import BackendError, Backends, ModelUnavailable
-from supervisor.proxy.http import (
+from llama_smart_proxy.schemas.config import ProxySettings, parse_listen
+from llama_smart_proxy.supervisor.proxy import routes
+from llama_smart_proxy.supervisor.proxy.access import UNAUTHORIZED, ApiKeys, Cors, is_loopback
+from llama_smart_proxy.supervisor.proxy.backends import BackendError, Backends, ModelUnavailable
+from llama_smart_proxy.supervisor.proxy.http import (
     MAX_HEADER_BYTES,
     MODEL_ROUTES,
     READ_SIZE,
@@ -51,9 +51,9 @@ from supervisor.proxy.http import (
     upstream_request_headers,
     upstream_route,
 )
-from supervisor.proxy.metrics import NO_MODEL, ProxyMetrics
-from supervisor.proxy.sockets import Socket, accept
-from supervisor.proxy.upstream import UpstreamConnection, UpstreamError, UpstreamPool
+from llama_smart_proxy.supervisor.proxy.metrics import NO_MODEL, ProxyMetrics
+from llama_smart_proxy.supervisor.proxy.sockets import Socket, accept
+from llama_smart_proxy.supervisor.proxy.upstream import UpstreamConnection, UpstreamError, UpstreamPool
 
 log = logging.getLogger("llama-smart-proxy.proxy")
 

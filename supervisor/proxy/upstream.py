@@ -20,9 +20,9 @@ from collections.abc import Callable
 import anyio
 import h11
 
-from supervisor.proxy.backends import Upstream
-from supervisor.proxy.http import READ_SIZE
-from supervisor.proxy.sockets import Socket, connect
+from llama_smart_proxy.supervisor.proxy.backends import Upstream
+from llama_smart_proxy.supervisor.proxy.http import READ_SIZE
+from llama_smart_proxy.supervisor.proxy.sockets import Socket, connect
 
 log = logging.getLogger("llama-smart-proxy.upstream")
 

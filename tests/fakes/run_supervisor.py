@@ -14,10 +14,10 @@ from pathlib import Path
 
 import anyio
 
-from supervisor import process_group
-from supervisor.children import supervise
-from supervisor.ports import PortPool
-from supervisor.process import Child
+from llama_smart_proxy.supervisor import process_group
+from llama_smart_proxy.supervisor.children import supervise
+from llama_smart_proxy.supervisor.ports import PortPool
+from llama_smart_proxy.supervisor.process import Child
 from tests.fakes.supervision import cpu_spec, quick_settings
 
 

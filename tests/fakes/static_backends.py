@@ -20,9 +20,9 @@ import anyio
 import anyio.from_thread
 import httpx
 
-from schemas.config import ProxySettings
-from supervisor.proxy.backends import ModelState, ModelStatus, ModelUnavailable, Snapshot, UnknownModel, Upstream
-from supervisor.proxy.server import ProxyServer
+from llama_smart_proxy.schemas.config import ProxySettings
+from llama_smart_proxy.supervisor.proxy.backends import ModelState, ModelStatus, ModelUnavailable, Snapshot, UnknownModel, Upstream
+from llama_smart_proxy.supervisor.proxy.server import ProxyServer
 from tests.helpers import free_port, wait_for
 
 FAKE_SERVER = Path(__file__).with_name("fake_llama_server.py")

@@ -19,9 +19,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from schemas.config import LlamaServerSettings
-from schemas.launch import LaunchSpec
-from supervisor.ports import is_port_free
+from llama_smart_proxy.schemas.config import LlamaServerSettings
+from llama_smart_proxy.schemas.launch import LaunchSpec
+from llama_smart_proxy.supervisor.ports import is_port_free
 
 FAKE_SERVER = Path(__file__).with_name("fake_llama_server.py")
 WRAPPER_PID_PREFIX = "forking-wrapper: child pid "
