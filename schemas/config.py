@@ -163,6 +163,24 @@ class LlamaServerSettings(Contract):
     stable_after: Duration = Field(
         60.0, description="A child ready this long resets its restart delay."
     )
+    health_interval: Duration = Field(
+        10.0,
+        description="How often a ready child is probed: GET /health while idle, GET /slots "
+        "(answered by its inference loop) while it holds requests.",
+    )
+    health_timeout: Duration = Field(5.0, description="How long one probe may take.")
+    health_failures: int = Field(
+        3,
+        ge=1,
+        description="Unanswered probes in a row that mark an idle child wedged: it is killed and "
+        "restarted, counted as a crash.",
+    )
+    stall_timeout: Duration = Field(
+        120.0,
+        description="A child holding requests is hung when, this long, none of them received "
+        "data and it did not answer GET /slots: it is killed and restarted, counted as a crash. "
+        "Keep it above the longest single batch of your slowest model (huge models on the CPU).",
+    )
 
     @field_validator("port_range")
     @classmethod

@@ -10,7 +10,10 @@ Rules kept here:
   ready `stable_after` seconds before it died; jitter only shortens it (by up to `JITTER`), so the
   configured maximum is a true maximum;
 - a load has two deadlines: a stall timer reset by any progress (a log line, a change in /health)
-  and a hard cap, as ollama's `OLLAMA_LOAD_TIMEOUT` does (research/perf_reliability.md §3).
+  and a hard cap, as ollama's `OLLAMA_LOAD_TIMEOUT` does (research/perf_reliability.md §3);
+- a ready child is alive while it answers its probes (`Liveness`): an idle one must answer
+  GET /health, a busy one must show progress (data to a request, or an answer to GET /slots, which
+  llama-server gives from its inference loop between two batches) within the stall time.
 """
 
 from __future__ import annotations
@@ -48,6 +51,8 @@ class ChildEvent(enum.Enum):
     """The stopping child is gone and reaped."""
     RESET = "reset"
     """Clear a crash loop."""
+    REFUSED = "refused"
+    """The memory ledger has no room for the start and waiting cannot make any: nothing spawned."""
 
 
 S, E = ChildState, ChildEvent
@@ -58,6 +63,7 @@ TRANSITIONS: dict[tuple[ChildState, ChildEvent], ChildState] = {
     (S.STARTING, E.DIED): S.BACKOFF,
     (S.STARTING, E.GAVE_UP): S.FAILED,
     (S.STARTING, E.STOP): S.STOPPING,
+    (S.STARTING, E.REFUSED): S.STOPPED,
     (S.READY, E.DIED): S.BACKOFF,
     (S.READY, E.GAVE_UP): S.FAILED,
     (S.READY, E.STOP): S.STOPPING,
@@ -150,5 +156,52 @@ class LoadDeadline:
         if now - self.last_progress >= self.stall_s:
             return (
                 f"no progress while loading for {self.stall_s:g} s (llama_server.load_stall_timeout)"
+            )
+        return None
+
+
+@dataclass
+class Liveness:
+    """Whether a ready child still works, judged from its probes and its requests' progress.
+
+    Slow is not hung: a long prompt sends no data for minutes, but llama-server's inference loop
+    still answers GET /slots between two batches. So an idle child is wedged after `failures`
+    unanswered GET /health probes in a row (a stopped or deadlocked process), and a busy one is hung
+    once `stall_s` pass with neither data for any of its requests nor an answer to GET /slots.
+    /health alone cannot tell: llama-server answers it from an HTTP thread even while inference
+    hangs. A busy child's /health misses do not count: its HTTP threads may all hold requests.
+    """
+
+    failures: int
+    stall_s: float
+    misses: int = 0
+    last_progress: float = 0.0
+    busy: bool = False
+
+    def probed(self, now: float, *, busy: bool, answered: bool, progress_at: float = 0.0) -> str | None:
+        """Record one probe's outcome at `now`; why the child must be restarted, or None.
+
+        `busy`: requests are in flight; `progress_at`: when one of them last received data.
+        """
+        if busy and not self.busy:
+            self.last_progress = now  # a busy period starts with a clean clock
+        self.busy = busy
+        self.last_progress = max(self.last_progress, progress_at)
+        if answered:
+            self.misses = 0
+            self.last_progress = now
+            return None
+        if busy:
+            if now - self.last_progress >= self.stall_s:
+                return (
+                    f"hung: it held requests with no data sent and no answer to GET /slots for "
+                    f"{self.stall_s:g} s (llama_server.stall_timeout)"
+                )
+            return None
+        self.misses += 1
+        if self.misses >= self.failures:
+            return (
+                f"wedged: {self.misses} health probes in a row got no answer "
+                f"(llama_server.health_failures)"
             )
         return None

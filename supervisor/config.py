@@ -63,6 +63,8 @@ class LoadedConfig:
     """Every file read: the config itself, then its includes. A reload watches these."""
     digest: str = ""
     """files_digest of the bytes read: a save is new when the files no longer give this."""
+    include_patterns: tuple[str, ...] = field(default=())
+    """The `include` globs, absolute: a new file that matches one is a change too."""
 
 
 @dataclass
@@ -158,6 +160,9 @@ def load_config(
         path=path,
         files=tuple(s.path for s in sources),
         digest=files_digest((s.path, s.raw) for s in sources),
+        include_patterns=tuple(
+            str(main.path.parent / p) for p in main.data.get("include", []) if isinstance(p, str)
+        ),
     )
 
 

@@ -1,12 +1,10 @@
-"""Which idle on-demand models to stop so another one fits; pure, no I/O.
+"""Which idle on-demand models to stop so that a start gets its memory; pure, no I/O.
 
-Memory decides, never a count: a model may start when, on every GPU of its planned placement,
-the bytes already committed to running models plus its own estimate stay within the GPU's usable
-bytes (free at planning time minus the reserve). Candidates are running on-demand models that
-share a GPU with it; a model with requests in flight is never a candidate (its callers wait).
-Lowest priority goes first, then the least recently used, and stopping ends as soon as the model
-fits. When even every candidate would not make room, nothing is stopped: the caller waits for a
-busy model to become idle instead.
+The one rule every start follows (first start, restart, on-demand load, reload, admin): when the
+memory ledger lacks bytes on some GPU, stop idle on-demand models that hold memory there, lowest
+priority first, then the least recently used, and only as many as cover what is missing. A model
+with requests in flight or waiting is never a candidate (the caller decides that). When even
+every candidate would not cover it, nothing is stopped.
 """
 
 from __future__ import annotations
@@ -16,57 +14,29 @@ from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
-class Resident:
-    """A running child as eviction sees it."""
+class Occupant:
+    """A model whose child holds memory, as eviction sees it."""
 
     name: str
     bytes_by_gpu: Mapping[int, int]
     priority: int
     last_used: float
-    evictable: bool
-    """On-demand and idle (no request in flight or queued)."""
 
 
-@dataclass(frozen=True)
-class Verdict:
-    fits: bool
-    evict: tuple[str, ...] = ()
-    short_by_gpu: Mapping[int, int] | None = None
-    """When it cannot fit even after every possible eviction: bytes missing per GPU."""
-
-
-def make_room(
-    need: Mapping[int, int], usable: Mapping[int, int], running: Sequence[Resident]
-) -> Verdict:
-    """What to stop so that `need` (bytes per GPU) fits next to `running`."""
-    committed = {gpu: 0 for gpu in need}
-    for model in running:
-        for gpu, size in model.bytes_by_gpu.items():
-            if gpu in committed:
-                committed[gpu] += size
-
-    def over() -> dict[int, int]:
-        excess = {g: committed[g] + need[g] - usable.get(g, 0) for g in need}
-        return {g: bytes_ for g, bytes_ in excess.items() if bytes_ > 0}
-
-    if not over():
-        return Verdict(fits=True)
-    candidates = sorted(
-        (m for m in running if m.evictable and any(g in need for g in m.bytes_by_gpu)),
-        key=lambda m: (m.priority, m.last_used, m.name),
-    )
+def choose_victims(short_by_gpu: Mapping[int, int], candidates: Sequence[Occupant]) -> tuple[str, ...] | None:
+    """The candidates to stop so that `short_by_gpu` (bytes missing per GPU) is covered, in the
+    order chosen; None when stopping them all would not cover it."""
+    short = {gpu: size for gpu, size in short_by_gpu.items() if size > 0}
     chosen: list[str] = []
-    for model in candidates:
-        if not over():
+    for model in sorted(candidates, key=lambda m: (m.priority, m.last_used, m.name)):
+        if not short:
             break
-        # skip a model that frees nothing on a GPU still short
-        if not any(model.bytes_by_gpu.get(g, 0) > 0 for g in over()):
+        # a model that frees nothing on a GPU still short is not stopped for nothing
+        if not any(model.bytes_by_gpu.get(gpu, 0) > 0 for gpu in short):
             continue
         chosen.append(model.name)
         for gpu, size in model.bytes_by_gpu.items():
-            if gpu in committed:
-                committed[gpu] -= size
-    still_over = over()
-    if still_over:
-        return Verdict(fits=False, short_by_gpu=still_over)
-    return Verdict(fits=True, evict=tuple(chosen))
+            if gpu in short:
+                short[gpu] -= size
+        short = {gpu: size for gpu, size in short.items() if size > 0}
+    return tuple(chosen) if not short else None

@@ -1,4 +1,5 @@
-"""Ask a child `GET /health` once, over a fresh loopback connection, with h11.
+"""Ask a child `GET /health` (or another path, e.g. /slots) once, over a fresh loopback
+connection, with h11.
 
 A fresh connection per probe: llama-server closes idle keep-alive connections after about 5 s
 (DESIGN.md), and a probe every 150 ms costs less than tracking that. Only the status line is read.
@@ -12,11 +13,13 @@ import h11
 from llama_smart_proxy.supervisor.launch import CHILD_HOST
 
 
-async def probe_health(port: int, *, timeout_s: float, host: str = CHILD_HOST) -> int | None:
-    """The status code of GET /health, or None when nothing answered in `timeout_s`."""
+async def probe_health(
+    port: int, *, timeout_s: float, path: str = "/health", host: str = CHILD_HOST
+) -> int | None:
+    """The status code of GET `path`, or None when nothing answered in `timeout_s`."""
     connection = h11.Connection(h11.CLIENT)
     request = h11.Request(
-        method="GET", target="/health", headers=[("Host", f"{host}:{port}"), ("Connection", "close")]
+        method="GET", target=path, headers=[("Host", f"{host}:{port}"), ("Connection", "close")]
     )
     with anyio.move_on_after(timeout_s):
         try:

@@ -13,7 +13,13 @@ Rules kept here:
   completes a crash loop: then the state is FAILED, nothing is spawned, and the reason is kept
   until `reset()`; "couldn't bind" from the child is a taken port: retried at once on another
   port, not a death;
-- every output line goes to our log as "[model] line"; the last `LOG_TAIL_LINES` stay in memory.
+- every output line goes to our log as "[model] line"; the last `LOG_TAIL_LINES` stay in memory;
+- a process is spawned only with memory reserved for it (`ChildOwner.reserve`, right before the
+  spawn), held until the process is reaped; no room means no spawn (REFUSED), never a guess;
+- the moment the process exits, or is judged wedged or hung (`Liveness`), the child stops taking
+  requests (`accepts_requests`), before its last output is drained and the death is counted;
+- a ready child is probed every `health_interval`; one judged wedged or hung is killed and goes
+  down the crash path (a counted death, a restart after backoff).
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Protocol
 
 import anyio
 from anyio.abc import ByteReceiveStream, Process, TaskStatus
@@ -38,13 +44,15 @@ from llama_smart_proxy.supervisor.child_state import (
     ChildEvent,
     ChildState,
     CrashHistory,
+    Liveness,
     LoadDeadline,
     next_state,
 )
 from llama_smart_proxy.supervisor.health_probe import probe_health
 from llama_smart_proxy.supervisor.launch import build_command
+from llama_smart_proxy.supervisor.ledger import NoRoom
 from llama_smart_proxy.supervisor.ports import NoFreePort, PortPool
-from llama_smart_proxy.supervisor.process_group import spawn_in_group, stop_group
+from llama_smart_proxy.supervisor.process_group import signal_group, spawn_in_group, stop_group
 
 log = logging.getLogger("llama-smart-proxy.process")
 output_log = logging.getLogger("llama-smart-proxy.llama-server")
@@ -91,6 +99,51 @@ class ChildStopped(ChildError):
     """The model was stopped (or its supervisor ended) while a caller waited for it."""
 
 
+class ChildRefused(ChildError):
+    """The start waited for could not get its memory (`reason` names the GPUs and bytes); nothing
+    was spawned, and nothing will be until someone asks again."""
+
+
+class Hold(Protocol):
+    """Memory held for one process (supervisor.ledger.Reservation)."""
+
+    def release(self) -> None: ...
+
+
+class ChildOwner(Protocol):
+    """What a child asks of whoever runs it: memory, whether it is busy, and who to tell of changes."""
+
+    async def reserve(self, child: Child) -> Hold:
+        """Memory for one spawn; may wait for room, raises NoRoom when there can be none."""
+        ...
+
+    def activity(self, child: Child) -> tuple[bool, float]:
+        """(requests in flight now, when one last received data: anyio.current_time())."""
+        ...
+
+    def changed(self, child: Child) -> None:
+        """The child's state changed, or its process exited."""
+        ...
+
+
+class _NothingHeld:
+    def release(self) -> None:
+        pass
+
+
+class Unowned:
+    """A child on its own (tests, tools): no ledger, never busy, nobody to tell."""
+
+    async def reserve(self, child: Child) -> Hold:
+        return _NothingHeld()
+
+    def activity(self, child: Child) -> tuple[bool, float]:
+        return False, 0.0
+
+    def changed(self, child: Child) -> None:
+        pass
+
+
 @dataclass(frozen=True)
 class ChildSnapshot:
     """One child as /status shows it; plain values only."""
@@ -107,9 +160,9 @@ class ChildSnapshot:
 
 @dataclass(frozen=True)
 class _Outcome:
-    """How one spawn ended: stopped on request, died, or its port was taken."""
+    """How one spawn ended: stopped on request, died, its port was taken, or no memory for it."""
 
-    kind: Literal["stopped", "died", "port_taken"]
+    kind: Literal["stopped", "died", "port_taken", "refused"]
     reason: str = ""
     ready_for_s: float = 0.0
 
@@ -143,12 +196,14 @@ class Child:
         binary: Path,
         ports: PortPool,
         *,
+        owner: ChildOwner | None = None,
         rng: random.Random | None = None,
     ):
         self.spec = spec
         self.settings = settings
         self.binary = binary
         self.ports = ports
+        self._owner: ChildOwner = owner or Unowned()
         # a spec llama-server cannot be given fails here, where its owner can report it, and not
         # inside run(), where it would end the task group of every model
         build_command(spec, binary=binary, port=ports.first, settings=settings)
@@ -168,6 +223,8 @@ class Child:
         )
         self._attempts = 0
         self._failed_attempt = 0
+        self._refused_attempt = 0
+        self._process_alive = False
         self._stops = 0
         self._restarts = 0
         self._next_delay_s = 0.0
@@ -195,6 +252,11 @@ class Child:
     @property
     def pid(self) -> int | None:
         return self._pid
+
+    @property
+    def accepts_requests(self) -> bool:
+        """Ready, and its process neither exited nor judged wedged: requests may go to `port`."""
+        return self._state is ChildState.READY and self._process_alive
 
     @property
     def port(self) -> int | None:
@@ -263,15 +325,13 @@ class Child:
             return
         if self._state is ChildState.FAILED:
             raise ChildFailed(self.name, self._last_error or "failed")
-        # the start this call waits for: the one under way, else the next one
-        attempt = self._attempts if self._state is ChildState.STARTING else self._attempts + 1
-        self._want_up = True
-        self._notify()
+        attempt = self.start_soon()
 
         def settled(child: Child) -> bool:
             return (
                 child._state in (ChildState.READY, ChildState.FAILED)
                 or child._failed_attempt >= attempt
+                or child._refused_attempt >= attempt
                 or not child._want_up
                 or not child._running
             )
@@ -281,9 +341,25 @@ class Child:
             return
         if self._state is ChildState.FAILED:
             raise ChildFailed(self.name, self._last_error or "failed")
+        if self._refused_attempt >= attempt:
+            raise ChildRefused(self.name, self._last_error or "no memory")
         if self._failed_attempt >= attempt:
             raise ChildStartError(self.name, self._last_error or "the start failed")
         raise ChildStopped(self.name, "stopped while waiting for it to become ready")
+
+    def start_soon(self) -> int:
+        """Want the child up, without waiting; returns the start attempt that will bring it up
+        (the one under way, else the next), to ask `refused()` about. A FAILED child stays down."""
+        self._check_running()
+        attempt = self._attempts if self._state is ChildState.STARTING else self._attempts + 1
+        if self._state is not ChildState.FAILED:
+            self._want_up = True
+            self._notify()
+        return attempt
+
+    def refused(self, attempt: int) -> str | None:
+        """Why start `attempt` got no memory (nothing was spawned), or None."""
+        return self._last_error if self._refused_attempt >= attempt else None
 
     async def stop(self) -> None:
         """Stop the child (SIGTERM, stop_grace, SIGKILL, reaped) and keep it down; idempotent."""
@@ -345,6 +421,7 @@ class Child:
         self._state = new
         self._transitions += 1
         self._notify()
+        self._owner.changed(self)
 
     def _running_clock(self) -> float:
         """Seconds this child has been ready, over all its lives: the crash-loop clock."""
@@ -360,6 +437,13 @@ class Child:
             while True:
                 outcome = await self._spawn_and_watch()
                 if outcome.kind == "stopped":
+                    return
+                if outcome.kind == "refused":
+                    self._want_up = False
+                    self._refused_attempt = self._attempts
+                    self._last_error = outcome.reason
+                    log.warning("model %s: not started: %s", self.name, outcome.reason)
+                    self._transition(ChildEvent.REFUSED)
                     return
                 if outcome.kind == "port_taken" and port_retries < MAX_PORT_RETRIES:
                     port_retries += 1
@@ -412,7 +496,37 @@ class Child:
         return True
 
     async def _spawn_and_watch(self) -> _Outcome:
-        """One child process from spawn to reaped; the state is STARTING on entry."""
+        """One child process from its memory reservation to reaped; the state is STARTING on entry.
+
+        The reservation is taken before the spawn and released only after the reap."""
+        hold: Hold | None = None
+        try:
+            with anyio.CancelScope() as phase:
+                self._phase = phase
+                if not self._want_up:
+                    phase.cancel()
+                try:
+                    hold = await self._owner.reserve(self)
+                except NoRoom as exc:
+                    return _Outcome("refused", exc.reason)
+                finally:
+                    self._phase = None
+            if hold is None:  # stopped while it waited for memory: nothing was spawned
+                self._transition(ChildEvent.STOP)
+                self._transition(ChildEvent.EXITED)
+                return _STOPPED
+            return await self._spawn_holding()
+        except BaseException:
+            if self._state is ChildState.STARTING:  # cancelled from outside before any spawn
+                self._transition(ChildEvent.STOP)
+                self._transition(ChildEvent.EXITED)
+            raise
+        finally:
+            if hold is not None:
+                hold.release()
+
+    async def _spawn_holding(self) -> _Outcome:
+        """One child process from spawn to reaped, its memory already reserved."""
         try:
             port = self.ports.acquire()
         except NoFreePort as exc:
@@ -427,6 +541,7 @@ class Child:
             self.ports.release(port)
             return _Outcome("died", f"cannot start {self.binary}: {exc}")
         self._pid, self._port = process.pid, port
+        self._process_alive = True
         log.info(
             "model %s: started pid %d on port %d (CUDA_VISIBLE_DEVICES=%r): %s",
             self.name, process.pid, port, command.env["CUDA_VISIBLE_DEVICES"], shlex.join(command.argv),
@@ -445,7 +560,7 @@ class Child:
                             phase.cancel()
                         outcome = await self._load(process, port, started, exited, output_done, first_line)
                         if outcome is None:
-                            outcome = await self._serve(process, started, exited, output_done, first_line)
+                            outcome = await self._serve(process, port, started, exited, output_done, first_line)
                     if phase.cancelled_caught:
                         outcome = None  # a stop: whatever the child did meanwhile is no death
                 except BaseException:
@@ -465,6 +580,7 @@ class Child:
                 await process.aclose()
             self.ports.release(port)
             self._pid = self._port = None
+            self._process_alive = False
             if self._state is ChildState.STOPPING:
                 self._transition(ChildEvent.EXITED)
         return outcome or _STOPPED
@@ -511,24 +627,52 @@ class Child:
     async def _serve(
         self,
         process: Process,
+        port: int,
         started: float,
         exited: anyio.Event,
         output_done: anyio.Event,
         first_line: int,
     ) -> _Outcome:
-        """Ready until the child exits on its own."""
+        """Ready until the child exits on its own, or is killed for failing its liveness probes."""
         self._load_seconds = time.monotonic() - started
         self._transition(ChildEvent.HEALTHY)
         log.info("model %s: ready in %.1f s on port %d", self.name, self._load_seconds, self._port)
-        await exited.wait()
+        wedged = await self._watch_liveness(port, exited)
+        if wedged is not None:
+            self._process_alive = False
+            self._owner.changed(self)
+            log.error("model %s: %s; killing it", self.name, wedged)
+            signal_group(process.pid, signal.SIGKILL)  # a stopped process would not act on SIGTERM
+            await exited.wait()
         ready_for = time.monotonic() - (self._ready_since or started)
         await self._drain(output_done)
-        return _Outcome(
-            "died",
-            f"llama-server {describe_exit(process.returncode)} while serving"
-            + self._quote_output(first_line),
-            ready_for_s=ready_for,
-        )
+        reason = wedged or f"llama-server {describe_exit(process.returncode)} while serving"
+        return _Outcome("died", reason + self._quote_output(first_line), ready_for_s=ready_for)
+
+    async def _watch_liveness(self, port: int, exited: anyio.Event) -> str | None:
+        """Probe the ready child until it exits (None) or is judged wedged or hung (why)."""
+        settings = self.settings
+        liveness = Liveness(failures=settings.health_failures, stall_s=settings.stall_timeout)
+        verdict: str | None = None
+        async with anyio.create_task_group() as race:
+
+            async def probe_forever() -> None:
+                nonlocal verdict
+                while verdict is None:
+                    await anyio.sleep(settings.health_interval)
+                    busy, progress_at = self._owner.activity(self)
+                    # /slots is answered by the inference loop, /health by an HTTP thread
+                    path = "/slots" if busy else "/health"
+                    status = await probe_health(port, path=path, timeout_s=settings.health_timeout)
+                    verdict = liveness.probed(
+                        anyio.current_time(), busy=busy, answered=status is not None, progress_at=progress_at
+                    )
+                race.cancel_scope.cancel()
+
+            race.start_soon(probe_forever)
+            await exited.wait()
+            race.cancel_scope.cancel()
+        return verdict
 
     async def _probe_unless_exited(self, port: int, exited: anyio.Event) -> int | None:
         """Probe /health, but give up the moment the child exits: a port taken by another program
@@ -548,7 +692,10 @@ class Child:
 
     async def _watch_exit(self, process: Process, exited: anyio.Event) -> None:
         await process.wait()
+        self._process_alive = False  # before its output is drained: take no request meanwhile
         exited.set()
+        self._notify()
+        self._owner.changed(self)
 
     async def _drain(self, output_done: anyio.Event) -> None:
         with anyio.move_on_after(OUTPUT_DRAIN_S):

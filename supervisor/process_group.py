@@ -28,6 +28,7 @@ import subprocess
 import sys
 
 import anyio
+import anyio.to_thread
 from anyio.abc import Process
 
 from llama_smart_proxy.supervisor.launch import Command
@@ -110,20 +111,25 @@ def group_has_live_members(pgid: int) -> bool:
 async def stop_group(process: Process, grace_s: float) -> None:
     """SIGTERM the group, give it `grace_s` to empty, SIGKILL what is left, reap the leader.
 
-    Callers shield this from cancellation: a child is reaped whatever happens.
+    Callers shield this from cancellation: a child is reaped whatever happens. Looking for the
+    group's members reads every /proc entry: it runs in a worker thread, off the event loop.
     """
     pgid = process.pid  # the leader of a new session: its pid is the group's id
     if signal_group(pgid, signal.SIGTERM):
         with anyio.move_on_after(grace_s):
             await process.wait()
-            while group_has_live_members(pgid):
+            while await _group_alive(pgid):
                 await anyio.sleep(GROUP_POLL_S)
     # once the leader is reaped and the group empty its pid may be reused: signal only a live group
-    if process.returncode is None or group_has_live_members(pgid):
+    if process.returncode is None or await _group_alive(pgid):
         signal_group(pgid, signal.SIGKILL)
     await process.wait()
     # SIGKILL is delivered at once but a process takes a moment to go; we cannot wait() for a
     # grandchild, so look until the group is empty, for a bounded time (D state can outlast it)
     with anyio.move_on_after(KILL_WAIT_S):
-        while group_has_live_members(pgid):
+        while await _group_alive(pgid):
             await anyio.sleep(GROUP_POLL_S / 5)
+
+
+async def _group_alive(pgid: int) -> bool:
+    return await anyio.to_thread.run_sync(group_has_live_members, pgid)

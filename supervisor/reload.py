@@ -10,7 +10,9 @@ accident: remove it from the config to remove it.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
+from llama_smart_proxy.schemas.config import Config
 from llama_smart_proxy.schemas.plan import ModelPlan, Plan
 
 
@@ -71,3 +73,54 @@ def refusal(old: Plan, new: Plan) -> str | None:
 
 def _policy(model: ModelPlan) -> tuple[object, ...]:
     return (model.aliases, model.mode, model.priority, model.placement, model.gpus)
+
+
+# Settings a running service cannot apply at once: what happens to each, in words.
+DEFERRED = {
+    ("proxy", "listen"): "takes effect at the next start of the service (the listening socket stays)",
+    ("proxy", "max_connections"): "takes effect at the next start of the service",
+    **{
+        ("llama_server", key): "applies to children started from now on; running ones keep theirs"
+        for key in (
+            "port_range", "load_timeout", "load_stall_timeout", "stop_grace", "restart_delay",
+            "restart_delay_max", "crash_loop_deaths", "crash_loop_window", "stable_after",
+            "health_interval", "health_timeout", "health_failures", "stall_timeout",
+        )
+    },
+}  # fmt: skip
+
+
+def deferred_settings(old: Config, new: Config) -> list[str]:
+    """The changed settings that a reload does not apply at once, each with what happens to it."""
+    lines = []
+    for (section, key), what in DEFERRED.items():
+        before, after = getattr(getattr(old, section), key), getattr(getattr(new, section), key)
+        if before != after:
+            lines.append(f"{section}.{key} {_shown(before)} -> {_shown(after)}: {what}")
+    return lines
+
+
+def _shown(value: object) -> str:
+    return "[" + ", ".join(map(str, value)) + "]" if isinstance(value, tuple | list) else str(value)
+
+
+@dataclass(frozen=True)
+class ReloadRecord:
+    """What the last reload did, for /status and the logs."""
+
+    time: float
+    ok: bool
+    summary: str
+    applied: tuple[str, ...] = ()
+    """One line per model the reload acted on ("restart a", "start b (its start failed: ...)")."""
+    deferred: tuple[str, ...] = ()
+    """Changed settings that take effect only at a later start."""
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "time": self.time,
+            "ok": self.ok,
+            "summary": self.summary,
+            "applied": list(self.applied),
+            "deferred": list(self.deferred),
+        }

@@ -1,19 +1,20 @@
 """The running models: what the proxy leases, what reloads change, what eviction and TTL stop.
 
-`Runtime` is the proxy's `Backends`. It owns one `ModelRuntime` per configured model (its plan
-entry, its supervised `Child`, its in-flight and queued requests) and is the only writer of them.
-
-Rules kept here:
-- routing is a dict swapped whole: a reload switches every name and alias in one step;
-- a request waits for its model in a bounded queue (queue_limit, queue_timeout) and never hangs:
-  a full queue, a timeout or a failed model is `ModelUnavailable`, answered 503 + Retry-After;
-- memory decides on-demand starts: a model is started only once its planned bytes fit next to
-  the models already committed to its GPUs, stopping idle on-demand models if that makes room
-  (supervisor/eviction.py); the decision and the commitment happen under one lock, so two first
-  requests start a model once, and a busy model is never stopped (callers wait instead);
-- a reload never touches a model whose launch is unchanged; a changed or removed model stops
-  taking requests, finishes its in-flight ones (up to drain_timeout), then stops; its successor
-  starts only after that, since it needs the same memory.
+`Runtime` is the proxy's `Backends`. It owns one `ModelEntry` per configured model (its plan
+entry and its supervised `Child`) plus the predecessors a reload retired that still drain, and it
+is their only writer. Each promise has one owner that every path passes through:
+- memory: the `MemoryLedger` (supervisor/ledger.py). A child asks `Runtime.reserve` right before
+  each spawn; a start that does not fit stops idle on-demand models (supervisor/eviction.py),
+  waits while only models that will go away (busy on-demand, retiring, stopping) are in its way,
+  and is refused with the GPUs and bytes otherwise. Decisions are made under one lock;
+- admission: one `Admission` per model name (supervisor/admission.py), kept across reloads;
+  `lease()` takes a queue place while it waits and a permit while it runs, both returned on
+  every path; a request never waits unbounded (queue_limit, queue_timeout);
+- routing: the `RoutingTable` (supervisor/routing.py), swapped whole by a reload;
+- reload: `stage()` builds everything a new config needs without side effects (or raises);
+  `apply()` then acts on the difference and cannot fail as a whole: a changed or removed model
+  stops taking requests, finishes its in-flight ones (up to drain_timeout), then stops, and its
+  successor starts once it is reaped, since it needs the same memory.
 """
 
 from __future__ import annotations
@@ -29,61 +30,70 @@ import anyio
 from anyio.abc import TaskGroup, TaskStatus
 
 from llama_smart_proxy.schemas.config import ModelSpec
-from llama_smart_proxy.schemas.plan import ModelPlan
+from llama_smart_proxy.schemas.plan import ModelPlan, Plan
+from llama_smart_proxy.supervisor.admission import Admission, QueueFull
 from llama_smart_proxy.supervisor.child_state import ChildState
 from llama_smart_proxy.supervisor.children import Children
-from llama_smart_proxy.supervisor.eviction import Resident, make_room
+from llama_smart_proxy.supervisor.eviction import Occupant, choose_victims
+from llama_smart_proxy.supervisor.gpu_sampler import GpuSampler
+from llama_smart_proxy.supervisor.launch import CHILD_HOST
+from llama_smart_proxy.supervisor.ledger import MemoryLedger, NoRoom, Reservation, describe_bytes
 from llama_smart_proxy.supervisor.planning import Prepared
 from llama_smart_proxy.supervisor.ports import PortPool
-from llama_smart_proxy.supervisor.process import Child, ChildError, ChildFailed
+from llama_smart_proxy.supervisor.process import Child, ChildError, ChildRefused, ChildStartError, ChildStopped
 from llama_smart_proxy.supervisor.proxy.backends import (
     ActionRefused,
     GpuStatus,
     ModelState,
     ModelStatus,
     ModelUnavailable,
+    Progress,
     Snapshot,
     UnknownModel,
     Upstream,
+    UpstreamUnreachable,
 )
-from llama_smart_proxy.supervisor.reload import PlanDiff, diff_plans
+from llama_smart_proxy.supervisor.reload import PlanDiff, ReloadRecord, deferred_settings, diff_plans
+from llama_smart_proxy.supervisor.routing import RoutingTable
 
 log = logging.getLogger("llama-smart-proxy.runtime")
 
-CHILD_HOST = "127.0.0.1"
 TTL_CHECK_S = 1.0
 RETRY_AFTER_LOADING_S = 2.0
 RETRY_AFTER_FAILED_S = 30.0
+UNREACHABLE_NOTICE_S = 1.0
+"""After a child's port refused a connection, how long to wait for its exit to be noticed before
+the request is answered 502 (a refused connection from a live child is not a death)."""
 
 
 @dataclass(eq=False)
-class ModelRuntime:
-    """One configured model now. Mutated by `Runtime` only."""
+class ModelEntry:
+    """One model as configured now, or a predecessor a reload retired that still drains."""
 
     spec: ModelSpec
     plan: ModelPlan
-    child: Child | None
+    admission: Admission
+    """Shared by every entry of this name, across reloads."""
+    child: Child | None = None
     """None when the plan could not place the model."""
     gate: anyio.Event = field(default_factory=anyio.Event)
-    """Set once the child may start: a reload's successor waits here for its predecessor to stop."""
-    committed: bool = False
-    """Counted against its GPUs' memory: started, or about to be."""
-    draining: bool = False
+    """Set once the child may start: a reload's successor waits here for its predecessor's reap."""
+    retiring: bool = False
+    """Replaced or removed by a reload: takes no new requests, stops once drained."""
+    stopping: bool = False
+    """Being stopped on purpose (evicted, idle past its TTL, unloaded): takes no new requests."""
     in_flight: int = 0
-    queued: int = 0
+    """Requests this entry's child serves now (the admission counts the model's, all entries)."""
     last_used: float = field(default_factory=time.monotonic)
-    limiter: anyio.Semaphore | None = None
-    watchers: set[anyio.CancelScope] = field(default_factory=set)
-    """Requests waiting for this model to be ready; a reload that retires it cancels them over
-    to its successor."""
+    progress: Progress = field(default_factory=Progress)
+    reservation: Reservation | None = None
+    """The ledger's reservation of the child's current process, if any."""
+    waiting_for: str | None = None
+    """What its start waits for (memory), shown in /status."""
 
     @property
     def name(self) -> str:
         return self.spec.name
-
-    @property
-    def is_idle(self) -> bool:
-        return self.in_flight == 0 and self.queued == 0
 
     def bytes_by_gpu(self) -> dict[int, int]:
         estimate = self.plan.estimate
@@ -91,12 +101,37 @@ class ModelRuntime:
             return {}
         return {index: device.total_bytes for index, device in zip(self.plan.gpus, estimate.gpus)}
 
+    def holds_memory(self) -> bool:
+        return self.reservation is not None and not self.reservation.released
+
+    def may_start(self) -> bool:
+        return self.gate.is_set() and not self.retiring and not self.stopping
+
+    def takes_requests(self) -> bool:
+        return self.may_start() and self.child is not None and self.child.accepts_requests
+
+    def is_evictable(self) -> bool:
+        """Idle on-demand, ready, and not already on its way out."""
+        return (
+            self.spec.mode == "on-demand"
+            and self.may_start()
+            and self.in_flight == 0
+            and self.admission.is_idle
+            and self.child is not None
+            and self.child.state is ChildState.READY
+            and self.holds_memory()
+        )
+
+    def is_permanent_holder(self) -> bool:
+        """Holds memory that no wait will free: a configured resident model."""
+        return self.spec.mode == "resident" and not self.retiring and not self.stopping
+
     def status(self) -> ModelStatus:
         child = self.child
-        if child is None:
-            state = ModelState.UNPLACED
-        else:
-            state = ModelState(child.state.value)
+        state = ModelState.UNPLACED if child is None else ModelState(child.state.value)
+        error = None
+        if state is not ModelState.READY:
+            error = self.waiting_for or (child.last_error if child else self.plan.reason)
         return ModelStatus(
             name=self.name,
             state=state,
@@ -107,19 +142,45 @@ class ModelRuntime:
             pid=child.pid if child else None,
             port=child.port if child else None,
             restarts=child.restarts if child else 0,
-            last_error=(child.last_error if child else self.plan.reason) if state is not ModelState.READY else None,
-            in_flight=self.in_flight,
-            queued=self.queued,
+            last_error=error,
+            in_flight=self.admission.in_flight,
+            queued=self.admission.queued,
             load_seconds=child.load_seconds if child else None,
             ready_since=None,
         )
 
 
-@dataclass
-class ReloadRecord:
-    time: float
-    ok: bool
-    summary: str
+@dataclass(frozen=True)
+class Staged:
+    """Everything a reload needs, built without side effects: `Runtime.apply` acts on it."""
+
+    prepared: Prepared
+    binary: Path
+    diff: PlanDiff
+    entries: Mapping[str, ModelEntry]
+    """The new configuration's entries: kept ones (to be updated) and new ones."""
+    new: tuple[str, ...]
+    """Entries built for this reload (changed or added models), in name order."""
+    deferred: tuple[str, ...]
+    """Settings that changed but take effect only at the next start, in words."""
+    ports: PortPool
+
+
+class _Owner:
+    """What one entry's child asks of the runtime (supervisor.process.ChildOwner)."""
+
+    def __init__(self, runtime: Runtime, entry: ModelEntry) -> None:
+        self.runtime = runtime
+        self.entry = entry
+
+    async def reserve(self, child: Child) -> Reservation:
+        return await self.runtime._reserve(self.entry)
+
+    def activity(self, child: Child) -> tuple[bool, float]:
+        return self.entry.in_flight > 0, self.entry.progress.at
+
+    def changed(self, child: Child) -> None:
+        self.runtime._wake()
 
 
 class Runtime:
@@ -132,244 +193,305 @@ class Runtime:
         binary: Path,
         children: Children,
         reload: Callable[[], Awaitable[str]] | None = None,
-        live_gpus: Callable[[], Mapping[int, tuple[int, int]]] | None = None,
+        sampler: GpuSampler | None = None,
     ) -> None:
         self.prepared = prepared
         self.binary = binary
         self._children = children
         self._reload_hook = reload
-        self._live_gpus = live_gpus
-        settings = prepared.loaded.config.llama_server
-        self._ports = PortPool(settings.port_range)
+        self.sampler = sampler
+        self.ledger = MemoryLedger(_usable_by_gpu(prepared.plan))
+        self._ports = PortPool(prepared.loaded.config.llama_server.port_range)
         self._start_lock = anyio.Lock()
         self._changed = anyio.Event()
-        """Set (and replaced) whenever a model becomes idle or stops: waiting starts look again."""
+        """Set (and replaced) on every change a waiter may care about: a child's state, a request
+        ending, a reservation released, a reload."""
         self._tg: TaskGroup | None = None
         self.last_reload: ReloadRecord | None = None
         self.reloads = {"ok": 0, "failed": 0}
-        self._models: dict[str, ModelRuntime] = {}
-        self._draining: list[ModelRuntime] = []
-        self._routes: dict[str, ModelRuntime] = {}
-        self._install({m.name: self._new_model(m, gate_open=True) for m in prepared.plan.models})
+        self._entries: dict[str, ModelEntry] = {}
+        self._retiring: list[ModelEntry] = []
+        self._routing = RoutingTable()
+        entries = self._build_entries(prepared, binary, self._ports, keep={})
+        for entry in entries.values():
+            entry.gate.set()
+        self._install(entries)
 
     # ---- Backends: routing and leases
 
     def resolve(self, name: str) -> str | None:
-        model = self._routes.get(name)
-        return model.name if model is not None else None
+        return self._routing.resolve(name)
 
     @asynccontextmanager
     async def lease(self, model: str) -> AsyncIterator[Upstream]:
-        m, port = await self._wait_turn(model)
-        m.in_flight += 1
-        try:
-            yield Upstream(CHILD_HOST, port)
-        finally:
-            m.in_flight -= 1
-            m.last_used = time.monotonic()
-            if m.limiter is not None:
-                m.limiter.release()
-            self._wake()
-
-    async def _wait_turn(self, model: str) -> tuple[ModelRuntime, int]:
-        """Wait until the model is ready and has a free concurrency slot; return it and its port.
-
-        A reload may replace the model while its requests wait: they move to the successor.
-        """
-        settings = self.prepared.loaded.config.proxy
-        deadline = time.monotonic() + settings.queue_timeout
-        while True:
-            m = self._models.get(model)
-            if m is None:
-                raise ModelUnavailable(model, "stopping", "no longer configured")
-            child = m.child
-            if child is None:
-                raise ModelUnavailable(m.name, "unplaced", m.plan.reason, RETRY_AFTER_FAILED_S)
-            if child.state is ChildState.FAILED:
-                raise ModelUnavailable(m.name, "failed", child.last_error or "failed", RETRY_AFTER_FAILED_S)
-            ready_now = child.state is ChildState.READY and m.gate.is_set()
-            if ready_now and (m.limiter is None or m.limiter.value > 0):
-                if m.limiter is not None:
-                    m.limiter.acquire_nowait()
-                return m, self._port_of(m)
-            if m.queued >= settings.queue_limit:
-                raise ModelUnavailable(
-                    m.name, "queue_full", f"{m.queued} requests already wait for it", RETRY_AFTER_LOADING_S
-                )
-            m.queued += 1
+        entry = self._entries.get(model)
+        if entry is None:
+            raise ModelUnavailable(model, "stopping", "it is no longer configured")
+        admission = entry.admission
+        ready = self._admit_now(model, admission)
+        if ready is None:
+            ready = await self._queue_for(model, admission)
+        # no await between the check above and taking the permit: nobody can take it meanwhile
+        with admission.permit():
+            ready.in_flight += 1
+            assert ready.child is not None and ready.child.port is not None
             try:
-                with anyio.fail_after(max(deadline - time.monotonic(), 0)):
-                    if not await self._ensure_ready(m):
-                        continue  # superseded by a reload: wait for the successor instead
-                    if m.limiter is not None:
-                        await m.limiter.acquire()
-            except TimeoutError:
-                raise ModelUnavailable(
-                    m.name, "load_timeout", f"not ready within {settings.queue_timeout:g}s", RETRY_AFTER_LOADING_S
-                ) from None
+                yield Upstream(CHILD_HOST, ready.child.port, progress=ready.progress)
+            except UpstreamUnreachable:
+                # the port refused: most likely the child just died; let its exit be noticed, so
+                # that the proxy's next lease waits for the restart instead of trying it again
+                with anyio.move_on_after(UNREACHABLE_NOTICE_S):
+                    await ready.child.wait_for(lambda c: not c.accepts_requests)
+                raise
             finally:
-                m.queued -= 1
-            return m, self._port_of(m)
+                ready.in_flight -= 1
+                ready.last_used = time.monotonic()
+                self._wake()
 
-    def _port_of(self, m: ModelRuntime) -> int:
-        assert m.child is not None
-        port = m.child.port
-        if port is None:  # died between ready and now; the proxy answers 502/503
-            raise ModelUnavailable(m.name, "stopping", "its child just exited", RETRY_AFTER_LOADING_S)
-        return port
+    def _admit_now(self, model: str, admission: Admission) -> ModelEntry | None:
+        """The entry that may take one more request now; None to wait; raises when waiting cannot help."""
+        entry = self._entries.get(model)
+        if entry is None or entry.admission is not admission:  # removed (and maybe added again)
+            raise ModelUnavailable(model, "stopping", "it is no longer configured")
+        child = entry.child
+        if child is None:
+            raise ModelUnavailable(model, "unplaced", entry.plan.reason, RETRY_AFTER_FAILED_S)
+        if child.state is ChildState.FAILED:
+            raise ModelUnavailable(model, "failed", child.last_error or "failed", RETRY_AFTER_FAILED_S)
+        if entry.takes_requests() and admission.has_permit():
+            return entry
+        return None
 
-    async def _ensure_ready(self, m: ModelRuntime) -> bool:
-        """Start m if it is not up (making room by memory first) and wait until it is ready.
+    async def _queue_for(self, model: str, admission: Admission) -> ModelEntry:
+        """Wait in the model's queue until it may take the request, starting it if it is down."""
+        timeout = self.prepared.loaded.config.proxy.queue_timeout
+        try:
+            with admission.queue_place():
+                with anyio.fail_after(timeout):
+                    asked: tuple[Child, int] | None = None  # the start this request asked for
+                    while True:
+                        entry = self._admit_now(model, admission)
+                        if entry is not None:
+                            return entry
+                        entry = self._entries[model]
+                        child = entry.child
+                        assert child is not None
+                        if asked is not None and asked[0] is child and (why := child.refused(asked[1])):
+                            raise ModelUnavailable(model, "no_memory", why, RETRY_AFTER_LOADING_S)
+                        if entry.may_start() and child.state is ChildState.STOPPED:
+                            asked = (child, child.start_soon())
+                        await self._changed.wait()
+        except QueueFull as full:
+            raise ModelUnavailable(model, "queue_full", str(full), RETRY_AFTER_LOADING_S) from None
+        except TimeoutError:
+            raise ModelUnavailable(
+                model, "load_timeout", f"not ready within {timeout:g} s: {self._why_waiting(model)}", RETRY_AFTER_LOADING_S
+            ) from None
 
-        Returns False when a reload retired m meanwhile."""
-        assert m.child is not None
-        while not m.draining:
-            with anyio.CancelScope() as scope:
-                m.watchers.add(scope)
-                try:
-                    await m.gate.wait()
-                    if m.child.state is ChildState.READY:
-                        return True
-                    await self._commit(m)
-                    await m.child.ensure_ready()
-                    return True
-                except ChildFailed as exc:
-                    raise ModelUnavailable(m.name, "failed", exc.reason, RETRY_AFTER_FAILED_S) from None
-                except ChildError as exc:
-                    # a start that failed restarts after a backoff, or m was evicted meanwhile:
-                    # keep waiting, bounded by the caller's queue timeout
-                    log.info("model %s: %s; still waiting for it", m.name, exc.reason)
-                finally:
-                    m.watchers.discard(scope)
-            if not scope.cancelled_caught:
-                await anyio.sleep(0.05)
-        return False
-
-    async def _commit(self, m: ModelRuntime) -> None:
-        """Count m against its GPUs' memory, stopping idle on-demand models if that makes room."""
-        while not m.committed:
-            async with self._start_lock:
-                if m.committed:
-                    return
-                need = m.bytes_by_gpu()
-                usable = {g.index: g.usable_bytes for g in self.prepared.plan.gpus}
-                running = [
-                    Resident(
-                        name=o.name,
-                        bytes_by_gpu=o.bytes_by_gpu(),
-                        priority=o.spec.priority,
-                        last_used=o.last_used,
-                        evictable=o.spec.mode == "on-demand" and o.is_idle and not o.draining,
-                    )
-                    for o in self._all_models()
-                    if o.committed and o is not m
-                ]
-                verdict = make_room(need, usable, running)
-                if verdict.fits:
-                    for name in verdict.evict:
-                        victim = self._models[name]
-                        log.info("model %s: stopping idle %s to make room", m.name, name)
-                        await self._stop_model(victim, reason=f"evicted to make room for {m.name}")
-                    m.committed = True
-                    return
-                changed = self._changed
-            short = ", ".join(f"GPU {g} short {b} bytes" for g, b in sorted((verdict.short_by_gpu or {}).items()))
-            log.info("model %s: waiting for busy models to become idle (%s)", m.name, short)
-            await changed.wait()
-
-    async def _stop_model(self, m: ModelRuntime, reason: str) -> None:
-        if m.child is not None:
-            await m.child.stop()
-        m.committed = False
-        log.info("model %s: stopped (%s)", m.name, reason)
-        self._wake()
+    def _why_waiting(self, model: str) -> str:
+        entry = self._entries.get(model)
+        if entry is None or entry.child is None:
+            return "it is no longer configured"
+        if entry.waiting_for:
+            return entry.waiting_for
+        if entry.child.accepts_requests and not entry.admission.has_permit():
+            return f"all {entry.admission.limit} of its concurrency permits are in use (max_concurrency)"
+        return f"its server is {entry.child.state.value}" + (
+            f" ({entry.child.last_error})" if entry.child.last_error else ""
+        )
 
     def _wake(self) -> None:
         self._changed.set()
         self._changed = anyio.Event()
 
-    def statuses(self) -> list[ModelStatus]:
-        return [m.status() for m in sorted(self._models.values(), key=lambda m: m.name)]
+    # ---- memory: the one path every start takes
 
-    def committed(self) -> list[str]:
-        """Models counted against GPU memory now (running, starting, or draining)."""
-        return [m.name for m in self._all_models() if m.committed]
+    async def _reserve(self, entry: ModelEntry) -> Reservation:
+        """Reserve `entry`'s planned bytes for one spawn: make room by stopping idle on-demand
+        models, wait while the way is held only by models that will go away, else NoRoom."""
+        need = entry.bytes_by_gpu()
+        while True:
+            async with self._start_lock:
+                short = self.ledger.shortfall(need)
+                if short:
+                    victims = choose_victims(short, self._occupants(lambda o: o.is_evictable() and o is not entry))
+                    if victims is not None:
+                        await self._stop_for_room(victims, entry)
+                        short = self.ledger.shortfall(need)
+                if not short:
+                    entry.reservation = self.ledger.reserve(entry.name, need)
+                    entry.waiting_for = None
+                    return entry.reservation
+                lasting = self._lasting_shortfall(need, entry)
+                if lasting:
+                    entry.waiting_for = None
+                    raise NoRoom(entry.name, lasting, "held by resident models")
+                waiting = "waiting for memory: " + ", ".join(
+                    f"GPU {gpu} lacks {describe_bytes(size)}" for gpu, size in sorted(short.items())
+                ) + f" until {self._holders_of(short, entry)} let go"
+                changed = self._changed
+            if entry.waiting_for != waiting:
+                log.info("model %s: %s", entry.name, waiting)
+                entry.waiting_for = waiting
+            await changed.wait()
 
-    def _all_models(self) -> list[ModelRuntime]:
-        """Current models and draining predecessors (they still hold memory)."""
-        return list(self._models.values()) + [d for d in self._draining if d not in self._models.values()]
+    def _occupants(self, keep: Callable[[ModelEntry], bool]) -> list[Occupant]:
+        return [
+            Occupant(e.name, e.reservation.bytes_by_gpu, e.spec.priority, e.last_used)
+            for e in self._all_entries()
+            if e.holds_memory() and e.reservation is not None and keep(e)
+        ]
+
+    def _lasting_shortfall(self, need: Mapping[int, int], entry: ModelEntry) -> dict[int, int]:
+        """What `need` would lack even once every holder that will go away has gone."""
+        usable = self.ledger.usable_by_gpu
+        lasting: dict[int, int] = {}
+        for gpu, size in need.items():
+            permanent = sum(
+                o.bytes_by_gpu.get(gpu, 0) for o in self._occupants(lambda e: e.is_permanent_holder() and e is not entry)
+            )
+            if size + permanent > usable.get(gpu, 0):
+                lasting[gpu] = size + permanent - usable.get(gpu, 0)
+        return lasting
+
+    def _holders_of(self, short: Mapping[int, int], entry: ModelEntry) -> str:
+        names = sorted({o.name for o in self._occupants(lambda e: e is not entry) if any(g in short for g in o.bytes_by_gpu)})
+        return ", ".join(names) or "memory being released"
+
+    async def _stop_for_room(self, victims: tuple[str, ...], entry: ModelEntry) -> None:
+        chosen = [e for e in self._entries.values() if e.name in victims]
+        for victim in chosen:
+            log.info("model %s: stopping idle %s to make room", entry.name, victim.name)
+        await self._stop_entries(chosen, reason=f"evicted to make room for {entry.name}")
+
+    async def _stop_entries(self, entries: list[ModelEntry], reason: str) -> None:
+        """Stop these entries' children together; they take no requests meanwhile."""
+        for entry in entries:
+            entry.stopping = True
+        self._wake()
+        try:
+            async with anyio.create_task_group() as tg:
+                for entry in entries:
+                    if entry.child is not None:
+                        tg.start_soon(entry.child.stop)
+        finally:
+            for entry in entries:
+                entry.stopping = False
+                log.info("model %s: stopped (%s)", entry.name, reason)
+            self._wake()
+
+    def _all_entries(self) -> list[ModelEntry]:
+        """Current entries and retiring predecessors (they may still hold memory)."""
+        return [*self._entries.values(), *self._retiring]
 
     # ---- Backends: snapshot and admin
 
-    async def snapshot(self) -> Snapshot:
-        live = self._live_gpus() if self._live_gpus is not None else {}
-        planned: dict[int, int] = {}
-        for m in self._models.values():
-            if m.committed:
-                for index, size in m.bytes_by_gpu().items():
-                    planned[index] = planned.get(index, 0) + size
-        gpus = tuple(
+    def statuses(self) -> list[ModelStatus]:
+        return [e.status() for e in sorted(self._entries.values(), key=lambda e: e.name)]
+
+    def holders(self) -> list[str]:
+        """Models whose children hold memory now (running, starting or stopping)."""
+        return sorted({e.name for e in self._all_entries() if e.holds_memory()})
+
+    def gpu_statuses(self) -> tuple[GpuStatus, ...]:
+        sample = self.sampler.latest if self.sampler is not None else None
+        reserved = self.ledger.reserved_by_gpu()
+        by_model: dict[int, dict[str, int]] = {}
+        for held in self.ledger.reservations():
+            for gpu, size in held.bytes_by_gpu.items():
+                by_model.setdefault(gpu, {})
+                by_model[gpu][held.model] = by_model[gpu].get(held.model, 0) + size
+        usable = self.ledger.usable_by_gpu
+        return tuple(
             GpuStatus(
                 index=g.index,
                 name=g.name,
                 uuid=g.uuid,
                 total_bytes=g.total_bytes,
-                planned_bytes=planned.get(g.index, 0),
-                used_bytes=live.get(g.index, (None, None))[0],
-                free_bytes=live.get(g.index, (None, None))[1],
+                planned_bytes=reserved.get(g.index, 0),
+                used_bytes=sample.used_by_gpu.get(g.index) if sample else None,
+                free_bytes=sample.free_by_gpu.get(g.index) if sample else None,
+                usable_bytes=usable.get(g.index),
+                reserved_by_model=dict(sorted(by_model.get(g.index, {}).items())),
+                measured_age_s=round(sample.age_s(), 3) if sample else None,
             )
             for g in self.prepared.plan.gpus
         )
+
+    async def snapshot(self) -> Snapshot:
         notes = list(self.prepared.plan.notes)
         if self.last_reload is not None and not self.last_reload.ok:
             notes.append(f"last reload failed: {self.last_reload.summary}")
         extra = {
             "config": str(self.prepared.loaded.path),
             "machine": self.prepared.machine,
-            "last_reload": None
-            if self.last_reload is None
-            else {"time": self.last_reload.time, "ok": self.last_reload.ok, "summary": self.last_reload.summary},
+            "last_reload": None if self.last_reload is None else self.last_reload.as_json(),
             "reloads": dict(self.reloads),
             "children": {
-                m.name: {"log_tail": list(m.child.snapshot(tail_lines=10).log_tail)}
-                for m in self._models.values()
-                if m.child is not None
+                e.name: {"log_tail": list(e.child.snapshot(tail_lines=10).log_tail)}
+                for e in self._entries.values()
+                if e.child is not None
             },
+            "ledger": [
+                {"model": r.model, "bytes_by_gpu": {str(g): b for g, b in sorted(r.bytes_by_gpu.items())}}
+                for r in self.ledger.reservations()
+            ],
         }
         return Snapshot(
             models=tuple(self.statuses()),
-            gpus=gpus,
+            gpus=self.gpu_statuses(),
             plan=self.prepared.plan.model_dump(mode="json"),
             notes=tuple(notes),
             reloads=dict(self.reloads),
             extra=extra,
         )
 
-    def _admin_model(self, model: str) -> ModelRuntime:
-        m = self._models.get(model)
-        if m is None:
+    def _admin_entry(self, model: str) -> ModelEntry:
+        entry = self._entries.get(model)
+        if entry is None:
             raise UnknownModel(f"no model {model!r}")
-        return m
+        return entry
 
     async def load(self, model: str) -> None:
-        m = self._admin_model(model)
-        if m.child is None:
-            raise ActionRefused(f"model {model!r} is not placed: {m.plan.reason}")
-        if m.child.state is ChildState.FAILED:
-            raise ActionRefused(f"model {model!r} failed ({m.child.last_error}); reset it first")
-        await self._ensure_ready(m)
+        entry = self._admin_entry(model)
+        if entry.child is None:
+            raise ActionRefused(f"model {model!r} is not placed: {entry.plan.reason}")
+        if entry.child.state is ChildState.FAILED:
+            raise ActionRefused(f"model {model!r} failed ({entry.child.last_error}); reset it first")
+        timeout = self.prepared.loaded.config.proxy.queue_timeout
+        try:
+            with anyio.fail_after(timeout):
+                await entry.gate.wait()
+                while True:
+                    try:
+                        await entry.child.ensure_ready()
+                        return
+                    except ChildStartError as exc:  # it restarts after a backoff: keep waiting
+                        log.info("model %s: %s; still waiting for it", model, exc.reason)
+        except TimeoutError:
+            raise ModelUnavailable(model, "load_timeout", f"not ready within {timeout:g} s: {self._why_waiting(model)}") from None
+        except ChildRefused as exc:
+            raise ModelUnavailable(model, "no_memory", exc.reason, RETRY_AFTER_LOADING_S) from None
+        except ChildStopped as exc:
+            raise ModelUnavailable(model, "stopping", exc.reason, RETRY_AFTER_LOADING_S) from None
+        except ChildError as exc:
+            raise ModelUnavailable(model, "failed", exc.reason, RETRY_AFTER_FAILED_S) from None
 
     async def unload(self, model: str) -> None:
-        m = self._admin_model(model)
-        await self._drain(m, self.prepared.loaded.config.proxy.drain_timeout)
-        await self._stop_model(m, reason="unloaded by an admin")
+        entry = self._admin_entry(model)
+        entry.stopping = True  # new requests wait from now on
+        try:
+            await self._drain(entry, self.prepared.loaded.config.proxy.drain_timeout)
+        finally:
+            entry.stopping = False
+        await self._stop_entries([entry], reason="unloaded by an admin")
 
     async def reset_failed(self, model: str) -> None:
-        m = self._admin_model(model)
-        if m.child is not None:
-            m.child.reset()
-            if m.child.state is ChildState.STOPPED and m.spec.mode == "resident":
-                self._start_soon(m)
+        entry = self._admin_entry(model)
+        if entry.child is not None:
+            entry.child.reset()
+            if entry.child.state is ChildState.STOPPED and entry.spec.mode == "resident" and entry.may_start():
+                entry.child.start_soon()
 
     async def reload(self) -> str:
         if self._reload_hook is None:
@@ -378,18 +500,20 @@ class Runtime:
 
     async def wait_idle(self) -> None:
         """Return once no request is in flight to any model (shutdown drains with this)."""
-        while any(m.in_flight for m in self._all_models()):
+        while any(e.in_flight for e in self._all_entries()):
             await self._changed.wait()
 
     # ---- lifetime
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        """Supervise every placed model and unload idle on-demand ones after their TTL."""
+        """Supervise every placed model, sample the GPUs, and unload idle on-demand models."""
         async with anyio.create_task_group() as tg:
             self._tg = tg
-            for m in self._models.values():
-                if m.child is not None:
-                    await self._children.add(m.child)
+            for entry in self._entries.values():
+                if entry.child is not None:
+                    await self._children.add(entry.child)
+            if self.sampler is not None and self.prepared.plan.gpus:
+                tg.start_soon(self.sampler.run)
             task_status.started()
             while True:
                 await anyio.sleep(TTL_CHECK_S)
@@ -397,128 +521,142 @@ class Runtime:
 
     async def start_residents(self) -> dict[str, str | None]:
         """Start every placed resident model concurrently; {name: None or why it failed}."""
-        residents = [m for m in self._models.values() if m.child is not None and m.spec.mode == "resident"]
-        for m in residents:
-            m.committed = True
-        results = await self._children.start_all([m.name for m in residents])
+        names = [e.name for e in self._entries.values() if e.child is not None and e.spec.mode == "resident"]
+        results = await self._children.start_all(names)
         return {name: (error.reason if error else None) for name, error in results.items()}
 
-    def _start_soon(self, m: ModelRuntime) -> None:
-        assert self._tg is not None
-
-        async def start() -> None:
-            try:
-                await self._ensure_ready(m)
-            except ModelUnavailable as exc:
-                log.error("model %s: %s", m.name, exc.reason)
-
-        self._tg.start_soon(start)
-
     async def _unload_expired(self) -> None:
-        now = time.monotonic()
-        for m in list(self._models.values()):
-            ttl = m.spec.idle_ttl
-            if (
-                m.spec.mode == "on-demand"
-                and ttl > 0
-                and m.committed
-                and m.is_idle
-                and m.child is not None
-                and m.child.state is ChildState.READY
-                and now - m.last_used >= ttl
-            ):
-                async with self._start_lock:
-                    if m.is_idle and now - m.last_used >= ttl:
-                        await self._stop_model(m, reason=f"idle for {ttl:g}s")
+        def expired(entry: ModelEntry, now: float) -> bool:
+            ttl = entry.spec.idle_ttl
+            return ttl > 0 and entry.is_evictable() and now - entry.last_used >= ttl
+
+        if not any(expired(e, time.monotonic()) for e in self._entries.values()):
+            return
+        async with self._start_lock:  # no start decides on memory while these stop
+            now = time.monotonic()
+            due = [e for e in self._entries.values() if expired(e, now)]
+            if due:
+                await self._stop_entries(due, reason="idle past its idle_ttl")
 
     # ---- reload
 
-    async def apply(self, new: Prepared) -> PlanDiff:
-        """Switch to a new, already validated plan; returns once every change is applied."""
-        diff = diff_plans(self.prepared.plan, new.plan)
-        old_models = self._models
-        new_plans = {m.name: m for m in new.plan.models}
-        models: dict[str, ModelRuntime] = {}
-        leaving: list[ModelRuntime] = []
-        successors: list[ModelRuntime] = []
-        for name in diff.unchanged + diff.updated:
-            m = old_models[name]
-            m.spec = new.loaded.config.model_spec(name)
-            m.plan = new_plans[name]
-            m.limiter = _limiter(m.spec)
-            models[name] = m
-        for name in diff.changed:
-            leaving.append(old_models[name])
-            successor = self._new_model(new_plans[name], gate_open=False, spec=new.loaded.config.model_spec(name))
-            successors.append(successor)
-            models[name] = successor
-        for name in diff.removed:
-            leaving.append(old_models[name])
-        for m in leaving:
-            m.draining = True
-            for scope in list(m.watchers):
-                scope.cancel()
-        added = [self._new_model(new_plans[name], gate_open=False, spec=new.loaded.config.model_spec(name)) for name in diff.added]
-        for m in added:
-            models[m.name] = m
-            successors.append(m)
+    def stage(self, new: Prepared, binary: Path) -> Staged:
+        """Phase 1 of a reload: the new entries and what would change; no side effects.
 
-        self._draining = leaving
-        self.prepared = new
-        self._install(models)  # routing and aliases switch here, in one step
+        Raises ActionRefused when the new config may not replace the running one."""
+        diff = diff_plans(self.prepared.plan, new.plan)
+        if binary != self.binary:
+            # every child runs the binary: a new one means every placed model restarts with it
+            moved = [n for n in diff.unchanged + diff.updated if new.plan.model(n).launch is not None]
+            diff = PlanDiff(
+                unchanged=[n for n in diff.unchanged if n not in moved],
+                updated=[n for n in diff.updated if n not in moved],
+                changed=sorted(diff.changed + moved),
+                added=diff.added,
+                removed=diff.removed,
+            )
+        settings = new.loaded.config.llama_server
+        old_settings = self.prepared.loaded.config.llama_server
+        ports = self._ports if settings.port_range == old_settings.port_range else PortPool(settings.port_range)
+        keep = {name: self._entries[name] for name in diff.unchanged + diff.updated}
+        entries = self._build_entries(new, binary, ports, keep=keep)
+        usable = _usable_by_gpu(new.plan)
+        for name, entry in keep.items():
+            for gpu, size in (entry.reservation.bytes_by_gpu.items() if entry.holds_memory() and entry.reservation else ()):
+                if size > usable.get(gpu, 0):
+                    raise ActionRefused(
+                        f"the new plan leaves GPU {gpu} {describe_bytes(usable.get(gpu, 0))} usable, less than "
+                        f"{name} holds there now ({describe_bytes(size)})"
+                    )
+        new_names = tuple(sorted(n for n in entries if n not in keep))
+        deferred = tuple(deferred_settings(self.prepared.loaded.config, new.loaded.config))
+        return Staged(new, binary, diff, entries, new_names, deferred, ports)
+
+    async def apply(self, staged: Staged) -> list[str]:
+        """Phase 2 of a reload: act on the difference. Returns what was done, a line per model."""
+        new, diff = staged.prepared, staged.diff
+        leaving = [self._entries[name] for name in diff.changed + diff.removed]
+        for entry in leaving:
+            entry.retiring = True
+        self._retiring.extend(leaving)
+        for name, entry in staged.entries.items():
+            entry.spec = new.loaded.config.model_spec(name)
+            entry.plan = new.plan.model(name)
+            entry.admission.configure(limit=entry.spec.max_concurrency, queue_limit=new.loaded.config.proxy.queue_limit)
+        self.prepared, self.binary, self._ports = new, staged.binary, staged.ports
+        self.ledger.set_usable(_usable_by_gpu(new.plan))
+        self._install(dict(staged.entries))  # routing and aliases switch here, in one step
+        self._wake()
 
         drain_s = new.loaded.config.proxy.drain_timeout
         async with anyio.create_task_group() as tg:
-            for m in leaving:
-                tg.start_soon(self._retire, m, drain_s)
-        self._draining = []
-        for m in successors:
-            if m.child is not None:
-                await self._children.add(m.child)
-            m.gate.set()
-        starting = [m for m in successors if m.child is not None and m.spec.mode == "resident"]
-        if starting:
-            for m in starting:
-                m.committed = True
-            await self._children.start_all([m.name for m in starting])
-        return diff
-
-    async def _retire(self, m: ModelRuntime, drain_s: float) -> None:
-        await self._drain(m, drain_s)
-        if m.child is not None and m.child.name in self._children:
-            await self._children.remove(m.child.name)
-        m.committed = False
+            for entry in leaving:
+                tg.start_soon(self._retire, entry, drain_s)
+        for name in staged.new:
+            entry = staged.entries[name]
+            if entry.child is not None:
+                await self._children.add(entry.child)
+            entry.gate.set()
         self._wake()
+        starting = [n for n in staged.new if staged.entries[n].child is not None and staged.entries[n].spec.mode == "resident"]
+        results = await self._children.start_all(starting) if starting else {}
+        lines = []
+        for verb, names in (("restart", diff.changed), ("start", diff.added), ("stop", diff.removed), ("update", diff.updated)):
+            for name in names:
+                outcome = results.get(name)
+                lines.append(f"{verb} {name}" + (f" (its start failed: {outcome.reason})" if outcome else ""))
+        return lines or ["no change"]
 
-    async def _drain(self, m: ModelRuntime, deadline_s: float) -> None:
-        """Wait until m has no request in flight, at most deadline_s."""
+    async def _retire(self, entry: ModelEntry, drain_s: float) -> None:
+        try:
+            await self._drain(entry, drain_s)
+            if entry.child is not None and entry.child.name in self._children and self._children[entry.child.name] is entry.child:
+                await self._children.remove(entry.child.name)
+        finally:
+            self._retiring.remove(entry)
+            self._wake()
+
+    async def _drain(self, entry: ModelEntry, deadline_s: float) -> None:
+        """Wait until `entry` has no request in flight, at most deadline_s."""
         with anyio.move_on_after(deadline_s) as scope:
-            while m.in_flight:
-                changed = self._changed
-                await changed.wait()
+            while entry.in_flight:
+                await self._changed.wait()
         if scope.cancelled_caught:
-            log.warning("model %s: %d requests still in flight after %gs; stopping anyway", m.name, m.in_flight, deadline_s)
+            log.warning(
+                "model %s: %d requests still in flight after %g s; stopping anyway", entry.name, entry.in_flight, deadline_s
+            )
 
     # ---- helpers
 
-    def _new_model(self, plan: ModelPlan, *, gate_open: bool, spec: ModelSpec | None = None) -> ModelRuntime:
-        spec = spec or self.prepared.loaded.config.model_spec(plan.name)
-        child = None
-        if plan.launch is not None:
-            child = Child(plan.launch, self.prepared.loaded.config.llama_server, self.binary, self._ports)
-        m = ModelRuntime(spec=spec, plan=plan, child=child, limiter=_limiter(spec))
-        if gate_open:
-            m.gate.set()
-        return m
+    def _build_entries(
+        self, prepared: Prepared, binary: Path, ports: PortPool, *, keep: Mapping[str, ModelEntry]
+    ) -> dict[str, ModelEntry]:
+        """Entries for `prepared`'s models: `keep`'s as they are, new ones for the rest (their
+        gates closed). Builds every new child's command, so a launch llama-server cannot be given
+        fails here, before anything changes."""
+        config = prepared.loaded.config
+        entries: dict[str, ModelEntry] = {}
+        for plan in prepared.plan.models:
+            if plan.name in keep:
+                entries[plan.name] = keep[plan.name]
+                continue
+            spec = config.model_spec(plan.name)
+            current = self._entries.get(plan.name)
+            admission = (
+                current.admission
+                if current is not None
+                else Admission(limit=spec.max_concurrency, queue_limit=config.proxy.queue_limit)
+            )
+            entry = ModelEntry(spec=spec, plan=plan, admission=admission)
+            if plan.launch is not None:
+                entry.child = Child(plan.launch, config.llama_server, binary, ports, owner=_Owner(self, entry))
+            entries[plan.name] = entry
+        return entries
 
-    def _install(self, models: dict[str, ModelRuntime]) -> None:
-        routes: dict[str, ModelRuntime] = {}
-        for m in models.values():
-            routes[m.name] = m
-            for alias in m.spec.aliases:
-                routes[alias] = m
-        self._models, self._routes = models, routes
+    def _install(self, entries: dict[str, ModelEntry]) -> None:
+        self._entries = entries
+        self._routing = RoutingTable.of(e.spec for e in entries.values())
 
 
-def _limiter(spec: ModelSpec) -> anyio.Semaphore | None:
-    return anyio.Semaphore(spec.max_concurrency) if spec.max_concurrency > 0 else None
+def _usable_by_gpu(plan: Plan) -> dict[int, int]:
+    return {g.index: g.usable_bytes for g in plan.gpus}

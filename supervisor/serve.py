@@ -17,32 +17,29 @@ from __future__ import annotations
 import logging
 import signal
 import time
-from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import anyio
+import anyio.to_thread
 from anyio.abc import TaskGroup, TaskStatus
 
 from llama_smart_proxy.schemas.config import Config, ModelConfig
 from llama_smart_proxy.supervisor.children import Children, supervise
 from llama_smart_proxy.supervisor.config import LoadedConfig
 from llama_smart_proxy.supervisor.errors import UserError
-from llama_smart_proxy.supervisor.inventory import take_inventory
+from llama_smart_proxy.supervisor.gpu_sampler import GpuSampler
 from llama_smart_proxy.supervisor.llama_binary import check_llama_server, find_llama_server
-from llama_smart_proxy.supervisor.planning import Prepared, Source, credit_for, prepare
+from llama_smart_proxy.supervisor.planning import Prepared, Source, prepare
 from llama_smart_proxy.supervisor.proxy.backends import ActionRefused
-from llama_smart_proxy.supervisor.proxy.server import ProxyServer
-from llama_smart_proxy.supervisor.reload import refusal
-from llama_smart_proxy.supervisor.runtime import ReloadRecord, Runtime
+from llama_smart_proxy.supervisor.proxy.server import ProxyServer, Setup
+from llama_smart_proxy.supervisor.reload import ReloadRecord, refusal
+from llama_smart_proxy.supervisor.runtime import Runtime, Staged
 from llama_smart_proxy.supervisor.systemd import Notifier
 from llama_smart_proxy.supervisor.tinymodel import ensure_default_model
 from llama_smart_proxy.supervisor.watch import watch_config
 
 log = logging.getLogger("llama-smart-proxy")
-
-LIVE_GPU_CACHE_S = 1.0
-"""/health, /status and /metrics read NVML at most this often."""
 
 
 def demo_config(listen: str | None = None) -> LoadedConfig:
@@ -84,58 +81,74 @@ class Service:
         host, port = self.proxy.address or ("?", 0)
         return f"{len(models)} models ({counts}) on {host}:{port}"
 
-    async def reload(self) -> str:
-        """Re-plan from the config and apply the difference; ActionRefused keeps the old one."""
+    async def reload(self, problem: str | None = None) -> str:
+        """Re-plan from the config and apply the difference, as a two-phase transaction.
+
+        Phase 1 (`_stage`) does everything that can fail and changes nothing: any failure, of any
+        kind, refuses the reload (recorded in last_reload and reloads_total, raised as
+        ActionRefused) and the running config stays whole. Phase 2 applies the difference and
+        cannot fail as a whole: a child that then fails to start is that child's state.
+        `problem`: the watcher saw a save it cannot read; it is refused as such.
+        """
         await self.ready.wait()  # a reload asked for during start-up waits for the residents
         async with self.reload_lock:
             self.notifier.reloading()
             started = time.monotonic()
             try:
-                credit = credit_for(self.runtime.prepared.plan, self.runtime.committed())
-                # header reads and NVML block: keep them off the event loop that serves requests
-                new = await anyio.to_thread.run_sync(lambda: prepare(self.source, credit=credit))
-                why = refusal(self.runtime.prepared.plan, new.plan)
-                if why is not None:
-                    raise ActionRefused(why)
-                old_listen = self.runtime.prepared.loaded.config.proxy.listen
-                if new.loaded.config.proxy.listen != old_listen:
-                    log.warning("proxy.listen changed to %s: takes effect at the next start", new.loaded.config.proxy.listen)
-                diff = await self.runtime.apply(new)
-                self.proxy.configure(new.loaded.config.proxy, self.runtime)
-                summary = f"reloaded in {time.monotonic() - started:.1f}s: " + ", ".join(diff.describe())
-                self.runtime.last_reload = ReloadRecord(time.time(), True, summary)
+                try:
+                    if problem is not None:
+                        raise UserError(problem)
+                    staged, setup = await self._stage()
+                except Exception as exc:
+                    raise self._refused(exc) from None
+                # phase 2: nothing below refuses
+                self.proxy.install(setup)
+                logging.getLogger().setLevel(staged.prepared.loaded.config.proxy.log_level.upper())
+                applied = await self.runtime.apply(staged)
+                summary = f"reloaded in {time.monotonic() - started:.1f}s: " + ", ".join(applied)
+                if staged.deferred:
+                    summary += "; not applied until a later start: " + "; ".join(staged.deferred)
+                self.runtime.last_reload = ReloadRecord(time.time(), True, summary, tuple(applied), staged.deferred)
                 self.runtime.reloads["ok"] += 1
                 log.info("%s", summary)
                 return summary
-            except (UserError, ActionRefused) as exc:
-                summary = f"reload refused, the running config stays: {exc}"
-                self.runtime.last_reload = ReloadRecord(time.time(), False, summary)
-                self.runtime.reloads["failed"] += 1
-                log.error("%s", summary)
-                raise ActionRefused(summary) from None
             finally:
                 self.notifier.ready(self.status_line())
 
-    async def reload_logged(self) -> None:
+    async def _stage(self) -> tuple[Staged, Setup]:
+        """Phase 1: config, inventory, headers, estimates, plan, proxy settings (key files read),
+        the binary, every new child's command. Raises on any problem; changes nothing."""
+        runtime = self.runtime
+        # our children's memory shows as used in a fresh inventory: give it back to the planner
+        credit = runtime.ledger.reserved_by_gpu()
+        # header reads and NVML block: keep them off the event loop that serves requests
+        new = await anyio.to_thread.run_sync(lambda: prepare(self.source, credit=credit))
+        why = refusal(runtime.prepared.plan, new.plan)
+        if why is not None:
+            raise ActionRefused(why)
+        binary = await anyio.to_thread.run_sync(find_llama_server, new.loaded.config.llama_server.binary)
+        if binary != runtime.binary:  # the running one was checked at start (or by the reload that chose it)
+            await anyio.to_thread.run_sync(check_llama_server, binary)
+        setup = Setup.build(new.loaded.config.proxy, runtime)
+        return runtime.stage(new, binary), setup
+
+    def _refused(self, exc: Exception) -> ActionRefused:
+        if isinstance(exc, UserError | ActionRefused):
+            reason = str(exc)
+        else:  # a bug, or a file broken in a way nobody foresaw: still only a refused reload
+            log.error("reload: unexpected error while preparing it", exc_info=exc)
+            reason = f"unexpected error while preparing it: {type(exc).__name__}: {exc}"
+        summary = f"reload refused, the running config stays: {reason}"
+        self.runtime.last_reload = ReloadRecord(time.time(), False, summary)
+        self.runtime.reloads["failed"] += 1
+        log.error("%s", summary)
+        return ActionRefused(summary)
+
+    async def reload_logged(self, problem: str | None = None) -> None:
         try:
-            await self.reload()
+            await self.reload(problem)
         except ActionRefused:
             pass  # logged and recorded by reload()
-
-
-def live_gpu_reader() -> Callable[[], Mapping[int, tuple[int, int]]]:
-    """Used and free bytes per GPU index from NVML, cached briefly."""
-    cache: dict[str, object] = {"at": -1e9, "value": {}}
-
-    def read() -> Mapping[int, tuple[int, int]]:
-        now = time.monotonic()
-        if now - cache["at"] > LIVE_GPU_CACHE_S:  # type: ignore[operator]
-            inventory = take_inventory()
-            cache["value"] = {g.index: (g.used_bytes, g.free_bytes) for g in inventory.gpus}
-            cache["at"] = now
-        return cache["value"]  # type: ignore[return-value]
-
-    return read
 
 
 def serve(source: Source, *, watch: bool = False) -> int:
@@ -171,17 +184,18 @@ async def run_service(
     binary: Path,
     watch: bool = False,
     *,
+    sampler: GpuSampler | None = None,
     task_status: TaskStatus[Service] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve until `service.stop_requested` is set, then drain and stop every child.
 
     Reports the Service once the listener is bound; `service.ready` is set once every resident
-    model was started (or failed to).
+    model was started (or failed to). `sampler` reads live GPU memory (default: NVML).
     """
     notifier = Notifier()
     async with supervise() as children:
         async with anyio.create_task_group() as tg:
-            service = _build(source, prepared, binary, children, notifier)
+            service = _build(source, prepared, binary, children, notifier, sampler or GpuSampler())
             await tg.start(service.runtime.run)
             host, port = await tg.start(service.proxy.serve)
             task_status.started(service)
@@ -212,15 +226,11 @@ async def run_service(
             tg.cancel_scope.cancel()
 
 
-def _build(source: Source, prepared: Prepared, binary: Path, children: Children, notifier: Notifier) -> Service:
+def _build(
+    source: Source, prepared: Prepared, binary: Path, children: Children, notifier: Notifier, sampler: GpuSampler
+) -> Service:
     service: Service
-    runtime = Runtime(
-        prepared,
-        binary=binary,
-        children=children,
-        reload=lambda: service.reload(),
-        live_gpus=live_gpu_reader(),
-    )
+    runtime = Runtime(prepared, binary=binary, children=children, reload=lambda: service.reload(), sampler=sampler)
     proxy = ProxyServer(prepared.loaded.config.proxy, runtime)
     service = Service(source, runtime, proxy, notifier)
     return service
@@ -242,8 +252,9 @@ async def _signals(service: Service, tg: TaskGroup) -> None:
 
 
 async def _drain(service: Service) -> None:
-    """Stop accepting, then wait for in-flight requests, at most drain_timeout."""
-    service.proxy.stop_accepting()
+    """Stop accepting, close idle connections and close the others after their current response,
+    then wait for in-flight requests, at most drain_timeout."""
+    service.proxy.begin_drain()
     deadline = service.runtime.prepared.loaded.config.proxy.drain_timeout
     with anyio.move_on_after(deadline):
         await service.runtime.wait_idle()

@@ -3,17 +3,20 @@
 Rules kept here:
 - polling a few files' metadata four times a second costs nothing and needs no inotify library,
   and sees an editor's atomic rename (a new inode) as well as a write in place;
+- the files watched are the config and whatever its `include` globs match now: a new file that
+  matches is a change, and so is an included file that is gone;
 - a change counts once the files have stopped changing for `debounce_s` (one save, one reload,
   however many writes the editor made);
 - a save is compared with the bytes the running config was read from, not with the file as it was
   when watching began: an edit made while the first models load is applied once watching starts;
 - a save whose bytes equal what was loaded, or what was last tried, does nothing;
-- a file that is empty or does not parse as TOML yet is a save in progress (or a typo): it is
-  reported once and does not trigger a reload; the next save that parses does.
+- a settled save that is empty or does not parse as TOML is handed on with its problem, once per
+  save, so that it is recorded as a refused reload; it is never applied.
 """
 
 from __future__ import annotations
 
+import glob
 import logging
 import tomllib
 from collections.abc import Awaitable, Callable, Sequence
@@ -31,12 +34,15 @@ POLL_S = 0.25
 
 
 @dataclass(frozen=True)
-class Snapshot:
+class FileStats:
+    """The watched files and their (inode, size, mtime_ns), None when absent: cheap to compare
+    every poll."""
+
+    paths: tuple[Path, ...]
     stats: tuple[tuple[int, int, int] | None, ...]
-    """(inode, size, mtime_ns) per file, None when absent: cheap to compare every poll."""
 
 
-def take_snapshot(paths: Sequence[Path]) -> Snapshot:
+def take_stats(paths: Sequence[Path]) -> FileStats:
     stats = []
     for path in paths:
         try:
@@ -45,7 +51,17 @@ def take_snapshot(paths: Sequence[Path]) -> Snapshot:
             stats.append(None)
         else:
             stats.append((st.st_ino, st.st_size, st.st_mtime_ns))
-    return Snapshot(tuple(stats))
+    return FileStats(tuple(paths), tuple(stats))
+
+
+def watched_files(loaded: Loaded) -> list[Path]:
+    """The config and every file its include globs match now, in the order the loader reads them."""
+    files = list(loaded.files[:1])
+    for pattern in loaded.include_patterns:
+        for match in sorted(Path(p).absolute() for p in glob.glob(pattern)):
+            if match not in files:
+                files.append(match)
+    return files
 
 
 def content_digest(paths: Sequence[Path]) -> tuple[str, str | None]:
@@ -78,46 +94,44 @@ class Loaded(Protocol):
     @property
     def digest(self) -> str: ...
 
+    @property
+    def include_patterns(self) -> Sequence[str]: ...
+
 
 async def watch_config(
     loaded: Callable[[], Loaded],
-    on_change: Callable[[], Awaitable[None]],
+    on_change: Callable[[str | None], Awaitable[None]],
     *,
     debounce_s: float = 0.5,
     poll_s: float = POLL_S,
 ) -> None:
-    """Call `on_change` once per settled, parseable save of `loaded().files` whose bytes differ from
-    those `loaded()` was read from. Runs until cancelled.
+    """Call `on_change(None)` once per settled save of the watched files whose bytes differ from
+    those `loaded()` was read from, and `on_change(problem)` once per settled save that is empty
+    or does not parse. Runs until cancelled.
 
-    `loaded` is asked again after every reload, since a reload may change what is included.
+    `loaded` is asked again at every poll, since a reload may change what is included.
     """
-    paths = list(loaded().files)
-    seen: Snapshot | None = None  # the first poll reads the files: they may have changed since loading
+    seen: FileStats | None = None  # the first poll reads the files: they may have changed since loading
     tried = loaded().digest
-    reported: str | None = None
     while True:
         await anyio.sleep(poll_s)
-        current = take_snapshot(paths)
+        current = take_stats(watched_files(loaded()))
         if current == seen:
             continue
         # settle: wait until a whole debounce interval passes without further change
         while True:
             seen = current
             await anyio.sleep(debounce_s)
-            current = take_snapshot(paths)
+            current = take_stats(watched_files(loaded()))
             if current == seen:
                 break
-        digest, problem = content_digest(paths)
+        digest, problem = content_digest(current.paths)
         if digest in (tried, loaded().digest):
             continue
-        if problem is not None:
-            if problem != reported:
-                log.warning("config changed but does not parse yet, not reloading: %s", problem)
-                reported = problem
-            continue
-        reported = None
         tried = digest  # a refused reload is not retried until the files change again
-        log.info("config file changed: reloading")
-        await on_change()
-        paths = list(loaded().files)
+        if problem is not None:
+            log.warning("config changed but cannot be read as TOML, not applied: %s", problem)
+        else:
+            log.info("config file changed: reloading")
+        await on_change(problem)
         seen = None  # a save made during the reload is read on the next poll

@@ -11,6 +11,7 @@ from llama_smart_proxy.supervisor.child_state import (
     ChildState,
     CrashHistory,
     IllegalTransition,
+    Liveness,
     LoadDeadline,
     next_state,
 )
@@ -121,3 +122,39 @@ def test_progress_from_the_past_does_not_move_the_stall_timer_back() -> None:
     deadline.progress(103.0)
     deadline.progress(90.0)  # a log line from an earlier spawn
     assert deadline.last_progress == 103.0
+
+
+def test_an_idle_child_is_wedged_after_the_configured_misses_in_a_row() -> None:
+    liveness = Liveness(failures=3, stall_s=60.0)
+    assert liveness.probed(1.0, busy=False, answered=False) is None
+    assert liveness.probed(2.0, busy=False, answered=False) is None
+    assert liveness.probed(3.0, busy=False, answered=True) is None  # an answer clears the count
+    assert liveness.probed(4.0, busy=False, answered=False) is None
+    assert liveness.probed(5.0, busy=False, answered=False) is None
+    reason = liveness.probed(6.0, busy=False, answered=False)
+    assert reason is not None and "wedged" in reason and "health_failures" in reason
+
+
+def test_a_busy_child_that_answers_slots_is_slow_not_hung_however_long_it_sends_nothing() -> None:
+    liveness = Liveness(failures=1, stall_s=10.0)
+    for now in range(1, 100, 5):
+        assert liveness.probed(float(now), busy=True, answered=True) is None
+
+
+def test_a_busy_child_with_data_flowing_is_not_hung_though_its_probes_get_no_answer() -> None:
+    # every HTTP thread of llama-server may hold a request: the probe waits, the data flows
+    liveness = Liveness(failures=1, stall_s=10.0)
+    for now in range(1, 100, 5):
+        assert liveness.probed(float(now), busy=True, answered=False, progress_at=now - 1.0) is None
+
+
+def test_a_busy_child_with_no_data_and_no_answer_is_hung_after_the_stall_time() -> None:
+    liveness = Liveness(failures=1, stall_s=10.0)
+    assert liveness.probed(100.0, busy=True, answered=False, progress_at=0.0) is None  # the busy clock starts
+    assert liveness.probed(105.0, busy=True, answered=False, progress_at=0.0) is None
+    reason = liveness.probed(110.0, busy=True, answered=False, progress_at=0.0)
+    assert reason is not None and "hung" in reason and "stall_timeout" in reason
+
+
+def test_refused_start_goes_back_to_stopped() -> None:
+    assert next_state(S.STARTING, E.REFUSED) is S.STOPPED

@@ -1,9 +1,11 @@
-"""`serve --watch`: one save gives one reload; a half-written or unchanged file gives none."""
+"""`serve --watch`: one save gives one reload; an unchanged file gives none; a half-written one is
+handed on once as a problem (recorded as a refused reload), never applied; a new file matching an
+include glob is a change."""
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import anyio
@@ -23,23 +25,30 @@ class Loaded:
 
     files: list[Path]
     digest: str
+    include_patterns: list[str] = field(default_factory=list)
 
     @classmethod
-    def read(cls, path: Path) -> Loaded:
-        return cls([path], files_digest([(path, path.read_bytes())]))
+    def read(cls, path: Path, include_patterns: list[str] | None = None) -> Loaded:
+        return cls([path], files_digest([(path, path.read_bytes())]), include_patterns or [])
 
 
-async def run_watcher(path: Path, edits, settle_s: float = 0.4, loaded: Loaded | None = None) -> int:
+async def run_watcher(
+    path: Path, edits, settle_s: float = 0.4, loaded: Loaded | None = None, problems: list[str] | None = None
+) -> int:
     """Apply `edits` (an async callable) under the watcher; return how many reloads it asked for.
 
-    The running config is the file as it is now unless `loaded` says otherwise.
+    The running config is the file as it is now unless `loaded` says otherwise; saves handed on
+    with a problem are appended to `problems`.
     """
     reloads = 0
     running = loaded or Loaded.read(path)
 
-    async def on_change() -> None:
+    async def on_change(problem: str | None) -> None:
         nonlocal reloads
-        reloads += 1
+        if problem is None:
+            reloads += 1
+        elif problems is not None:
+            problems.append(problem)
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(lambda: watch_config(lambda: running, on_change, debounce_s=0.1, poll_s=0.02))
@@ -74,14 +83,16 @@ async def test_several_writes_in_a_burst_give_one_reload(tmp_path: Path) -> None
     assert await run_watcher(path, burst) == 1
 
 
-async def test_truncated_write_gives_no_reload(tmp_path: Path) -> None:
+async def test_truncated_write_gives_no_reload_and_one_problem(tmp_path: Path) -> None:
     path = tmp_path / "config.toml"
     path.write_text(CONFIG.format(ctx=1))
+    problems: list[str] = []
 
     async def truncated() -> None:
         path.write_text(CONFIG.format(ctx=2)[:20])  # '[models.a]\nfile = "a' - cut mid-string
 
-    assert await run_watcher(path, truncated) == 0
+    assert await run_watcher(path, truncated, settle_s=0.6, problems=problems) == 0
+    assert len(problems) == 1 and str(path) in problems[0]
 
 
 async def test_truncated_write_then_completed_gives_one_reload(tmp_path: Path) -> None:
@@ -93,7 +104,9 @@ async def test_truncated_write_then_completed_gives_one_reload(tmp_path: Path) -
         await anyio.sleep(0.3)
         path.write_text(CONFIG.format(ctx=2))
 
-    assert await run_watcher(path, truncated_then_whole, settle_s=0.5) == 1
+    problems: list[str] = []
+    assert await run_watcher(path, truncated_then_whole, settle_s=0.5, problems=problems) == 1
+    assert len(problems) == 1
 
 
 async def test_save_that_changes_nothing_does_nothing(tmp_path: Path) -> None:
@@ -107,14 +120,43 @@ async def test_save_that_changes_nothing_does_nothing(tmp_path: Path) -> None:
     assert await run_watcher(path, touch) == 0
 
 
-async def test_emptied_file_gives_no_reload(tmp_path: Path) -> None:
+async def test_emptied_file_gives_no_reload_and_one_problem(tmp_path: Path) -> None:
     path = tmp_path / "config.toml"
     path.write_text(CONFIG.format(ctx=1))
+    problems: list[str] = []
 
     async def truncate() -> None:
         path.write_text("")
 
-    assert await run_watcher(path, truncate) == 0
+    assert await run_watcher(path, truncate, problems=problems) == 0
+    assert problems == [f"{path}: empty"]
+
+
+async def test_a_broken_save_is_handed_on_once_however_long_it_stays(tmp_path: Path) -> None:
+    path = tmp_path / "config.toml"
+    path.write_text(CONFIG.format(ctx=1))
+    problems: list[str] = []
+
+    async def broken_then_touched() -> None:
+        path.write_text("[models.a\n")
+        await anyio.sleep(0.3)
+        os.utime(path)  # same bytes again: not a new save
+        await anyio.sleep(0.3)
+
+    assert await run_watcher(path, broken_then_touched, problems=problems) == 0
+    assert len(problems) == 1
+
+
+async def test_a_new_file_matching_an_include_glob_gives_one_reload(tmp_path: Path) -> None:
+    path = tmp_path / "config.toml"
+    path.write_text('include = ["models.d/*.toml"]\n')
+    (tmp_path / "models.d").mkdir()
+    running = Loaded.read(path, [str(tmp_path / "models.d" / "*.toml")])
+
+    async def add_file() -> None:
+        (tmp_path / "models.d" / "b.toml").write_text(CONFIG.format(ctx=3))
+
+    assert await run_watcher(path, add_file, loaded=running) == 1
 
 
 async def test_a_save_made_before_watching_began_is_applied_once(tmp_path: Path) -> None:

@@ -26,6 +26,17 @@ n_threads_http = max(parallel + 2, cores - 1) threads and each idle keep-alive c
 one, so the pool stays below that and leaves a thread for health checks."""
 
 
+class Progress:
+    """When a child last sent data to one of its requests: the proxy writes it as response bytes
+    arrive, the runtime reads it to tell a slow child from a hung one."""
+
+    __slots__ = ("at",)
+
+    def __init__(self) -> None:
+        self.at = 0.0
+        """anyio.current_time() of the last data; 0.0: none yet."""
+
+
 @dataclass(frozen=True)
 class Upstream:
     """Where a ready child listens."""
@@ -34,6 +45,8 @@ class Upstream:
     port: int
     pool_size: int = DEFAULT_POOL_SIZE
     """Idle keep-alive connections the proxy may keep to this child."""
+    progress: Progress | None = field(default=None, compare=False)
+    """Where to note the child's data as it arrives; None: nobody watches."""
 
 
 class ModelState(str, enum.Enum):
@@ -81,10 +94,18 @@ class GpuStatus:
     uuid: str
     total_bytes: int
     planned_bytes: int
-    """What the plan puts here for the models now running."""
+    """Reserved in the memory ledger now: the planned bytes of every child process that holds
+    memory here (running, starting or stopping)."""
     used_bytes: int | None = None
-    """Measured through NVML now; None when not measured."""
+    """Measured through NVML at the last sample; None when not measured."""
     free_bytes: int | None = None
+    """Measured through NVML at the last sample; None when not measured."""
+    usable_bytes: int | None = None
+    """What the ledger may reserve here: free when the plan was made, minus the reserve."""
+    reserved_by_model: Mapping[str, int] = field(default_factory=dict)
+    """The ledger's reservations here, by model."""
+    measured_age_s: float | None = None
+    """How old the NVML sample is, in seconds; None when there is none."""
 
 
 @dataclass(frozen=True)
@@ -117,7 +138,13 @@ class Snapshot:
         return sorted(names)
 
 
-UnavailableKind = Literal["queue_full", "load_timeout", "failed", "unplaced", "stopping", "busy"]
+UnavailableKind = Literal["queue_full", "load_timeout", "failed", "unplaced", "stopping", "busy", "no_memory"]
+
+
+class UpstreamUnreachable(Exception):
+    """Raised by the proxy inside a lease when the child's port refused the connection before
+    anything was sent (it may have just died): the runtime lets go of that child, and the proxy
+    may ask for a lease once more, which then waits for the restart."""
 
 
 class BackendError(Exception):

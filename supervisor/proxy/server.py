@@ -12,7 +12,11 @@ Rules kept here:
 - responses are relayed as they arrive: what one read of the child gives is written before the
   next read, never held back; what is already in hand is coalesced into one write;
 - settings and backends can be swapped with `configure()` while the listener stays bound; a
-  request uses the setup that was current when its head arrived.
+  request uses the setup that was current when its head arrived;
+- a drain (`begin_drain`, on shutdown) accepts nothing new, closes connections that wait for a
+  request, and closes every other one after the response it is sending (`Connection: close`);
+- a child whose port refuses the connection may have just died: the request asks for a lease
+  once more, which waits for the restart, instead of answering 502 at once.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ from anyio.abc import SocketAttribute, SocketListener, TaskStatus
 from llama_smart_proxy.schemas.config import ProxySettings, parse_listen
 from llama_smart_proxy.supervisor.proxy import routes
 from llama_smart_proxy.supervisor.proxy.access import UNAUTHORIZED, ApiKeys, Cors, is_loopback
-from llama_smart_proxy.supervisor.proxy.backends import BackendError, Backends, ModelUnavailable
+from llama_smart_proxy.supervisor.proxy.backends import BackendError, Backends, ModelUnavailable, Progress
 from llama_smart_proxy.supervisor.proxy.http import (
     MAX_HEADER_BYTES,
     MODEL_ROUTES,
@@ -53,12 +57,19 @@ from llama_smart_proxy.supervisor.proxy.http import (
 )
 from llama_smart_proxy.supervisor.proxy.metrics import NO_MODEL, ProxyMetrics
 from llama_smart_proxy.supervisor.proxy.sockets import Socket, accept
-from llama_smart_proxy.supervisor.proxy.upstream import UpstreamConnection, UpstreamError, UpstreamPool
+from llama_smart_proxy.supervisor.proxy.upstream import (
+    UpstreamClosed,
+    UpstreamConnection,
+    UpstreamError,
+    UpstreamPool,
+    UpstreamRefused,
+)
 
 log = logging.getLogger("llama-smart-proxy.proxy")
 
 READ_AHEAD_BYTES = 256 * 1024  # client bytes buffered beyond the current request before reading pauses
 LINGER_S = 1.0  # after an early error reply, how long unread request bytes are drained before closing
+SSE_PING = b":\n\n"  # what llama-server sends while a stream is silent (--sse-ping-interval)
 STATUS_CLIENT_GONE = 499  # nginx's code for "client closed the request", used in metrics and logs
 ACCEPT_BACKOFF_S = 0.1
 # Bodies larger than this (base64 images) are JSON-parsed in a worker thread: tens of milliseconds
@@ -158,19 +169,34 @@ class ProxyServer:
         self._slots: anyio.Semaphore | None = None
         self._accepting: anyio.CancelScope | None = None
         self._accept_stopped = False
+        self.draining = False
+        self._waiting_for_request: set[anyio.CancelScope] = set()
+        """The scopes of connections waiting for a request's first byte: a drain closes them."""
 
     def stop_accepting(self) -> None:
-        """Accept no more connections (shutdown); connections already open are served on."""
+        """Accept no more connections; connections already open are served on."""
         self._accept_stopped = True
         if self._accepting is not None:
             self._accepting.cancel()
+
+    def begin_drain(self) -> None:
+        """Shutdown: accept nothing new, close idle connections, and close each busy one after
+        the response it is sending. Requests in flight go on."""
+        self.stop_accepting()
+        self.draining = True
+        for scope in list(self._waiting_for_request):
+            scope.cancel()
 
     def configure(self, settings: ProxySettings, backends: Backends) -> None:
         """Serve new requests with these settings and backends; the listener stays bound and
         requests already running finish with what they started with. `listen` and
         `max_connections` take effect on the next start. Raises ApiKeyFileError, keeping the old
         setup, when api_keys_file cannot be read."""
-        self._setup = Setup.build(settings, backends)
+        self.install(Setup.build(settings, backends))
+
+    def install(self, setup: Setup) -> None:
+        """Serve new requests with a setup built beforehand (a reload builds it in its phase 1)."""
+        self._setup = setup
 
     @property
     def setup(self) -> Setup:
@@ -268,6 +294,8 @@ class ProxyServer:
         first = True
         while True:
             setup = self._setup
+            if self.draining and not first:
+                return  # the response just sent said Connection: close
             try:
                 request = await self._read_head(conn, client, setup, first)
             except HttpError as error:
@@ -294,6 +322,10 @@ class ProxyServer:
         fed = len(conn.trailing_data[0])
         waited_for_first_byte = not fed
         with anyio.move_on_after(settings.header_timeout if first else settings.keepalive_timeout) as scope:
+            if waited_for_first_byte:
+                if self.draining:
+                    scope.cancel()
+                self._waiting_for_request.add(scope)
             while True:
                 try:
                     event = conn.next_event()
@@ -306,7 +338,10 @@ class ProxyServer:
                         raise protocol_error(431, "")
                     return event
                 if event is h11.NEED_DATA:
-                    data = await client.receive()
+                    try:
+                        data = await client.receive()
+                    finally:
+                        self._waiting_for_request.discard(scope)
                     fed += len(data)
                     if data and waited_for_first_byte:
                         waited_for_first_byte = False
@@ -499,48 +534,59 @@ class ProxyServer:
                 client.watch_scope = scope
                 if client.at_eof:
                     scope.cancel()
-                try:
-                    async with setup.backends.lease(model) as upstream:
-                        host = f"{upstream.host}:{upstream.port}".encode()
-                        headers = upstream_request_headers(
-                            request.headers,
-                            host=host,
-                            peer=client.peer.encode(),
-                            body_length=len(body),
-                            drop_authorization=setup.keys.enabled,
-                        )
-                        outgoing = h11.Request(method=request.method, target=target, headers=headers)
+                refused_once = False
+                while True:
+                    try:
+                        async with setup.backends.lease(model) as upstream:
+                            host = f"{upstream.host}:{upstream.port}".encode()
+                            headers = upstream_request_headers(
+                                request.headers,
+                                host=host,
+                                peer=client.peer.encode(),
+                                body_length=len(body),
+                                drop_authorization=setup.keys.enabled,
+                            )
+                            outgoing = h11.Request(method=request.method, target=target, headers=headers)
 
-                        def on_sent() -> None:
-                            scope.deadline = anyio.current_time() + settings.first_byte_timeout
+                            def on_sent() -> None:
+                                scope.deadline = anyio.current_time() + settings.first_byte_timeout
 
-                        upstream_conn, response = await self.pool.exchange(
-                            upstream,
-                            lambda c: c.start_request(outgoing, body),
-                            connect_timeout=settings.upstream_connect_timeout,
-                            on_sent=on_sent,
-                        )
-                        status = response.status_code
-                        response_headers, _ = downstream_response_headers(response.headers)
-                        if cors:
-                            response_headers.extend(cors)
-                        pending = [conn.send(h11.Response(status_code=status, headers=response_headers)) or b""]
-                        responded = True
-                        await self._relay_body(conn, client, upstream_conn, pending, scope, settings.stream_idle_timeout)
-                        self.pool.checkin(upstream_conn)
-                        upstream_conn = None
-                except ModelUnavailable as error:
-                    status = error.status
-                    await self._reply(conn, client, _backend_error_reply(error), cors)
-                except UpstreamError as error:
-                    status = error.status
-                    if responded:
-                        log.warning("model %s: %s; the client's response ends unfinished", model, error.message)
-                        raise CloseConnection() from None  # the client sees its response end unfinished
-                    log.warning("model %s: %s", model, error.message)
-                    await self._reply(
-                        conn, client, HttpError(error.status, error.message, type="server_error", code="upstream_error").reply(), cors
-                    )
+                            upstream_conn, response = await self.pool.exchange(
+                                upstream,
+                                lambda c: c.start_request(outgoing, body),
+                                connect_timeout=settings.upstream_connect_timeout,
+                                on_sent=on_sent,
+                            )
+                            status = response.status_code
+                            response_headers, _ = downstream_response_headers(response.headers)
+                            if cors:
+                                response_headers.extend(cors)
+                            if self.draining:
+                                response_headers.append((b"connection", b"close"))
+                            pending = [conn.send(h11.Response(status_code=status, headers=response_headers)) or b""]
+                            responded = True
+                            await self._relay_body(
+                                conn, client, upstream_conn, pending, scope, settings.stream_idle_timeout, upstream.progress
+                            )
+                            self.pool.checkin(upstream_conn)
+                            upstream_conn = None
+                        break
+                    except ModelUnavailable as error:
+                        status = error.status
+                        await self._reply(conn, client, _backend_error_reply(error), cors)
+                        break
+                    except UpstreamRefused as error:
+                        if not refused_once:  # it may have just died: the next lease waits for it
+                            refused_once = True
+                            log.info("model %s: %s; asking for it again", model, error.message)
+                            continue
+                        status = error.status
+                        await self._upstream_failed(conn, client, model, error, responded, cors)
+                        break
+                    except UpstreamError as error:
+                        status = error.status
+                        await self._upstream_failed(conn, client, model, error, responded, cors)
+                        break
             if scope.cancelled_caught:
                 if client.at_eof:
                     raise ClientGone()
@@ -564,6 +610,29 @@ class ProxyServer:
                 upstream_conn.close()
             self._observe(model, status, started)
 
+    async def _upstream_failed(
+        self,
+        conn: h11.Connection,
+        client: _Client,
+        model: str,
+        error: UpstreamError,
+        responded: bool,
+        cors: list[tuple[bytes, bytes]],
+    ) -> None:
+        """Tell the client, in our own words, that the model's server failed it."""
+        if responded:
+            log.warning("model %s: %s; the client's response ends unfinished", model, error.message)
+            raise CloseConnection() from None  # the client sees its response end unfinished
+        log.warning("model %s: %s", model, error.message)
+        if isinstance(error, UpstreamClosed):
+            message = f"model {model!r}: its server stopped or closed the connection before answering"
+        elif isinstance(error, UpstreamRefused):
+            message = f"model {model!r}: its server is not reachable (connection refused)"
+        else:
+            message = f"model {model!r}: {error.message}"
+        reply = HttpError(error.status, message, type="server_error", code="upstream_error").reply()
+        await self._reply(conn, client, reply, cors)
+
     async def _relay_body(
         self,
         conn: h11.Connection,
@@ -572,10 +641,15 @@ class ProxyServer:
         pending: list[bytes],
         scope: anyio.CancelScope,
         idle_timeout: float,
+        progress: Progress | None,
     ) -> None:
-        """Relay the child's response body as it arrives; write what is in hand before each read."""
+        """Relay the child's response body as it arrives; write what is in hand before each read.
+
+        Each read that brought data (not only llama-server's SSE keep-alive pings) is noted in
+        `progress`: the runtime tells a slow child from a hung one with it."""
         up = upstream.h11
         idle_phase = False  # the deadline still is the first byte's
+        got_data = True  # the response head itself
         while True:
             try:
                 event = up.next_event()
@@ -588,6 +662,9 @@ class ProxyServer:
                 # Push the idle deadline only once half of it is used: re-arming a timer per
                 # chunk is measurable at thousands of chunks a second.
                 now = anyio.current_time()
+                if got_data and progress is not None:
+                    progress.at = now
+                    got_data = False
                 if not idle_phase or scope.deadline - now < idle_timeout / 2:
                     scope.deadline = now + idle_timeout
                     idle_phase = True
@@ -595,6 +672,8 @@ class ProxyServer:
                 continue
             if type(event) is h11.Data:
                 pending.append(conn.send(event) or b"")
+                if event.data != SSE_PING:
+                    got_data = True
             elif type(event) is h11.EndOfMessage:
                 pending.append(conn.send(h11.EndOfMessage()) or b"")
                 await client.send(b"".join(pending))
@@ -610,7 +689,7 @@ class ProxyServer:
             raise CloseConnection()  # a response already started: nothing sensible can follow
         if conn.their_state is h11.SEND_BODY and not reply.close:
             _drop_buffered_body(conn)
-        close = reply.close or conn.their_state is not h11.DONE
+        close = reply.close or conn.their_state is not h11.DONE or self.draining
         headers = reply.head_headers()
         if cors:
             headers.extend(cors)

@@ -20,7 +20,7 @@ from collections.abc import Callable
 import anyio
 import h11
 
-from llama_smart_proxy.supervisor.proxy.backends import Upstream
+from llama_smart_proxy.supervisor.proxy.backends import Upstream, UpstreamUnreachable
 from llama_smart_proxy.supervisor.proxy.http import READ_SIZE
 from llama_smart_proxy.supervisor.proxy.sockets import Socket, connect
 
@@ -44,6 +44,10 @@ class UpstreamClosed(UpstreamError):
 
     def __init__(self, message: str = "the model's server closed the connection") -> None:
         super().__init__(502, message)
+
+
+class UpstreamRefused(UpstreamError, UpstreamUnreachable):
+    """The child's port refused the connection: nothing was sent (it may have just died)."""
 
 
 class UpstreamConnection:
@@ -162,6 +166,10 @@ class UpstreamPool:
         except TimeoutError:
             raise UpstreamError(
                 504, f"connecting to the model's server at {upstream.host}:{upstream.port} timed out"
+            ) from None
+        except ConnectionRefusedError:
+            raise UpstreamRefused(
+                502, f"cannot connect to the model's server at {upstream.host}:{upstream.port}: connection refused"
             ) from None
         except OSError as exc:
             raise UpstreamError(

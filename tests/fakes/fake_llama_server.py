@@ -15,7 +15,11 @@ Faults, from the environment (a test sets them through the model's `env`):
   FAKE_LLAMA_IGNORE_SIGTERM=1  ignore SIGTERM (only SIGKILL stops it)
   FAKE_LLAMA_EVENTS=/path      append one JSON line per event: start, request, done, disconnect
 Per request, a JSON body may carry "fake": {"chunks": 50, "interval_ms": 20, "delay_ms": 0,
-"die_after_chunks": 3} to shape the response (die_after_chunks kills the process mid-stream).
+"die_after_chunks": 3, "hang": true} to shape the response (die_after_chunks kills the process
+mid-stream; hang wedges its "inference loop": this request never answers, and neither does GET
+/slots from then on, while /health still answers 200, as a llama-server whose inference hangs does).
+GET /slots answers from the "inference loop": after a request's delay_ms, like llama-server between
+two batches of a long prompt, it still answers.
 """
 
 from __future__ import annotations
@@ -60,6 +64,8 @@ class State:
         self.started = time.monotonic()
         self.load_s = float(ENV.get("FAKE_LLAMA_LOAD_S", "0"))
         self.never_ready = ENV.get("FAKE_LLAMA_NEVER_READY") == "1"
+        self.wedged = asyncio.Event()
+        """Set once a request asked to hang: the inference loop answers nothing from then on."""
 
     def is_ready(self) -> bool:
         return not self.never_ready and time.monotonic() - self.started >= self.load_s
@@ -162,6 +168,12 @@ class Server:
             writer.write(response(503, {"error": {"message": "Loading model", "code": 503}}, "Service Unavailable"))
             await writer.drain()
             return True
+        if method == "GET" and path == "/slots":
+            if self.state.wedged.is_set():
+                await asyncio.Event().wait()  # the inference loop never comes back
+            writer.write(response(200, [{"id": 0, "is_processing": False}]))
+            await writer.drain()
+            return True
         if method == "GET" and path == "/v1/models":
             writer.write(response(200, {"object": "list", "data": [{"id": arg(("-m", "--model"), "fake"), "object": "model"}]}))
             await writer.drain()
@@ -180,6 +192,10 @@ class Server:
             return True
         shape = payload.get("fake", {}) if isinstance(payload, dict) else {}
         record("request", id=rid, path=path, model=payload.get("model"), stream=bool(payload.get("stream")))
+        if shape.get("hang"):
+            self.state.wedged.set()
+            record("hang", id=rid)
+            await asyncio.Event().wait()
         if shape.get("delay_ms"):
             await asyncio.sleep(float(shape["delay_ms"]) / 1000)
         if payload.get("stream"):
