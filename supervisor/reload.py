@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from llama_smart_proxy.schemas.config import Config
+from llama_smart_proxy.schemas.config import Config, ModelSpec
 from llama_smart_proxy.schemas.plan import ModelPlan, Plan
 
 
@@ -54,6 +54,28 @@ def diff_plans(old: Plan, new: Plan) -> PlanDiff:
         else:
             diff.unchanged.append(name)
     return diff
+
+
+def with_setting_changes(diff: PlanDiff, old: Config, new: Config) -> PlanDiff:
+    """`diff` with the models whose serving settings (max_concurrency, idle_ttl) changed moved from
+    unchanged to updated: the plan does not carry those, but a reload applies them in place."""
+    moved = [
+        name for name in diff.unchanged
+        if _serving(old.model_spec(name)) != _serving(new.model_spec(name))
+    ]  # fmt: skip
+    if not moved:
+        return diff
+    return PlanDiff(
+        unchanged=[n for n in diff.unchanged if n not in moved],
+        updated=sorted(diff.updated + moved),
+        changed=diff.changed,
+        added=diff.added,
+        removed=diff.removed,
+    )
+
+
+def _serving(spec: ModelSpec) -> tuple[object, ...]:
+    return (spec.max_concurrency, spec.idle_ttl)
 
 
 def refusal(old: Plan, new: Plan) -> str | None:

@@ -53,7 +53,13 @@ from llama_smart_proxy.supervisor.proxy.backends import (
     Upstream,
     UpstreamUnreachable,
 )
-from llama_smart_proxy.supervisor.reload import PlanDiff, ReloadRecord, deferred_settings, diff_plans
+from llama_smart_proxy.supervisor.reload import (
+    PlanDiff,
+    ReloadRecord,
+    deferred_settings,
+    diff_plans,
+    with_setting_changes,
+)
 from llama_smart_proxy.supervisor.routing import RoutingTable
 
 log = logging.getLogger("llama-smart-proxy.runtime")
@@ -544,7 +550,7 @@ class Runtime:
         """Phase 1 of a reload: the new entries and what would change; no side effects.
 
         Raises ActionRefused when the new config may not replace the running one."""
-        diff = diff_plans(self.prepared.plan, new.plan)
+        diff = with_setting_changes(diff_plans(self.prepared.plan, new.plan), self.prepared.loaded.config, new.loaded.config)
         if binary != self.binary:
             # every child runs the binary: a new one means every placed model restarts with it
             moved = [n for n in diff.unchanged + diff.updated if new.plan.model(n).launch is not None]
@@ -598,7 +604,11 @@ class Runtime:
                 await self._children.add(entry.child)
             entry.gate.set()
         self._wake()
-        starting = [n for n in staged.new if staged.entries[n].child is not None and staged.entries[n].spec.mode == "resident"]
+        became_resident = [n for n in diff.updated if self._entries[n].spec.mode == "resident" and n not in staged.new]
+        starting = [
+            n for n in [*staged.new, *became_resident]
+            if staged.entries[n].child is not None and staged.entries[n].spec.mode == "resident"
+        ]  # fmt: skip
         results = await self._children.start_all(starting) if starting else {}
         lines = []
         for verb, names in (("restart", diff.changed), ("start", diff.added), ("stop", diff.removed), ("update", diff.updated)):

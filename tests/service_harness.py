@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +17,7 @@ import anyio
 import anyio.from_thread
 import httpx
 
+from llama_smart_proxy.supervisor.gpu_sampler import GpuSample, GpuSampler
 from llama_smart_proxy.supervisor.inventory import dump_inventory
 from llama_smart_proxy.supervisor.planning import Source, prepare
 from llama_smart_proxy.supervisor.serve import Service, run_service
@@ -88,12 +91,19 @@ class Harness:
         return [e for e in lines if kind is None or e["event"] == kind]
 
     @contextmanager
-    def serving(self, config: Path, inventory: Path | None = None, *, watch: bool = False) -> Iterator[Running]:
-        """Run the service until the block ends; yields once every resident was started."""
+    def serving(
+        self, config: Path, inventory: Path | None = None, *, watch: bool = False, sampler: GpuSampler | None = None
+    ) -> Iterator[Running]:
+        """Run the service until the block ends; yields once every resident was started.
+
+        `sampler` stands in for NVML's live readings (default: one that reads nothing)."""
         source = Source(config, inventory_path=inventory)
         prepared = prepare(source)
+        sampler = sampler or GpuSampler(read=lambda: GpuSample(time.monotonic(), {}, {}))
         with anyio.from_thread.start_blocking_portal() as portal:
-            future, service = portal.start_task(run_service, source, prepared, self.fake_binary, watch)
+            future, service = portal.start_task(
+                partial(run_service, source, prepared, self.fake_binary, watch, sampler=sampler)
+            )
             portal.call(service.ready.wait)
             host, port = service.proxy.address
             running = Running(service, portal, f"http://{host}:{port}")

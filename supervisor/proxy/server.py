@@ -172,6 +172,8 @@ class ProxyServer:
         self.draining = False
         self._waiting_for_request: set[anyio.CancelScope] = set()
         """The scopes of connections waiting for a request's first byte: a drain closes them."""
+        self._own_listeners: list[socket.socket] = []
+        """The listening sockets serve() bound itself (not a caller's)."""
 
     def stop_accepting(self) -> None:
         """Accept no more connections; connections already open are served on."""
@@ -186,6 +188,14 @@ class ProxyServer:
         self.draining = True
         for scope in list(self._waiting_for_request):
             scope.cancel()
+        for listener in self._own_listeners:
+            # Linux takes a listening socket out of LISTEN on shutdown(): new connections are
+            # refused at once (a balancer tries another host) instead of waiting in the backlog
+            # for the drain to end; the descriptor itself is closed when serve() returns
+            try:
+                listener.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
     def configure(self, settings: ProxySettings, backends: Backends) -> None:
         """Serve new requests with these settings and backends; the listener stays bound and
@@ -218,6 +228,7 @@ class ProxyServer:
             multi = await anyio.create_tcp_listener(local_host=host, local_port=port)
             bound = list(multi.listeners)  # type: ignore[arg-type]
             raw = [one.extra(SocketAttribute.raw_socket) for one in bound]
+            self._own_listeners = list(raw)
         elif isinstance(listener, socket.socket):
             raw = [listener]
         else:
