@@ -81,7 +81,7 @@ def content_digest(paths: Sequence[Path]) -> tuple[str, str | None]:
             try:
                 tomllib.loads(data.decode("utf-8"))
             except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-                problem = f"{path}: {exc}"
+                problem = f"{path}: TOML syntax error: {exc}"
     return files_digest(contents), problem
 
 

@@ -156,7 +156,7 @@ def test_notify_socket_gets_ready_reloading_ready_watchdog_and_stopping_in_order
     assert all(0.1 < gap < 0.4 for gap in gaps), gaps  # half of WATCHDOG_USEC, never the full period
 
 
-def test_watch_reloads_once_per_editor_save_and_not_on_a_truncated_write(harness: Harness) -> None:
+def test_watch_reloads_once_per_editor_save_and_records_a_truncated_write_as_refused(harness: Harness) -> None:
     config = harness.write_config({"m": {}})
     log = harness.directory / "serve.log"
     base = f"http://{harness.listen}"
@@ -180,7 +180,10 @@ def test_watch_reloads_once_per_editor_save_and_not_on_a_truncated_write(harness
         text = config.read_text()
         cut = text.index('file = "n.gguf"') + len('file = "n.')
         config.write_text(text[:cut])  # cut mid-line, as a writer that died leaves it
+        wait_for(lambda: reloads()["failed"] == 1, 15, "the truncated save recorded as a refused reload")
         time.sleep(1.5)
-        assert reloads() == {"ok": 1, "failed": 0}
+        status = httpx.get(f"{base}/status", timeout=5).json()
+        assert status["reloads"] == {"ok": 1, "failed": 1} and "TOML" in status["last_reload"]["summary"]
+        assert {m["name"] for m in status["models"]} == {"m", "n"}
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=30) == 0

@@ -1,0 +1,472 @@
+"""The running service under random interleavings: a Hypothesis state machine drives the real
+runtime and proxy (over real sockets, FAKE llama-server children, a fake NVML inventory) through
+requests (plain, streamed, cancelled mid-stream), bursts, child crashes, stopped and hung children,
+reloads (no-op, a changed ctx, a changed limit, a model added or removed, invalid TOML, a plan that
+does not fit, a broken GGUF, an unreadable key file), idle-TTL expiry, admin load/unload/reset and
+the memory pressure of on-demand models that evict each other.
+
+After every step it checks what the service promises:
+- memory: the GPU bytes of every live child process stay within the GPU's usable bytes (read from
+  /proc and the plan, so it holds of the processes, not of the bookkeeping); where the runtime has
+  a ledger, each live child holds exactly one reservation and each reservation a child that is
+  starting, ready or stopping;
+- admission: a child never sees more requests at once than its model's limit at the time;
+- every request is answered, in time, with success or a documented error; a 502 or a cut stream
+  only for a request whose child was crashed, stopped or hung while it ran;
+- a reload is applied exactly when the new config is valid and fits; a refused one restarts nothing.
+
+The examples and steps are few enough for CI (STATEFUL_EXAMPLES raises them) and derandomized, so a
+run is reproducible; each example is a whole service, started and stopped.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import signal
+import struct
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from llama_smart_proxy.schemas.config import LlamaServerSettings
+from llama_smart_proxy.supervisor.tinymodel import write_tiny_model
+from tests.fakes.fake_pynvml import FakeNvml, gpu
+from tests.fakes.supervision import pid_alive
+from tests.service_harness import Harness, Running
+
+pytestmark = pytest.mark.slow
+
+EXAMPLES = int(os.environ.get("STATEFUL_EXAMPLES", "10"))
+STEPS = int(os.environ.get("STATEFUL_STEPS", "25"))
+QUEUE_TIMEOUT_S = 12.0
+REQUEST_DEADLINE_S = QUEUE_TIMEOUT_S + 8.0
+"""No request may take longer: waits are bounded by queue_timeout, and a hung child is noticed in
+about a second."""
+HAS_LIVENESS = "health_interval" in LlamaServerSettings.model_fields
+MODELS = ("r", "c", "o1", "o2", "x")
+GPU_MODELS = ("r", "o1", "o2", "x")
+RELOADS = ("noop", "ctx", "limit", "toggle_x", "invalid_toml", "no_fit", "broken_gguf", "bad_key_file")
+VALID_RELOADS = {"noop", "ctx", "limit", "toggle_x"}
+
+
+def fake_nvml(total: int) -> FakeNvml:
+    return FakeNvml(devices=[gpu(0, total=total, used=0)])
+
+
+_TINY: dict[str, Path] = {}
+
+
+def tiny_model() -> Path:
+    if "path" not in _TINY:
+        _TINY["path"] = write_tiny_model(Path(tempfile.mkdtemp(prefix="stateful-model-")) / "tiny.gguf")
+    return _TINY["path"]
+
+
+def write_broken_gguf(path: Path) -> None:
+    """The tiny model with `llama.block_count` stored as a float32: a header field of the wrong type."""
+    data = bytearray(tiny_model().read_bytes())
+    key = b"llama.block_count"
+    at = data.index(struct.pack("<Q", len(key)) + key) + 8 + len(key)
+    assert struct.unpack_from("<I", data, at)[0] == 4  # GGUF_TYPE_UINT32
+    struct.pack_into("<I", data, at, 6)  # GGUF_TYPE_FLOAT32
+    path.write_bytes(bytes(data))
+
+
+@dataclass
+class Sent:
+    """One request the machine sent, and how it ended."""
+
+    model: str
+    kind: str
+    started: float
+    ended: float | None = None
+    status: int | None = None
+    code: str | None = None
+    error: str | None = None
+    configured: bool = True
+    judged: bool = False
+    thread: threading.Thread | None = field(default=None, repr=False)
+
+
+@dataclass
+class Disturbance:
+    """A child we crashed, stopped or hung: requests to its model may fail while it lasts."""
+
+    model: str
+    pid: int
+    since: float
+    until: float = math.inf
+
+
+class RuntimeMachine(RuleBasedStateMachine):
+    def __init__(self) -> None:
+        super().__init__()
+        self.directory = Path(tempfile.mkdtemp(prefix="stateful-"))
+        self.harness = Harness.create(self.directory, tiny_model())
+        self.x_present = True
+        self.ctx = 512
+        self.limit = 1
+        self.gpu_total = 0
+        self.config = self.write_config()
+        self.sent: list[Sent] = []
+        self.disturbed: list[Disturbance] = []
+        self.limits: list[tuple[float, int]] = [(0.0, 1)]
+        self.failures: list[str] = []
+        self.stopped_pids: set[int] = set()
+        self.need = self.gpu_need()
+        # r, x and both on-demand models do not fit together; any three of them do
+        self.gpu_total = int(self.need * 3.5)
+        self.nvml = fake_nvml(self.gpu_total)
+        self.nvml_patch = pytest.MonkeyPatch()
+        self.nvml_patch.setitem(sys.modules, "pynvml", self.nvml)
+        self._serving = self.harness.serving(self.config)
+        self.running: Running = self._serving.__enter__()
+        self.usable = self.running.status()["plan"]["gpus"][0]["usable_bytes"]
+
+    # ---- config
+
+    def gpu_need(self) -> int:
+        from llama_smart_proxy.supervisor.planning import Source, prepare
+
+        probe = self.harness.write_inventory([80 * 1024**3], name="probe.json")
+        plan = prepare(Source(self.config, inventory_path=probe)).plan
+        return plan.model("r").estimate.gpus[0].total_bytes
+
+    def write_config(self, variant: str = "noop") -> Path:
+        quick = (
+            'health_interval = "100ms"\nhealth_timeout = "300ms"\nhealth_failures = 3\nstall_timeout = "1s"\n'
+            if HAS_LIVENESS
+            else ""
+        )
+        models: dict[str, dict] = {
+            "r": {"max_concurrency": 2},
+            "c": {"gpus": [], "ctx": self.ctx},
+            "o1": {"mode": "on-demand", "max_concurrency": self.limit, "env": {"FAKE_LLAMA_IGNORE_SIGTERM": "1"}},
+            "o2": {"mode": "on-demand", "idle_ttl": "1s", "env": {"FAKE_LLAMA_IGNORE_SIGTERM": "1"}},
+        }
+        if self.x_present:
+            models["x"] = {}
+        proxy = f'queue_timeout = "{QUEUE_TIMEOUT_S:g}s"\nfirst_byte_timeout = "60s"'
+        if variant == "no_fit":
+            models["r"] = {**models["r"], "allow_cpu": False, "allow_partial": False}
+        if variant == "broken_gguf":
+            write_broken_gguf(self.harness.model_file("bad"))
+            models["bad"] = {"gpus": []}
+        if variant == "bad_key_file":
+            models["c"] = {**models["c"], "ctx": 2048}
+            proxy += f'\napi_keys_file = "{self.directory / "missing-keys.txt"}"'
+        path = self.harness.write_config(
+            models,
+            proxy=proxy,
+            llama_server=quick + "crash_loop_deaths = 50",
+            gpus="allow = [0]",
+        )
+        text = path.read_text().replace('stop_grace = "2s"', 'stop_grace = "600ms"')  # quicker evictions
+        if variant == "invalid_toml":
+            text += "\n[models.broken\n"
+        path.write_text(text)
+        return path
+
+    # ---- what the machine observes
+
+    def pids(self) -> dict[str, int | None]:
+        return {m["name"]: m["pid"] for m in self.running.status()["models"]}
+
+    def live_children(self) -> dict[str, list[int]]:
+        """Model name -> pids of live FAKE llama-server processes serving it, from /proc."""
+        found: dict[str, list[int]] = {}
+        for name in os.listdir("/proc"):
+            if not name.isdigit():
+                continue
+            try:
+                argv = Path(f"/proc/{name}/cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if not any(a.endswith(b"fake_llama_server.py") for a in argv) or b"-m" not in argv:
+                continue
+            model_file = Path(argv[argv.index(b"-m") + 1].decode())
+            if model_file.parent == self.directory and pid_alive(int(name)):
+                found.setdefault(model_file.stem, []).append(int(name))
+        return found
+
+    def model_pid(self, model: str) -> int | None:
+        status = {m["name"]: m for m in self.running.status()["models"]}
+        entry = status.get(model)
+        return entry["pid"] if entry and entry["state"] == "ready" else None
+
+    # ---- rules: requests
+
+    def send(self, model: str, kind: str) -> None:
+        sent = Sent(model, kind, time.monotonic(), configured=model != "x" or self.x_present)
+        body: dict = {"model": model, "messages": []}
+        if kind == "hang":
+            body["fake"] = {"hang": True}
+        elif kind != "plain":
+            body |= {"stream": True, "fake": {"chunks": 6, "interval_ms": 60}}
+
+        def run() -> None:
+            try:
+                with httpx.Client(timeout=REQUEST_DEADLINE_S) as client:
+                    if kind == "cancel":
+                        with client.stream("POST", f"{self.running.base}/v1/chat/completions", json=body) as response:
+                            sent.status = response.status_code
+                            for _ in response.iter_raw():
+                                break  # the client goes away mid-stream
+                    else:
+                        response = client.post(f"{self.running.base}/v1/chat/completions", json=body)
+                        sent.status = response.status_code
+                        if response.status_code != 200:
+                            sent.code = str(response.json().get("error", {}).get("code"))
+                        elif kind == "stream" and not response.text.rstrip().endswith("data: [DONE]"):
+                            sent.error = "stream cut short"
+            except httpx.HTTPError as exc:
+                sent.error = f"{type(exc).__name__}: {exc}"
+            finally:
+                sent.ended = time.monotonic()
+
+        sent.thread = threading.Thread(target=run, daemon=True)
+        self.sent.append(sent)
+        sent.thread.start()
+
+    @rule(model=st.sampled_from(MODELS), kind=st.sampled_from(("plain", "stream", "cancel")))
+    def request(self, model: str, kind: str) -> None:
+        self.send(model, kind)
+        time.sleep(0.05)
+
+    @rule(models=st.lists(st.sampled_from(MODELS), min_size=2, max_size=4))
+    def burst(self, models: list[str]) -> None:
+        for model in models:
+            self.send(model, "plain")
+        time.sleep(0.1)
+
+    # ---- rules: faults
+
+    def disturb(self, model: str, how: str) -> None:
+        pid = self.model_pid(model)
+        if pid is None:
+            return
+        self.disturbed.append(Disturbance(model, pid, time.monotonic()))
+        if how == "crash":
+            os.kill(pid, signal.SIGKILL)
+        elif how == "stop":
+            self.stopped_pids.add(pid)
+            os.kill(pid, signal.SIGSTOP)
+        else:  # hang its inference loop
+            self.send(model, "hang")
+        time.sleep(0.05)
+
+    @rule(model=st.sampled_from(MODELS))
+    def crash(self, model: str) -> None:
+        self.disturb(model, "crash")
+
+    @precondition(lambda self: HAS_LIVENESS)
+    @rule(model=st.sampled_from(MODELS), how=st.sampled_from(("stop", "hang")))
+    def wedge(self, model: str, how: str) -> None:
+        self.disturb(model, how)
+
+    # ---- rules: reloads, time, admin
+
+    @rule(variant=st.sampled_from(RELOADS))
+    def reload(self, variant: str) -> None:
+        before = self.pids()
+        if variant == "ctx":
+            self.ctx = 1024 if self.ctx == 512 else 512
+        elif variant == "limit":
+            self.limit = 2 if self.limit == 1 else 1
+        elif variant == "toggle_x":
+            self.x_present = not self.x_present
+        elif variant == "no_fit":
+            self.nvml.devices[0] = gpu(0, total=64 * 1024**2, used=0)  # the GPU "shrank"
+        self.write_config(variant)
+        started = time.monotonic()
+        try:
+            answer = httpx.post(f"{self.running.base}/admin/reload", timeout=60)
+        except httpx.HTTPError as exc:
+            self.failures.append(f"reload {variant}: no answer ({type(exc).__name__}: {exc})")
+            return
+        finally:
+            if variant == "no_fit":
+                self.nvml.devices[0] = gpu(0, total=self.gpu_total, used=0)
+            self.write_config()  # the next reload starts from a good file
+        if variant == "limit":
+            # while the reload runs either limit may be the one in force
+            self.limits += [(started, max(self.limit, 3 - self.limit)), (time.monotonic(), self.limit)]
+        expected_ok = variant in VALID_RELOADS
+        if (answer.status_code == 200) != expected_ok:
+            self.failures.append(f"reload {variant}: answered {answer.status_code} {answer.text[:300]}")
+        last = self.running.status()["last_reload"]
+        if last is None or last["ok"] != expected_ok:
+            self.failures.append(f"reload {variant}: last_reload says {last}")
+        if not expected_ok:
+            after = self.pids()
+            restarted = [m for m, pid in before.items() if pid is not None and after.get(m) not in (pid, None) and not self._was_disturbed(m, started)]
+            if restarted:
+                self.failures.append(f"refused reload {variant} restarted {restarted}")
+
+    @rule(seconds=st.sampled_from((0.3, 1.3)))
+    def wait(self, seconds: float) -> None:
+        time.sleep(seconds)  # 1.3 s lets o2's idle_ttl (1 s) expire
+
+    @rule(action=st.sampled_from(("load", "unload", "reset")), model=st.sampled_from(MODELS))
+    def admin(self, action: str, model: str) -> None:
+        try:
+            answer = httpx.post(f"{self.running.base}/admin/models/{model}/{action}", timeout=REQUEST_DEADLINE_S)
+        except httpx.HTTPError as exc:
+            self.failures.append(f"admin {action} {model}: no answer ({type(exc).__name__})")
+            return
+        allowed = {200, 404} if model == "x" else {200}
+        if action == "load":
+            allowed |= {409, 503}  # a failed model, no memory or not ready in time: said so
+        if answer.status_code not in allowed:
+            self.failures.append(f"admin {action} {model}: {answer.status_code} {answer.text[:200]}")
+
+    # ---- invariants
+
+    @invariant()
+    def memory_is_never_overcommitted(self) -> None:
+        live = self.live_children()
+        for model, pids in live.items():
+            if len(pids) > 1:
+                self.failures.append(f"{model} has {len(pids)} live children at once: {pids}")
+        used = sum(self.need for model in live if model in GPU_MODELS)
+        if used > self.usable:
+            self.failures.append(
+                f"GPU 0 overcommitted: live children {sorted(live)} need {used} bytes, {self.usable} usable"
+            )
+        ledger = getattr(self.running.service.runtime, "ledger", None)
+        if ledger is not None:
+            problem = self.running.portal.call(lambda: ledger_problem(self.running.service.runtime))
+            if problem:
+                self.failures.append(problem)
+        assert not self.failures, self.failures
+
+    @invariant()
+    def answered_requests_were_answered_as_documented(self) -> None:
+        self.close_disturbances()
+        for sent in self.sent:
+            if sent.ended is not None and not sent.judged:
+                sent.judged = True
+                why = self.judge(sent)
+                if why:
+                    self.failures.append(why)
+            elif sent.ended is None and time.monotonic() - sent.started > REQUEST_DEADLINE_S:
+                self.failures.append(f"{sent} has not been answered in {REQUEST_DEADLINE_S} s")
+        assert not self.failures, self.failures
+
+    def close_disturbances(self) -> None:
+        now = time.monotonic()
+        pids = self.pids()
+        for d in self.disturbed:
+            if d.until == math.inf and pids.get(d.model) not in (d.pid,):
+                d.until = now
+
+    def _was_disturbed(self, model: str, since: float) -> bool:
+        return any(d.model == model and d.until >= since for d in self.disturbed)
+
+    def judge(self, sent: Sent) -> str | None:
+        if sent.kind == "hang":
+            return None  # the request that wedged its child: any end is fine
+        disturbed = any(
+            d.model == sent.model and d.since <= (sent.ended or math.inf) and d.until >= sent.started for d in self.disturbed
+        )
+        if sent.error is not None:
+            if sent.kind == "cancel" or disturbed:
+                return None
+            return f"{sent.model} {sent.kind}: {sent.error}"
+        if sent.status == 200:
+            return None
+        if sent.status == 404 and sent.model == "x":
+            return None  # x is not always configured
+        if sent.status == 503 and sent.code in ("stopping", "failed", "no_memory"):
+            return None
+        if sent.status == 502 and disturbed:
+            return None
+        return f"{sent.model} {sent.kind}: answered {sent.status} ({sent.code}) after {sent.ended - sent.started:.2f} s"
+
+    def check_limits(self) -> None:
+        """Requests to o1 its children saw at once, against o1's limit when each began."""
+        events = self.harness.events()
+        model_of = {e["pid"]: Path(e["argv"][e["argv"].index("-m") + 1]).stem for e in events if e["event"] == "start"}
+        spans: dict[tuple[int, int], list[float]] = {}
+        for e in events:
+            if e["event"] == "request" and model_of.get(e["pid"]) == "o1":
+                spans[(e["pid"], e["id"])] = [e["t"], math.inf]
+            elif e["event"] in ("done", "aborted", "disconnect") and (e["pid"], e.get("id")) in spans:
+                spans[(e["pid"], e["id"])][1] = e["t"]
+        for d in self.disturbed:  # a request on a child we killed ended with it
+            for (pid, _), span in spans.items():
+                if pid == d.pid and span[1] == math.inf:
+                    span[1] = d.until
+        for start, _ in spans.values():
+            limit = [lim for since, lim in sorted(self.limits) if since <= start][-1]
+            running = sum(1 for s, end in spans.values() if s <= start < end)
+            if running > limit:
+                self.failures.append(f"o1's child held {running} requests at once under max_concurrency = {limit}")
+
+    def teardown(self) -> None:
+        try:
+            deadline = time.monotonic() + REQUEST_DEADLINE_S
+            for sent in self.sent:
+                if sent.thread is not None:
+                    sent.thread.join(max(0.0, deadline - time.monotonic()))
+            for pid in self.stopped_pids:
+                if pid_alive(pid):
+                    os.kill(pid, signal.SIGCONT)
+            if not self.failures:
+                self.answered_requests_were_answered_as_documented()
+                self.check_limits()
+        finally:
+            try:
+                self._serving.__exit__(None, None, None)
+            finally:
+                self.nvml_patch.undo()
+                shutil.rmtree(self.directory, ignore_errors=True)
+        assert not self.failures, self.failures
+
+
+def ledger_problem(runtime) -> str | None:
+    """In the event loop, at one instant: each live child holds exactly one reservation, and each
+    reservation belongs to a child that is starting, ready or stopping."""
+    entries = runtime._all_entries()
+    held = {id(r): r for r in runtime.ledger.reservations()}
+    for entry in entries:
+        child = entry.child
+        if child is None:
+            continue
+        alive = child.pid is not None and pid_alive(child.pid)
+        if alive and not entry.holds_memory():
+            return f"{entry.name}: live child pid {child.pid} holds no reservation"
+        if entry.holds_memory():
+            if id(entry.reservation) not in held:
+                return f"{entry.name}: its reservation is not in the ledger"
+            if child.state.value not in ("starting", "ready", "stopping"):
+                return f"{entry.name}: holds a reservation while {child.state.value}"
+    owners = [e.reservation for e in entries if e.holds_memory()]
+    if len(owners) != len(held):
+        return f"{len(held)} reservations in the ledger, {len(owners)} held by children"
+    for gpu_index, reserved in runtime.ledger.reserved_by_gpu().items():
+        if reserved > runtime.ledger.usable_by_gpu.get(gpu_index, 0):
+            return f"GPU {gpu_index}: {reserved} reserved > {runtime.ledger.usable_by_gpu.get(gpu_index)} usable"
+    return None
+
+
+RuntimeMachine.TestCase.settings = settings(
+    max_examples=EXAMPLES,
+    stateful_step_count=STEPS,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=list(HealthCheck),
+)
+test_the_runtime_keeps_its_promises_under_random_interleavings = RuntimeMachine.TestCase
