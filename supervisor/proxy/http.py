@@ -301,7 +301,7 @@ def missing_model_error(known: list[str]) -> HttpError:
 _PROTOCOL_MESSAGES = (
     ("Host", "an HTTP/1.1 request needs exactly one Host header"),
     ("Content-Length", "the Content-Length header is malformed or given twice with different values"),
-    ("Transfer-Encoding", "only Transfer-Encoding: chunked is accepted, in one header"),
+    ("Transfer-Encoding", "a request body is framed by Content-Length or by one Transfer-Encoding: chunked header"),
     ("chunk", "the chunked request body is malformed"),
     ("request line", "the request line is malformed; expected METHOD TARGET HTTP/1.1"),
     ("method", "the request line is malformed; expected METHOD TARGET HTTP/1.1"),
@@ -329,6 +329,12 @@ def version_error(version: bytes) -> HttpError:
         code="http_version_not_supported",
         close=True,
     )
+
+
+def connect_refused() -> HttpError:
+    """CONNECT asks for a tunnel, which the proxy never opens (forwarded, it would switch the
+    child's connection out of HTTP)."""
+    return HttpError(501, "CONNECT is not supported: this server opens no tunnels", code="method_not_supported")
 
 
 _CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,20}")  # h11's bound: 20 hex digits

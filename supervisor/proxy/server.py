@@ -51,6 +51,7 @@ from llama_smart_proxy.supervisor.proxy.http import (
     missing_model_error,
     model_from_body,
     model_rename,
+    connect_refused,
     protocol_error,
     reason_phrase,
     split_target,
@@ -383,6 +384,8 @@ class ProxyServer:
             if problem is not None:
                 raise problem
             method = request.method
+            if method == b"CONNECT":
+                raise connect_refused()
             path, query = split_target(request.target)
             if method == b"OPTIONS" and setup.cors.enabled:
                 preflight = setup.cors.preflight_headers(request.headers)
