@@ -259,6 +259,14 @@ def test_what_h11_says_about_a_bad_request_never_reaches_the_client(raw: bytes) 
     assert error.close
 
 
+def test_the_client_bytes_h11_quotes_do_not_pick_the_message() -> None:
+    conn = h11.Connection(h11.SERVER)
+    conn.receive_data(b"GET / HTTP/1.1\r\nHost: x\r\nNo Host here: Content-Length\r\n\r\n")
+    with pytest.raises(h11.RemoteProtocolError) as caught:
+        conn.next_event()
+    assert protocol_error(400, str(caught.value)).message == "a header line is malformed"
+
+
 def chunked(*sizes: int, last: bool = True) -> bytes:
     out = b"".join(b"%x;ext=1\r\n" % n + b"x" * n + b"\r\n" for n in sizes)
     return out + (b"0\r\n\r\n" if last else b"")

@@ -297,7 +297,8 @@ def missing_model_error(known: list[str]) -> HttpError:
 
 
 # What h11 says when it refuses a request, mapped to our words; the first needle found in h11's
-# message picks the answer. h11's own text (which quotes the client's bytes) is never sent.
+# message, before the client's bytes it quotes (b'...'), picks the answer. h11's own text is never
+# sent.
 _PROTOCOL_MESSAGES = (
     ("Host", "an HTTP/1.1 request needs exactly one Host header"),
     ("Content-Length", "the Content-Length header is malformed or given twice with different values"),
@@ -309,6 +310,7 @@ _PROTOCOL_MESSAGES = (
     ("continuation line", "a header line is malformed"),
 )
 BAD_REQUEST_MESSAGE = "the request is not valid HTTP/1.1"
+_QUOTED_BYTES = re.compile(r"""b['"]""")
 
 
 def protocol_error(status: int, detail: str) -> HttpError:
@@ -317,7 +319,8 @@ def protocol_error(status: int, detail: str) -> HttpError:
     if status == 431:
         message = f"request header block larger than {MAX_HEADER_BYTES} bytes"
     else:
-        message = next((ours for needle, ours in _PROTOCOL_MESSAGES if needle in detail), BAD_REQUEST_MESSAGE)
+        said = _QUOTED_BYTES.split(detail, maxsplit=1)[0]
+        message = next((ours for needle, ours in _PROTOCOL_MESSAGES if needle in said), BAD_REQUEST_MESSAGE)
     return HttpError(status, message, code="bad_request", close=True)
 
 

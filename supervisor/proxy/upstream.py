@@ -100,7 +100,7 @@ class UpstreamConnection:
             try:
                 event = conn.next_event()
             except h11.RemoteProtocolError as exc:
-                log.warning("%r sent a response h11 cannot parse: %s", self, exc)
+                log.debug("%r: h11 refused the response: %s", self, exc)
                 raise UpstreamClosed("the model's server sent a malformed response") from None
             if event is not h11.NEED_DATA:
                 return event  # type: ignore[return-value]
