@@ -91,9 +91,8 @@ def openai_error(body: bytes) -> dict:
 
 @pytest.fixture(scope="module")
 def upstream() -> Iterator[ScriptedUpstream]:
-    server = ScriptedUpstream()
-    yield server
-    server.stop()
+    with ScriptedUpstream() as server:
+        yield server
 
 
 @pytest.fixture(scope="module")

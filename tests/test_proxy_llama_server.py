@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 from collections.abc import Iterator
 
 import httpx
@@ -17,7 +16,7 @@ from llama_smart_proxy.supervisor.launch import build_command
 from llama_smart_proxy.supervisor.proxy.backends import Upstream
 from tests.fakes.static_backends import StaticBackends, running_proxy
 from tests.fakes.supervision import cpu_spec
-from tests.helpers import free_port, wait_for
+from tests.helpers import free_port, llama_server_process
 
 pytestmark = pytest.mark.llama_server
 
@@ -63,21 +62,8 @@ def launched_tiny(request: pytest.FixtureRequest, llama_server, tiny_model) -> I
     name = request.param
     port = free_port()
     command = build_command(cpu_spec(model=name, file=str(tiny_model)), binary=llama_server, port=port, settings=LlamaServerSettings())
-    child = subprocess.Popen(command.argv, env={**os.environ, **command.env}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-
-        def healthy() -> bool:
-            assert child.poll() is None, f"llama-server exited with {child.returncode}"
-            try:
-                return httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200
-            except httpx.TransportError:
-                return False
-
-        wait_for(healthy, timeout=60, what="llama-server /health")
+    with llama_server_process(command.argv, port, env={**os.environ, **command.env}):
         yield name, port
-    finally:
-        child.terminate()
-        child.wait(timeout=10)
 
 
 def test_responses_carry_the_model_name_the_client_asked_for_never_the_file_path(launched_tiny, tiny_model) -> None:

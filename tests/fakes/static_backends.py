@@ -259,3 +259,9 @@ class ScriptedUpstream:
     def stop(self) -> None:
         self._stopping = True
         self._sock.close()
+
+    def __enter__(self) -> ScriptedUpstream:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
