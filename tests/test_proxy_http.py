@@ -319,7 +319,7 @@ def test_connect_is_501_and_never_forwarded(proxy: str, upstream: ScriptedUpstre
     assert len(upstream.received) == before
 
 
-def test_no_request_in_this_module_logged_a_traceback(caplog: pytest.LogCaptureFixture, proxy: str) -> None:
+def test_head_and_options_on_every_own_route_log_no_traceback(caplog: pytest.LogCaptureFixture, proxy: str) -> None:
     caplog.set_level(logging.DEBUG)
     for target in OWN_ROUTES:
         client = Client(proxy)
