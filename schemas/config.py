@@ -48,6 +48,16 @@ class ProxySettings(Contract):
     api_keys_file: Path | None = Field(
         None, description="A file with one API key per line (blank lines and # comments ignored)."
     )
+    admin_api_keys: list[SecretStr] = Field(
+        default_factory=list,
+        description="Bearer keys for the admin routes (/admin/...), where other keys get 403; they "
+        "are accepted on every other route too. Empty: with api_keys set the admin routes are off "
+        "(403; reload with SIGHUP or --watch), without api_keys they answer loopback peers only.",
+    )
+    admin_api_keys_file: Path | None = Field(
+        None,
+        description="A file with one admin API key per line (blank lines and # comments ignored).",
+    )
     cors_origins: list[str] = Field(
         default_factory=list, description='Origins allowed by CORS, or ["*"]. Empty: no CORS headers.'
     )

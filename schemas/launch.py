@@ -40,3 +40,11 @@ class LaunchSpec(Contract):
     main_gpu: int = Field(0, ge=0, description="-mg, an index into devices.")
     args: list[str] = Field(default_factory=list, description="Extra arguments, global then model.")
     env: dict[str, str] = Field(default_factory=dict, description="Extra environment.")
+
+
+def served_model_name(model: str) -> str:
+    """The name a child reports as its responses' `"model"`: it is started with `--alias` and this
+    name (supervisor/launch.py). llama-server splits `--alias` at commas and strips each part
+    (common/arg.cpp, build 11434), so a comma becomes `_` and surrounding whitespace goes; the proxy
+    renames it back to the name the client asked for (supervisor/proxy/http.py `ModelRename`)."""
+    return model.replace(",", "_").strip() or "model"

@@ -269,7 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("action", choices=["load", "unload", "reset", "reload"])
     p.add_argument("model", nargs="?", help="the model (not for reload)")
     p.add_argument("--url", default="http://127.0.0.1:8080", help="the running proxy (default: %(default)s)")
-    p.add_argument("--api-key", help="a key from proxy.api_keys (or env LLAMA_SMART_PROXY_API_KEY)")
+    p.add_argument("--api-key", help="a key from proxy.admin_api_keys (or env LLAMA_SMART_PROXY_API_KEY)")
 
     p = command("estimate", cmd_estimate, "show the memory a GGUF model needs, per GPU and on the host")
     p.add_argument("file", type=Path, help="the GGUF file (the first part of a split model)")

@@ -258,6 +258,7 @@ def _resolve_paths(data: dict[str, Any], owner: dict[str, _Source], main: _Sourc
         resolve(table, "file", base)
         resolve(table, "mmproj", base)
     resolve(data.get("proxy"), "api_keys_file", main.path.parent)
+    resolve(data.get("proxy"), "admin_api_keys_file", main.path.parent)
     llama = data.get("llama_server")
     if isinstance(llama, dict) and isinstance(llama.get("binary"), str) and "/" in llama["binary"]:
         resolve(llama, "binary", main.path.parent)
@@ -274,7 +275,7 @@ def _check_files(data: dict[str, Any], require_model_files: bool = True) -> list
             wanted += [(("models", name, key), table.get(key)) for key in ("file", "mmproj")]
     proxy = data.get("proxy")
     if isinstance(proxy, dict):
-        wanted.append((("proxy", "api_keys_file"), proxy.get("api_keys_file")))
+        wanted += [(("proxy", key), proxy.get(key)) for key in ("api_keys_file", "admin_api_keys_file")]
     llama = data.get("llama_server")
     if isinstance(llama, dict) and "/" in str(llama.get("binary", "")):
         wanted.append((("llama_server", "binary"), llama.get("binary")))

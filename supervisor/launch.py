@@ -8,7 +8,10 @@ Rules kept here:
 - the child listens on loopback only; the proxy is the only way in;
 - devices are pinned by UUID through CUDA_VISIBLE_DEVICES (in PCI bus order), so indices inside
   the child (-mg, -ts order) are indices into `LaunchSpec.devices`; a CPU model sees no GPU at all;
-- the plan's device pinning wins over any `env` a user gave, since the memory plan depends on it.
+- the plan's device pinning wins over any `env` a user gave, since the memory plan depends on it;
+- the child answers to its config name (`--alias`), so responses never carry the file's path as
+  `"model"`; aliases are not passed (they live outside the LaunchSpec, so changing them keeps the
+  child), the proxy renames the field to the name a client used.
 """
 
 from __future__ import annotations
@@ -17,13 +20,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from llama_smart_proxy.schemas.config import LlamaServerSettings
-from llama_smart_proxy.schemas.launch import LaunchSpec
+from llama_smart_proxy.schemas.launch import LaunchSpec, served_model_name
 
 CHILD_HOST = "127.0.0.1"
 
 FLAGS_USED: tuple[str, ...] = (
     "-m", "--host", "--port", "-c", "-np", "--kv-unified", "--no-kv-unified", "-ctk", "-ctv",
-    "-fa", "-b", "-ub", "-ngl", "-sm", "-ts", "-mg", "--fit", "--mmproj",
+    "-fa", "-b", "-ub", "-ngl", "-sm", "-ts", "-mg", "--fit", "--mmproj", "--alias",
 )  # fmt: skip
 """Every flag `build_command` may emit; the binary check requires each of them."""
 
@@ -55,6 +58,7 @@ def build_command(
     argv = [
         str(binary),
         "-m", spec.file,
+        "--alias", served_model_name(spec.model),
         "--host", CHILD_HOST,
         "--port", str(port),
         "-c", str(spec.ctx),

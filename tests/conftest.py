@@ -1,16 +1,14 @@
 from __future__ import annotations
 
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 
 from llama_smart_proxy.supervisor.errors import LlamaServerError
 from llama_smart_proxy.supervisor.llama_binary import find_llama_server
 from llama_smart_proxy.supervisor.tinymodel import write_tiny_model
-from tests.helpers import free_port, wait_for
+from tests.helpers import free_port, llama_server_process
 
 
 @pytest.fixture(scope="session")
@@ -40,18 +38,5 @@ def tiny_llama_server(llama_server: Path, tiny_model: Path) -> Iterator[int]:
     port = free_port()
     argv = [str(llama_server), "-m", str(tiny_model), "--host", "127.0.0.1", "--port", str(port),
             "-c", "512", "-np", "1", "-ngl", "0", "--fit", "off"]  # fmt: skip
-    child = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-
-        def healthy() -> bool:
-            assert child.poll() is None, f"llama-server exited with {child.returncode}"
-            try:
-                return httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200
-            except httpx.TransportError:
-                return False
-
-        wait_for(healthy, timeout=60, what="llama-server /health")
+    with llama_server_process(argv, port):
         yield port
-    finally:
-        child.terminate()
-        child.wait(timeout=10)

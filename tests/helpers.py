@@ -1,10 +1,13 @@
-"""Small helpers the tests share: free ports and waiting on a condition with a deadline."""
+"""Small helpers the tests share: free ports, waiting on a condition with a deadline, and a
+llama-server process started until healthy."""
 
 from __future__ import annotations
 
 import socket
+import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -26,3 +29,25 @@ def wait_for(condition: Callable[[], T], timeout: float = 10.0, what: str = "con
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(0.02)
+
+
+@contextmanager
+def llama_server_process(argv: list[str], port: int, env: dict[str, str] | None = None) -> Iterator[None]:
+    """Run a llama-server (argv listening on `port`) until its /health answers 200; stop it after."""
+    import httpx
+
+    child = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+
+        def healthy() -> bool:
+            assert child.poll() is None, f"llama-server exited with {child.returncode}"
+            try:
+                return httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200
+            except httpx.TransportError:
+                return False
+
+        wait_for(healthy, timeout=60, what="llama-server /health")
+        yield
+    finally:
+        child.terminate()
+        child.wait(timeout=10)

@@ -210,3 +210,14 @@ def test_locate_keys_skips_multiline_values_and_finds_dotted_keys() -> None:
     assert ("a", "y") not in lines
     assert lines[("a", "b", "c")] == 9 and lines[("a", "b", "c", "d")] == 9
     assert lines[("models", "q.w", "e")] == 11
+
+
+def test_key_files_are_relative_to_the_config_and_a_missing_one_is_named(model_dir: Path) -> None:
+    write(model_dir / "admin.txt", "admin-key\n")
+    path = write(
+        model_dir / "c.toml",
+        '[proxy]\nadmin_api_keys_file = "admin.txt"\n\n[models.m]\nfile = "a.gguf"\n',
+    )
+    assert load_config(path).config.proxy.admin_api_keys_file == model_dir / "admin.txt"
+    path = write(model_dir / "c.toml", '[proxy]\nadmin_api_keys_file = "gone.txt"\n\n[models.m]\nfile = "a.gguf"\n')
+    assert problems_of(path) == [f"{path}:2: proxy.admin_api_keys_file: file not found: {model_dir / 'gone.txt'}"]

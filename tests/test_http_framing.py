@@ -11,12 +11,18 @@ import pytest
 from llama_smart_proxy.schemas.config import ProxySettings
 from llama_smart_proxy.supervisor.proxy.access import ApiKeys, Cors
 from llama_smart_proxy.supervisor.proxy.backends import GpuStatus, ModelState, ModelStatus, Snapshot
+from llama_smart_proxy.schemas.launch import served_model_name
 from llama_smart_proxy.supervisor.proxy.http import (
+    ChunkSizeGuard,
     HttpError,
+    ModelRename,
     downstream_response_headers,
     end_to_end,
     framing_problem,
     model_from_body,
+    model_rename,
+    protocol_error,
+    reason_phrase,
     upstream_request_headers,
     upstream_route,
 )
@@ -219,3 +225,168 @@ def test_an_unreadable_key_file_is_one_user_error_naming_the_file(tmp_path) -> N
     with pytest.raises(UserError) as caught:
         ApiKeys.from_settings(ProxySettings(api_keys_file=missing))
     assert str(caught.value).startswith(f"{missing}: proxy.api_keys_file:")
+
+
+def test_every_status_line_gets_a_reason_phrase() -> None:
+    assert reason_phrase(200) == b"OK"
+    assert reason_phrase(404) == b"Not Found"
+    assert reason_phrase(505) == b"HTTP Version Not Supported"
+    assert reason_phrase(299) == b"Success"  # unregistered: its class's name
+    assert reason_phrase(599) == b"Server Error"
+
+
+H11_REFUSALS = [
+    b"GET / HTTP/1.1\r\n\r\n",
+    b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 1, 2\r\n\r\n",
+    b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\n",
+    b"G\x00T / HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: x\r\nBad Header: <script>\r\n\r\n",
+    b"GET / HTTP/1.1\r\n continued\r\nHost: x\r\n\r\n",
+]
+
+
+@pytest.mark.parametrize("raw", H11_REFUSALS)
+def test_what_h11_says_about_a_bad_request_never_reaches_the_client(raw: bytes) -> None:
+    conn = h11.Connection(h11.SERVER)
+    conn.receive_data(raw)
+    with pytest.raises(h11.RemoteProtocolError) as caught:
+        conn.next_event()
+    error = protocol_error(caught.value.error_status_hint, str(caught.value))
+    body = json.loads(error.reply().body)["error"]
+    assert set(body) >= {"message", "type", "code"}
+    assert str(caught.value) not in body["message"]
+    assert "<script>" not in body["message"] and "\\x00" not in body["message"]
+    assert error.close
+
+
+def test_the_client_bytes_h11_quotes_do_not_pick_the_message() -> None:
+    conn = h11.Connection(h11.SERVER)
+    conn.receive_data(b"GET / HTTP/1.1\r\nHost: x\r\nNo Host here: Content-Length\r\n\r\n")
+    with pytest.raises(h11.RemoteProtocolError) as caught:
+        conn.next_event()
+    assert protocol_error(400, str(caught.value)).message == "a header line is malformed"
+
+
+def chunked(*sizes: int, last: bool = True) -> bytes:
+    out = b"".join(b"%x;ext=1\r\n" % n + b"x" * n + b"\r\n" for n in sizes)
+    return out + (b"0\r\n\r\n" if last else b"")
+
+
+def feed_in_pieces(guard: ChunkSizeGuard, data: bytes, piece: int) -> None:
+    for i in range(0, len(data), piece):
+        guard.feed(data[i : i + piece])
+
+
+@pytest.mark.parametrize("piece", [1, 2, 3, 7, 1000])
+def test_chunk_size_guard_follows_a_well_framed_body_in_any_pieces(piece: int) -> None:
+    guard = ChunkSizeGuard(100)
+    feed_in_pieces(guard, chunked(10, 40, 50) + b"POST /next HTTP/1.1\r\n", piece)
+    assert guard.declared == 100
+
+
+@pytest.mark.parametrize("piece", [1, 5, 1000])
+def test_a_chunk_size_beyond_the_limit_is_400_at_its_size_line(piece: int) -> None:
+    guard = ChunkSizeGuard(1024)
+    with pytest.raises(HttpError) as caught:
+        feed_in_pieces(guard, b"10\r\n" + b"x" * 16 + b"\r\n" + b"99999999999999999999\r\n", piece)
+    assert caught.value.status == 400 and caught.value.close
+    assert caught.value.code == "chunk_too_large"
+
+
+def test_chunks_declaring_more_than_the_limit_together_are_413_before_their_bytes() -> None:
+    guard = ChunkSizeGuard(100)
+    guard.feed(b"40\r\n" + b"x" * 64 + b"\r\n")
+    with pytest.raises(HttpError) as caught:
+        guard.feed(b"40\r\n")  # 128 declared, nothing of the second chunk sent yet
+    assert caught.value.status == 413
+
+
+def test_chunk_size_guard_leaves_garbage_to_h11() -> None:
+    guard = ChunkSizeGuard(10)
+    guard.feed(b"zz\r\n" + b"9" * 40 + b"\r\n")  # not a size line: it stops watching
+    guard.feed(b"f" * 40 + b"\r\n")
+    assert guard.declared == 0
+
+
+SERVED = b'data: {"choices":[],"model":"tiny","object":"chat.completion.chunk"}\n\n'
+
+
+@pytest.mark.parametrize("cut", range(len(SERVED) + 1))
+def test_model_rename_rewrites_the_field_wherever_a_read_splits_it(cut: int) -> None:
+    rename = ModelRename("tiny", "gpt-4o")
+    out = rename.feed(SERVED[:cut]) + rename.feed(SERVED[cut:]) + rename.flush()
+    assert out == SERVED.replace(b'"model":"tiny"', b'"model":"gpt-4o"')
+
+
+def test_model_rename_holds_back_only_what_could_begin_the_field() -> None:
+    rename = ModelRename("tiny", "gpt-4o")
+    assert rename.feed(b'{"id":"x","mod') == b'{"id":"x",'
+    assert rename.feed(b'e":"other"}') == b'"mode":"other"}'  # not the field: passed on unchanged
+    assert rename.feed(b'{"model":"tiny"}\n\n') == b'{"model":"gpt-4o"}\n\n'
+    assert rename.flush() == b""
+
+
+def test_model_rename_is_none_when_the_client_used_the_served_name_or_the_body_is_not_json() -> None:
+    json_headers = [(b"content-type", b"application/json; charset=utf-8")]
+    assert model_rename("tiny", "tiny", json_headers) is None
+    assert model_rename("gpt-4o", "tiny", json_headers) is not None
+    assert model_rename("gpt-4o", "tiny", [(b"content-type", b"text/event-stream")]) is not None
+    assert model_rename("gpt-4o", "tiny", [(b"content-type", b"text/html")]) is None
+    assert model_rename("gpt-4o", "tiny", [*json_headers, (b"content-encoding", b"gzip")]) is None
+    # a name llama-server's --alias cannot carry as is is served under another, then renamed back
+    assert model_rename("a,b", "a,b", json_headers) is not None
+
+
+def test_served_name_is_what_llama_server_keeps_of_an_alias() -> None:
+    assert served_model_name("qwen2.5-7b") == "qwen2.5-7b"
+    assert served_model_name("a,b") == "a_b"  # --alias splits at commas
+    assert served_model_name("  spaced ") == "spaced"  # and strips each part
+    assert served_model_name(" ") == "model"
+
+
+def test_admin_routes_take_admin_keys_and_refuse_other_keys_with_403() -> None:
+    keys = ApiKeys(["user-key"], ["admin-key"])
+    bearer = lambda key: [(b"authorization", b"Bearer " + key)]  # noqa: E731
+    assert keys.accepts(bearer(b"user-key")) and keys.accepts(bearer(b"admin-key"))
+    assert keys.admin_refusal(bearer(b"admin-key"), "192.168.1.5") is None
+    assert keys.admin_refusal(bearer(b"user-key"), "127.0.0.1").status == 403
+    assert keys.admin_refusal(bearer(b"wrong"), "127.0.0.1").status == 401
+    assert keys.admin_refusal([], "127.0.0.1").status == 401
+    # admin keys alone: the other routes stay open, the admin ones need the key
+    admin_only = ApiKeys([], ["admin-key"])
+    assert not admin_only.enabled
+    assert admin_only.admin_refusal(bearer(b"admin-key"), "10.0.0.1") is None
+    assert admin_only.admin_refusal([], "127.0.0.1").status == 401
+    # api keys without admin keys: the admin routes are off, from loopback too
+    refusal = ApiKeys(["user-key"]).admin_refusal(bearer(b"user-key"), "127.0.0.1")
+    assert refusal is not None and refusal.status == 403 and "proxy.admin_api_keys" in refusal.message
+    # no keys at all: loopback only
+    assert ApiKeys([]).admin_refusal([], "::1") is None
+    assert ApiKeys([]).admin_refusal([], "10.0.0.1").status == 403
+    assert "admin-key" not in repr(keys)
+
+
+def test_admin_keys_are_read_from_settings_and_their_file(tmp_path) -> None:
+    from llama_smart_proxy.supervisor.errors import UserError
+
+    path = tmp_path / "admin.txt"
+    path.write_text("# admins\nfrom-file\n")
+    keys = ApiKeys.from_settings(ProxySettings(admin_api_keys=["inline"], admin_api_keys_file=path))
+    for key in (b"inline", b"from-file"):
+        assert keys.admin_refusal([(b"authorization", b"Bearer " + key)], "10.0.0.1") is None
+    with pytest.raises(UserError) as caught:
+        ApiKeys.from_settings(ProxySettings(admin_api_keys_file=tmp_path / "missing.txt"))
+    assert ": proxy.admin_api_keys_file: cannot read" in str(caught.value)
+
+
+def test_metrics_parse_with_prometheus_client_whatever_the_model_labels() -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from llama_smart_proxy.supervisor.proxy.metrics import MODEL_MISSING, MODEL_UNKNOWN, NO_MODEL
+
+    metrics = ProxyMetrics()
+    for label in (NO_MODEL, MODEL_MISSING, MODEL_UNKNOWN, "m0", 'we"ird\\'):
+        metrics.observe(label, 404, 0.01)
+    families = {f.name: f for f in text_string_to_metric_families(render(metrics, snapshot(ModelState.READY)))}
+    requests = families["llama_smart_proxy_requests"].samples
+    assert {s.labels["model"] for s in requests} == {"", "(none)", "(unknown)", "m0", 'we"ird\\'}

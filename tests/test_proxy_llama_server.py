@@ -1,15 +1,22 @@
 """The real llama-server on the tiny model answers through the proxy: a non-streamed and a
-streamed chat completion, and the proxy's own routes."""
+streamed chat completion, the proxy's own routes, and the model name in responses."""
 
 from __future__ import annotations
 
 import json
+import os
+from collections.abc import Iterator
 
 import httpx
 import pytest
 
+from llama_smart_proxy.schemas.config import LlamaServerSettings
+from llama_smart_proxy.schemas.launch import served_model_name
+from llama_smart_proxy.supervisor.launch import build_command
 from llama_smart_proxy.supervisor.proxy.backends import Upstream
 from tests.fakes.static_backends import StaticBackends, running_proxy
+from tests.fakes.supervision import cpu_spec
+from tests.helpers import free_port, llama_server_process
 
 pytestmark = pytest.mark.llama_server
 
@@ -46,3 +53,43 @@ def test_real_llama_server_answers_streamed_and_non_streamed_chat_through_the_pr
         # connection after a streamed response, so exactly one more was opened after it.
         assert server.pool.opened == 2
 
+
+
+@pytest.fixture(scope="module", params=["tiny", "tiny, v2"])
+def launched_tiny(request: pytest.FixtureRequest, llama_server, tiny_model) -> Iterator[tuple[str, int]]:
+    """The real llama-server started with the argv the supervisor builds (`--alias` included) for a
+    model named as the param says (a comma and a space are what `--alias` cannot carry as is)."""
+    name = request.param
+    port = free_port()
+    command = build_command(cpu_spec(model=name, file=str(tiny_model)), binary=llama_server, port=port, settings=LlamaServerSettings())
+    with llama_server_process(command.argv, port, env={**os.environ, **command.env}):
+        yield name, port
+
+
+def test_responses_carry_the_model_name_the_client_asked_for_never_the_file_path(launched_tiny, tiny_model) -> None:
+    name, port = launched_tiny
+    served = served_model_name(name)
+    # The child itself answers to the config's name (--alias), not to the GGUF's path.
+    direct = httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=10).json()
+    assert direct["data"][0]["id"] == served
+    backends = StaticBackends({name: Upstream("127.0.0.1", port)}, aliases={"gpt-4o-mini": name})
+    messages = [{"role": "user", "content": "hello"}]
+    with running_proxy(backends) as (_, base), httpx.Client(base_url=base, timeout=60) as client:
+        for asked in (name, "gpt-4o-mini"):
+            response = client.post("/v1/chat/completions", json={"model": asked, "messages": messages, "max_tokens": 4})
+            assert response.status_code == 200, response.text
+            assert response.json()["model"] == asked
+            assert str(tiny_model) not in response.text
+            response = client.post("/v1/completions", json={"model": asked, "prompt": "hi", "max_tokens": 4})
+            assert response.json()["model"] == asked
+
+            raw = b""
+            request = {"model": asked, "messages": messages, "max_tokens": 8, "stream": True}
+            with client.stream("POST", "/v1/chat/completions", json=request) as stream:
+                assert stream.status_code == 200
+                for data in stream.iter_raw():
+                    raw += data
+            events = [line.removeprefix(b"data: ") for line in raw.split(b"\n") if line.startswith(b"data: {")]
+            assert len(events) >= 2
+            assert {json.loads(e)["model"] for e in events} == {asked}
+            assert str(tiny_model).encode() not in raw

@@ -7,16 +7,26 @@ Rules kept here:
   header (RFC 9110 §7.6.1) or a header that `Connection` names;
 - a request with both Content-Length and Transfer-Encoding is an error (RFC 9112 §6.3), never
   forwarded;
-- errors are OpenAI-shaped JSON: {"error": {"message", "type", "code"}}.
+- errors are OpenAI-shaped JSON: {"error": {"message", "type", "code"}}, in our own words: what
+  h11 says about a request it refused is mapped to a message of ours, never passed on;
+- every status line carries a reason phrase (h11 writes none unless given one);
+- only HTTP/1.0 and 1.1 are served (h11 parses any `HTTP/d.d`);
+- a chunked body is watched as it arrives (`ChunkSizeGuard`): a chunk the body limit rules out is
+  refused at its size line, not after waiting for its bytes;
+- a response's `"model"` is the name the client asked for (`ModelRename`), never a file path.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
+from http import HTTPStatus
 from typing import Any
 
 import h11
+
+from llama_smart_proxy.schemas.launch import served_model_name
 
 Headers = list[tuple[bytes, bytes]]
 
@@ -60,6 +70,17 @@ MODEL_ROUTES = frozenset(
     }
 )
 UPSTREAM_PREFIX = b"/upstream/"
+READ_METHODS = frozenset({b"GET", b"HEAD"})
+"""Methods of the proxy's own read-only routes; HEAD answers GET's headers without the body."""
+HTTP_VERSIONS = frozenset({b"1.0", b"1.1"})
+
+_REASONS = {status.value: status.phrase.encode() for status in HTTPStatus}
+_CLASS_REASONS = {1: b"Informational", 2: b"Success", 3: b"Redirection", 4: b"Client Error", 5: b"Server Error"}
+
+
+def reason_phrase(status: int) -> bytes:
+    """The status line's reason phrase: RFC 9110's for a registered code, else its class's name."""
+    return _REASONS.get(status) or _CLASS_REASONS.get(status // 100, b"Unknown")
 
 
 @dataclass(frozen=True)
@@ -275,8 +296,161 @@ def missing_model_error(known: list[str]) -> HttpError:
     )
 
 
-def protocol_error(status: int, message: str) -> HttpError:
-    """A request h11 refused to parse; the connection closes after the answer."""
+# What h11 says when it refuses a request, mapped to our words; the first needle found in h11's
+# message, before the client's bytes it quotes (b'...'), picks the answer. h11's own text is never
+# sent.
+_PROTOCOL_MESSAGES = (
+    ("Host", "an HTTP/1.1 request needs exactly one Host header"),
+    ("Content-Length", "the Content-Length header is malformed or given twice with different values"),
+    ("Transfer-Encoding", "a request body is framed by Content-Length or by one Transfer-Encoding: chunked header"),
+    ("chunk", "the chunked request body is malformed"),
+    ("request line", "the request line is malformed; expected METHOD TARGET HTTP/1.1"),
+    ("method", "the request line is malformed; expected METHOD TARGET HTTP/1.1"),
+    ("header", "a header line is malformed"),
+    ("continuation line", "a header line is malformed"),
+)
+BAD_REQUEST_MESSAGE = "the request is not valid HTTP/1.1"
+_QUOTED_BYTES = re.compile(r"""b['"]""")
+
+
+def protocol_error(status: int, detail: str) -> HttpError:
+    """A request h11 refused to parse (`detail` is h11's reason, for the log only); the connection
+    closes after the answer."""
     if status == 431:
         message = f"request header block larger than {MAX_HEADER_BYTES} bytes"
+    else:
+        said = _QUOTED_BYTES.split(detail, maxsplit=1)[0]
+        message = next((ours for needle, ours in _PROTOCOL_MESSAGES if needle in said), BAD_REQUEST_MESSAGE)
     return HttpError(status, message, code="bad_request", close=True)
+
+
+def version_error(version: bytes) -> HttpError:
+    """A request in an HTTP version other than 1.0 and 1.1: 505, and the connection closes."""
+    return HttpError(
+        505,
+        f"HTTP/{version.decode('ascii', 'replace')} is not supported; use HTTP/1.1",
+        code="http_version_not_supported",
+        close=True,
+    )
+
+
+def connect_refused() -> HttpError:
+    """CONNECT asks for a tunnel, which the proxy never opens (forwarded, it would switch the
+    child's connection out of HTTP)."""
+    return HttpError(501, "CONNECT is not supported: this server opens no tunnels", code="method_not_supported")
+
+
+_CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,20}")  # h11's bound: 20 hex digits
+
+
+def _chunk_size(line: bytes) -> int | None:
+    """The size a chunk-size line declares (extensions and trailing whitespace aside), or None
+    when it is not one; h11 then refuses the body itself."""
+    size = line.rstrip(b"\r").partition(b";")[0].rstrip(b" \t")
+    return int(size, 16) if _CHUNK_SIZE.fullmatch(size) else None
+
+
+class ChunkSizeGuard:
+    """Follows a chunked request body's framing in the bytes as they arrive and refuses a chunk
+    the body limit rules out at its size line: h11 hands over a chunk's bytes only as they come, so
+    a 20-digit chunk size would otherwise hold the connection until body_timeout. It stops
+    watching at the last chunk, or at anything that is not a chunk-size line (h11 refuses that).
+    The cost is per chunk, not per byte."""
+
+    __slots__ = ("limit", "declared", "_skip", "_line", "_done")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.declared = 0
+        self._skip = 0  # bytes of chunk data and its CRLF still to pass over
+        self._line = b""  # a size line not yet ended
+        self._done = False
+
+    def feed(self, data: bytes) -> None:
+        """Account for `data`; raises HttpError(400) for a chunk larger than the limit, or (413)
+        when the chunks declared so far add up to more."""
+        pos, end = 0, len(data)
+        while pos < end and not self._done:
+            if self._skip:
+                step = min(self._skip, end - pos)
+                self._skip -= step
+                pos += step
+                continue
+            newline = data.find(b"\n", pos)
+            if newline == -1:
+                self._line += data[pos:]
+                if len(self._line) > MAX_HEADER_BYTES:
+                    self._done = True  # not a size line; h11 answers it
+                return
+            line, self._line = self._line + data[pos:newline], b""
+            pos = newline + 1
+            size = _chunk_size(line)
+            if size is None or size == 0:
+                self._done = True  # garbage (h11 refuses it) or the last chunk
+                return
+            if size > self.limit:
+                raise HttpError(
+                    400,
+                    f"a chunk of the request body declares {size} bytes; the body limit is {self.limit}",
+                    code="chunk_too_large",
+                    close=True,
+                )
+            self.declared += size
+            if self.declared > self.limit:
+                raise HttpError(413, f"request body larger than {self.limit} bytes", code="body_too_large", close=True)
+            self._skip = size + 2
+
+
+class ModelRename:
+    """Rewrites the `"model"` a child reports into the name the client asked for, in a response
+    body as it streams. The child is started with `--alias <served name>` (supervisor/launch.py),
+    so the exact bytes to look for are known; a pattern split across two reads is held back (a
+    few bytes of an unfinished JSON line) until the next read completes or refutes it."""
+
+    __slots__ = ("old", "new", "_held")
+
+    def __init__(self, served: str, asked: str) -> None:
+        self.old = b'"model":' + json.dumps(served, ensure_ascii=False).encode()
+        self.new = b'"model":' + json.dumps(asked, ensure_ascii=False).encode()
+        self._held = b""
+
+    def feed(self, data: bytes) -> bytes:
+        """What of `data` may go to the client now, renamed."""
+        if self._held:
+            data = self._held + data
+            self._held = b""
+        data = data.replace(self.old, self.new)
+        # Hold back a tail that could begin the pattern; it starts with the quote of "model".
+        start = data.find(b'"', max(0, len(data) - len(self.old) + 1))
+        while start != -1:
+            if self.old.startswith(data[start:]):
+                self._held = data[start:]
+                return data[:start]
+            start = data.find(b'"', start + 1)
+        return data
+
+    def flush(self) -> bytes:
+        """Whatever was held back, at the end of the body."""
+        held, self._held = self._held, b""
+        return held
+
+
+_RENAMED_TYPES = (b"application/json", b"text/event-stream")
+
+
+def model_rename(asked: str, canonical: str, response_headers: Headers) -> ModelRename | None:
+    """A ModelRename when the child reports a name other than `asked` in a JSON or event-stream
+    body it sends uncompressed; None otherwise (the common case: the client used the name)."""
+    served = served_model_name(canonical)
+    if asked == served:
+        return None
+    content_type = header_value(response_headers, b"content-type") or b""
+    if not content_type.startswith(_RENAMED_TYPES) or header_value(response_headers, b"content-encoding"):
+        return None
+    return ModelRename(served, asked)
+
+
+def without_length(headers: Headers) -> Headers:
+    """`headers` without Content-Length, for a body whose length changes on the way (h11 then
+    chunks it, or closes after it for an HTTP/1.0 client)."""
+    return [(n, v) for n, v in headers if n != b"content-length"]

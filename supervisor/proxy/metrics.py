@@ -4,7 +4,9 @@ Rules kept here:
 - counting is plain dict arithmetic on the event loop (one owner, no locks): it is on every
   request's path;
 - rendering is a pure function of the counters and a runtime `Snapshot`;
-- label values are escaped as the format requires (backslash, double quote, newline).
+- label values are escaped as the format requires (backslash, double quote, newline);
+- the model label is bounded: it is a configured model's name, or one of three fixed values
+  (`NO_MODEL`, `MODEL_MISSING`, `MODEL_UNKNOWN`), never a name a client made up.
 """
 
 from __future__ import annotations
@@ -16,7 +18,9 @@ from collections.abc import Iterable
 from llama_smart_proxy.supervisor.proxy.backends import ModelState, Snapshot
 
 LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
-NO_MODEL = ""  # the model label of requests that named none we could route
+NO_MODEL = ""  # the model label of requests for the proxy's own routes
+MODEL_MISSING = "(none)"  # a model route's request that named no model, with no default
+MODEL_UNKNOWN = "(unknown)"  # a request naming a model nothing is called: every such name, one label
 
 
 class ProxyMetrics:

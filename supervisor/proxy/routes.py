@@ -21,6 +21,7 @@ from llama_smart_proxy.supervisor.proxy.metrics import ProxyMetrics, render
 OWNED_BY = "llama-smart-proxy"
 ADMIN_PREFIX = b"/admin/"
 ADMIN_ACTIONS = ("load", "unload", "reset")
+READ_ALLOW = b"GET, HEAD"  # the Allow header of the read-only own routes
 
 
 def _model_entry(id_: str, status: ModelStatus, alias_of: str | None) -> dict[str, Any]:

@@ -35,27 +35,37 @@ from anyio.abc import SocketAttribute, SocketListener, TaskStatus
 
 from llama_smart_proxy.schemas.config import ProxySettings, parse_listen
 from llama_smart_proxy.supervisor.proxy import routes
-from llama_smart_proxy.supervisor.proxy.access import UNAUTHORIZED, ApiKeys, Cors, is_loopback
+from llama_smart_proxy.supervisor.proxy.access import ApiKeys, Cors, unauthorized
 from llama_smart_proxy.supervisor.proxy.backends import BackendError, Backends, ModelUnavailable, Progress
 from llama_smart_proxy.supervisor.proxy.http import (
+    HTTP_VERSIONS,
     MAX_HEADER_BYTES,
     MODEL_ROUTES,
+    READ_METHODS,
     READ_SIZE,
+    ChunkSizeGuard,
     HttpError,
+    ModelRename,
     Reply,
+    connect_refused,
     declared_length,
     downstream_response_headers,
     framing_problem,
     head_size,
+    header_value,
     missing_model_error,
     model_from_body,
+    model_rename,
     protocol_error,
+    reason_phrase,
     split_target,
     unknown_model_error,
     upstream_request_headers,
     upstream_route,
+    version_error,
+    without_length,
 )
-from llama_smart_proxy.supervisor.proxy.metrics import NO_MODEL, ProxyMetrics
+from llama_smart_proxy.supervisor.proxy.metrics import MODEL_MISSING, MODEL_UNKNOWN, NO_MODEL, ProxyMetrics
 from llama_smart_proxy.supervisor.proxy.sockets import Socket, accept
 from llama_smart_proxy.supervisor.proxy.upstream import (
     UpstreamClosed,
@@ -107,6 +117,7 @@ class _Client:
         self.socket = sock
         self.peer = peer
         self.at_eof = False
+        self.head_request = False  # the request being answered is a HEAD: its replies carry no body
         self.watch_scope: anyio.CancelScope | None = None
         self._chunks: deque[bytes] = deque()
         self._buffered = 0
@@ -330,6 +341,7 @@ class ProxyServer:
     async def _read_head(self, conn: h11.Connection, client: _Client, setup: Setup, first: bool) -> h11.Request | None:
         """The next request's head, or None when the client closed or idled out between requests."""
         settings = setup.settings
+        client.head_request = False
         fed = len(conn.trailing_data[0])
         waited_for_first_byte = not fed
         with anyio.move_on_after(settings.header_timeout if first else settings.keepalive_timeout) as scope:
@@ -341,12 +353,16 @@ class ProxyServer:
                 try:
                     event = conn.next_event()
                 except h11.RemoteProtocolError as exc:
+                    log.debug("client %s: refused a request h11 cannot parse: %s", client.peer, exc)
                     raise protocol_error(exc.error_status_hint, str(exc)) from None
                 if isinstance(event, h11.Request):
+                    client.head_request = event.method == b"HEAD"
                     # h11 bounds only a head still incomplete; one that arrived whole in a big read
                     # is measured here.
                     if fed > MAX_HEADER_BYTES and head_size(event) > MAX_HEADER_BYTES:
                         raise protocol_error(431, "")
+                    if event.http_version not in HTTP_VERSIONS:
+                        raise version_error(event.http_version)
                     return event
                 if event is h11.NEED_DATA:
                     try:
@@ -370,20 +386,28 @@ class ProxyServer:
         length = declared_length(request.headers)
         if length is not None and length > limit:
             raise HttpError(413, f"request body larger than {limit} bytes", code="body_too_large", close=True)
+        guard: ChunkSizeGuard | None = None
+        if length is None and header_value(request.headers, b"transfer-encoding") is not None:
+            guard = ChunkSizeGuard(limit)
+            guard.feed(conn.trailing_data[0])  # what arrived with the head
         if conn.they_are_waiting_for_100_continue:
-            await client.send(conn.send(h11.InformationalResponse(status_code=100, headers=[])) or b"")
+            continue_ = h11.InformationalResponse(status_code=100, headers=[], reason=reason_phrase(100))
+            await client.send(conn.send(continue_) or b"")
         parts: list[bytes] = []
         total = 0
         while True:
             try:
                 event = conn.next_event()
             except h11.RemoteProtocolError as exc:
+                log.debug("client %s: refused a request body h11 cannot parse: %s", client.peer, exc)
                 raise protocol_error(exc.error_status_hint, str(exc)) from None
             if event is h11.NEED_DATA:
                 with anyio.move_on_after(setup.settings.body_timeout):
                     data = await client.receive()
                     if not data:
                         raise ClientGone()
+                    if guard is not None:
+                        guard.feed(data)
                     conn.receive_data(data)
                     continue
                 raise HttpError(408, "request body not received in time", code="timeout", close=True)
@@ -406,6 +430,8 @@ class ProxyServer:
             if problem is not None:
                 raise problem
             method = request.method
+            if method == b"CONNECT":
+                raise connect_refused()
             path, query = split_target(request.target)
             if method == b"OPTIONS" and setup.cors.enabled:
                 preflight = setup.cors.preflight_headers(request.headers)
@@ -414,14 +440,14 @@ class ProxyServer:
                     self._observe(model, 204, started)
                     return
             if path == b"/health":
-                if method != b"GET":
-                    raise routes.method_not_allowed(b"GET")
+                if method not in READ_METHODS:
+                    raise routes.method_not_allowed(routes.READ_ALLOW)
                 reply = routes.health_reply(await setup.backends.snapshot())
                 await self._reply(conn, client, reply, cors)
                 self._observe(model, reply.status, started)
                 return
             if setup.keys.enabled and not setup.keys.accepts(request.headers):
-                raise UNAUTHORIZED
+                raise unauthorized()
             if path in MODEL_ROUTES:
                 if method != b"POST":
                     raise routes.method_not_allowed(b"POST")
@@ -433,17 +459,19 @@ class ProxyServer:
                 name = name or setup.settings.default_model
                 model = setup.backends.resolve(name) if name is not None else None
                 if model is None:
+                    model = MODEL_MISSING if name is None else MODEL_UNKNOWN
                     raise await self._resolve_failed(setup, name)
-                await self._forward(conn, client, setup, request, model, request.target, body, cors, started)
+                await self._forward(conn, client, setup, request, model, request.target, body, cors, started, asked=name)
                 return
             routed = upstream_route(path, query)
             if routed is not None:
                 name, target = routed
                 model = setup.backends.resolve(name)
                 if model is None:
+                    model = MODEL_UNKNOWN
                     raise await self._resolve_failed(setup, name)
                 body = await self._read_body(conn, client, setup, request)
-                await self._forward(conn, client, setup, request, model, target, body, cors, started)
+                await self._forward(conn, client, setup, request, model, target, body, cors, started, asked=name)
                 return
             reply = await self._own_route(conn, client, setup, request, method, path)
             await self._reply(conn, client, reply, cors)
@@ -464,30 +492,29 @@ class ProxyServer:
     ) -> Reply:
         backends = setup.backends
         if path == b"/v1/models" or path.startswith(b"/v1/models/"):
-            if method != b"GET":
-                raise routes.method_not_allowed(b"GET")
+            if method not in READ_METHODS:
+                raise routes.method_not_allowed(routes.READ_ALLOW)
             snapshot = await backends.snapshot()
             if path == b"/v1/models":
                 return routes.models_reply(snapshot)
             return routes.model_reply(snapshot, path[len(b"/v1/models/") :].decode("utf-8", "replace"))
         if path == b"/status":
-            if method != b"GET":
-                raise routes.method_not_allowed(b"GET")
+            if method not in READ_METHODS:
+                raise routes.method_not_allowed(routes.READ_ALLOW)
             return routes.status_reply(await backends.snapshot(), self._proxy_status())
         if path == b"/metrics":
-            if method != b"GET":
-                raise routes.method_not_allowed(b"GET")
+            if method not in READ_METHODS:
+                raise routes.method_not_allowed(routes.READ_ALLOW)
             return routes.metrics_reply(self.metrics, await backends.snapshot())
         if path.startswith(routes.ADMIN_PREFIX):
+            refusal = setup.keys.admin_refusal(request.headers, client.peer)
+            if refusal is not None:
+                raise refusal
             target = routes.admin_target(path)
             if target is None:
                 raise routes.not_found(path)
             if method != b"POST":
                 raise routes.method_not_allowed(b"POST")
-            if not setup.keys.enabled and not is_loopback(client.peer):
-                raise HttpError(
-                    403, "admin routes need API keys configured when called from another host", code="forbidden"
-                )
             await self._read_body(conn, client, setup, request)
             action, name = target
             summary = None
@@ -533,7 +560,11 @@ class ProxyServer:
         body: bytes,
         cors: list[tuple[bytes, bytes]],
         started: float,
+        *,
+        asked: str | None = None,
     ) -> None:
+        """Relay one request to `model`'s child; `asked` is the name the client used, which the
+        response's "model" is renamed to."""
         settings = setup.settings
         status = STATUS_CLIENT_GONE
         responded = False  # a response head went to the client
@@ -570,15 +601,20 @@ class ProxyServer:
                             )
                             status = response.status_code
                             response_headers, _ = downstream_response_headers(response.headers)
+                            rename = model_rename(asked, model, response_headers) if asked is not None else None
+                            if rename is not None:
+                                response_headers = without_length(response_headers)
                             if cors:
                                 response_headers.extend(cors)
                             if self.draining:
                                 response_headers.append((b"connection", b"close"))
-                            pending = [conn.send(h11.Response(status_code=status, headers=response_headers)) or b""]
+                            head = h11.Response(status_code=status, headers=response_headers, reason=reason_phrase(status))
+                            pending = [conn.send(head) or b""]
                             responded = True
                             await self._relay_body(
-                                conn, client, upstream_conn, pending, scope, settings.stream_idle_timeout, upstream.progress
-                            )
+                                conn, client, upstream_conn, pending, scope, settings.stream_idle_timeout,
+                                upstream.progress, rename,
+                            )  # fmt: skip
                             self.pool.checkin(upstream_conn)
                             upstream_conn = None
                         break
@@ -653,6 +689,7 @@ class ProxyServer:
         scope: anyio.CancelScope,
         idle_timeout: float,
         progress: Progress | None,
+        rename: ModelRename | None = None,
     ) -> None:
         """Relay the child's response body as it arrives; write what is in hand before each read.
 
@@ -682,10 +719,12 @@ class ProxyServer:
                 await upstream.receive_more()
                 continue
             if type(event) is h11.Data:
-                pending.append(conn.send(event) or b"")
+                pending.append(conn.send(event if rename is None else h11.Data(data=rename.feed(event.data))) or b"")
                 if event.data != SSE_PING:
                     got_data = True
             elif type(event) is h11.EndOfMessage:
+                if rename is not None:
+                    pending.append(conn.send(h11.Data(data=rename.flush())) or b"")
                 pending.append(conn.send(h11.EndOfMessage()) or b"")
                 await client.send(b"".join(pending))
                 return
@@ -706,8 +745,8 @@ class ProxyServer:
             headers.extend(cors)
         if close and not reply.close:
             headers.append((b"connection", b"close"))
-        data = conn.send(h11.Response(status_code=reply.status, headers=headers)) or b""
-        if reply.body:
+        data = conn.send(h11.Response(status_code=reply.status, headers=headers, reason=reason_phrase(reply.status))) or b""
+        if reply.body and not client.head_request:  # HEAD: GET's headers, Content-Length included
             data += conn.send(h11.Data(data=reply.body)) or b""
         data += conn.send(h11.EndOfMessage()) or b""
         await client.send(data)

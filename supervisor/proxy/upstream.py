@@ -94,7 +94,8 @@ class UpstreamConnection:
         try:
             await self.socket.send(data)
         except (anyio.ClosedResourceError, OSError) as exc:
-            raise UpstreamClosed(f"sending to the model's server failed: {exc.__class__.__name__}") from None
+            log.debug("sending to %r failed: %r", self, exc)
+            raise UpstreamClosed("the model's server closed the connection while the request was sent") from None
 
     async def next_event(self) -> h11.Event:
         """The next h11 event of the response, reading as needed."""
@@ -103,7 +104,8 @@ class UpstreamConnection:
             try:
                 event = conn.next_event()
             except h11.RemoteProtocolError as exc:
-                raise UpstreamClosed(f"the model's server broke the response: {exc}") from None
+                log.debug("%r: h11 refused the response: %s", self, exc)
+                raise UpstreamClosed("the model's server sent a malformed response") from None
             if event is not h11.NEED_DATA:
                 return event  # type: ignore[return-value]
             await self.receive_more()
@@ -173,7 +175,9 @@ class UpstreamPool:
             ) from None
         except OSError as exc:
             raise UpstreamError(
-                502, f"cannot connect to the model's server at {upstream.host}:{upstream.port}: {exc.strerror or exc}"
+                502,
+                f"cannot connect to the model's server at {upstream.host}:{upstream.port}: "
+                f"{exc.strerror or 'connection failed'}",
             ) from None
         self.opened += 1
         return UpstreamConnection(upstream, sock)

@@ -248,7 +248,9 @@ class ScriptedUpstream:
                 return
             payload = json.dumps({"connection": number, "request": request_no}).encode()
             out = conn.send(h11.Response(status_code=200, headers=[("content-type", "application/json"), ("content-length", str(len(payload)))]))
-            out += conn.send(h11.Data(data=payload)) + conn.send(h11.EndOfMessage())
+            if event.method != b"HEAD":  # a HEAD's answer has GET's headers and no body
+                out += conn.send(h11.Data(data=payload))
+            out += conn.send(h11.EndOfMessage())
             sock.sendall(out)
             if action == "ok-close":
                 return
@@ -257,3 +259,9 @@ class ScriptedUpstream:
     def stop(self) -> None:
         self._stopping = True
         self._sock.close()
+
+    def __enter__(self) -> ScriptedUpstream:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
