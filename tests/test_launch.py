@@ -187,3 +187,10 @@ def test_a_build_lacking_a_flag_we_use_is_refused_naming_the_flag(llama_server: 
     )
     with pytest.raises(LlamaServerError, match=r"version 1 \(old\)\) does not accept --fit,"):
         check_llama_server(older)
+
+
+def test_the_check_reads_help_once_per_binary(llama_server: Path, tmp_path: Path) -> None:
+    runs = tmp_path / "runs.txt"
+    counting = write_script(tmp_path / "llama-server", f'echo "$1" >> {runs}\nexec {llama_server} "$@"\n')
+    check_llama_server(counting)
+    assert sorted(runs.read_text().split()) == ["--help", "--version"]
