@@ -6,14 +6,23 @@ Rules kept here:
   in `hyperparameters()`, nowhere else;
 - an architecture outside KNOWN_ARCHITECTURES is never refused: it is modelled as a plain
   transformer with every layer holding a full KV cache (and a recurrent state too when the file
-  has ssm.* keys), which over-counts rather than under-counts, and the profile says so.
+  has ssm.* keys), which over-counts rather than under-counts, and the profile says so;
+- a key read here that has the wrong type or an impossible value is a `ModelFileError` naming the
+  file and the key, as llama.cpp refuses it (src/llama-model-loader.cpp: "key ... has wrong
+  type", "wrong array length"), never a default taken in silence and never a traceback.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from llama_smart_proxy.schemas.header import MetadataValue, ModelHeader
+from llama_smart_proxy.supervisor.errors import ModelFileError
+
+MAX_LAYERS = 512  # LLAMA_MAX_LAYERS in src/llama-hparams.h: per-layer arrays hold no more
+UINT32_MAX = 2**32 - 1  # llama.cpp keeps these hyperparameters in uint32_t
+_BLOCK_NAME = re.compile(r"^blk\.(\d+)\.")
 
 # src/llama-model.cpp `create_memory`: these get no memory module at all (res = nullptr).
 NO_KV_ARCHITECTURES = frozenset(
@@ -133,13 +142,34 @@ class Hyperparameters:
         return (self.head_v_swa if self.is_swa[il] else self.head_v) * self.n_head_kv[il]
 
 
+class HeaderFieldError(Exception):
+    """A metadata value the estimator cannot use; `hyperparameters` names the file."""
+
+
+def describe_value(value: object) -> str:
+    """A metadata value's kind and, when short, the value itself, for an error message."""
+    kind = {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}.get(type(value), "an array")
+    shown = repr(value)
+    return f"{kind} {shown}" if len(shown) <= 40 else kind
+
+
+def _count(key: str, value: object) -> int:
+    """A non-negative integer that fits llama.cpp's uint32_t."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise HeaderFieldError(f"{key} is {describe_value(value)}, expected an integer")
+    if not 0 <= value <= UINT32_MAX:
+        raise HeaderFieldError(f"{key} is {value}, expected an integer from 0 to {UINT32_MAX}")
+    return value
+
+
 def _int(md: dict[str, MetadataValue], key: str, default: int = 0) -> int:
-    value = md.get(key, default)
+    value = md.get(key)
+    if value is None:
+        return default
     if isinstance(value, list):
-        return int(max(value)) if value else default
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return int(value)
-    return default
+        values = [_count(f"{key}[{i}]", v) for i, v in enumerate(value)]
+        return max(values) if values else default
+    return _count(key, value)
 
 
 def _per_layer(md: dict[str, MetadataValue], key: str, n_layer: int, default: list[int]) -> list[int]:
@@ -148,9 +178,34 @@ def _per_layer(md: dict[str, MetadataValue], key: str, n_layer: int, default: li
     if value is None:
         return list(default)
     if isinstance(value, list):
-        values = [int(v) for v in value][:n_layer]
-        return values + [values[-1] if values else 0] * (n_layer - len(values))
-    return [int(value)] * n_layer  # type: ignore[arg-type]
+        if len(value) != n_layer:
+            raise HeaderFieldError(f"{key} has {len(value)} values, expected one per layer ({n_layer})")
+        return [_count(f"{key}[{i}]", v) for i, v in enumerate(value)]
+    return [_count(key, value)] * n_layer
+
+
+def header_int(header: ModelHeader, key: str, default: int = 0) -> int:
+    """One integer key of a header; a ModelFileError naming the file and the key if it is not one."""
+    try:
+        return _int(header.metadata, key, default)
+    except HeaderFieldError as exc:
+        raise ModelFileError(header.path, str(exc)) from None
+
+
+def _flag(md: dict[str, MetadataValue], key: str, default: bool) -> bool:
+    value = md.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise HeaderFieldError(f"{key} is {describe_value(value)}, expected a boolean")
+    return value
+
+
+def _number(md: dict[str, MetadataValue], key: str) -> float:
+    value = md.get(key, 0.0)
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise HeaderFieldError(f"{key} is {describe_value(value)}, expected a number")
+    return value
 
 
 def _swa_layers(arch: str, md: dict[str, MetadataValue], n_layer: int) -> tuple[int, list[bool]]:
@@ -161,27 +216,39 @@ def _swa_layers(arch: str, md: dict[str, MetadataValue], n_layer: int) -> tuple[
     if window <= 0 or arch not in SWA_PERIODS:
         # phi3 ignores its window (PR #13676); unlisted architectures: full cache, over-counting
         return 0, [False] * n_layer
-    pattern = md.get(f"{arch}.attention.sliding_window_pattern")
+    key = f"{arch}.attention.sliding_window_pattern"
+    pattern = md.get(key)
     if isinstance(pattern, list):
-        flags = [bool(v) for v in pattern][:n_layer]
-        return window, flags + [False] * (n_layer - len(flags))
+        if len(pattern) != n_layer:
+            raise HeaderFieldError(f"{key} has {len(pattern)} values, expected one per layer ({n_layer})")
+        return window, [v if isinstance(v, bool) else bool(_count(f"{key}[{i}]", v)) for i, v in enumerate(pattern)]
     period, dense_first = SWA_PERIODS[arch]
-    if isinstance(pattern, int) and not isinstance(pattern, bool):
-        period = pattern
+    if pattern is not None:
+        period = _count(key, pattern)
     if dense_first:
         return window, [period == 0 or il % period != 0 for il in range(n_layer)]
     return window, [period == 0 or il % period < period - 1 for il in range(n_layer)]
 
 
 def hyperparameters(header: ModelHeader) -> Hyperparameters:
+    """The header's hyperparameters; a ModelFileError naming the file and the key when one is
+    of the wrong type or impossible."""
+    try:
+        return _read_hyperparameters(header)
+    except HeaderFieldError as exc:
+        raise ModelFileError(header.path, str(exc)) from None
+
+
+def _read_hyperparameters(header: ModelHeader) -> Hyperparameters:
     arch = header.architecture
     md = header.metadata
     known = is_known_architecture(arch)
     n_layer_all = _int(md, f"{arch}.block_count")
     if n_layer_all <= 0:
-        n_layer_all = 1 + max(
-            (int(t.name.split(".")[1]) for t in header.tensors if t.name.startswith("blk.")), default=-1
-        )
+        blocks = (_BLOCK_NAME.match(t.name) for t in header.tensors)
+        n_layer_all = 1 + max((int(m.group(1)) for m in blocks if m), default=-1)
+    if n_layer_all > MAX_LAYERS:
+        raise HeaderFieldError(f"{arch}.block_count is {n_layer_all} (or the tensors say so), more than llama.cpp's {MAX_LAYERS} layers")
     n_embd = _int(md, f"{arch}.embedding_length")
     n_vocab = header.array_lengths.get("tokenizer.ggml.tokens") or _int(md, f"{arch}.vocab_size")
     if not n_vocab:
@@ -249,8 +316,7 @@ def hyperparameters(header: ModelHeader) -> Hyperparameters:
     expert_up = next((t for t in header.tensors if t.name.endswith(".ffn_up_exps.weight")), None)
     if expert_up is not None and len(expert_up.shape) >= 2:
         n_ff_exp = expert_up.shape[1]  # the tensors say it, whatever key the architecture uses
-    causal_value = md.get(f"{arch}.attention.causal", arch not in NO_KV_ARCHITECTURES)
-    causal = bool(causal_value)
+    causal = _flag(md, f"{arch}.attention.causal", arch not in NO_KV_ARCHITECTURES)
     pooling = _int(md, f"{arch}.pooling_type")
     return Hyperparameters(
         architecture=arch,
@@ -282,7 +348,7 @@ def hyperparameters(header: ModelHeader) -> Hyperparameters:
         is_moe=is_moe,
         n_expert_shared=_int(md, f"{arch}.expert_shared_count"),
         ffn_gated=arch != "bert",
-        attn_softcap=arch == "gemma2" or bool(md.get(f"{arch}.attn_logit_softcapping", 0.0)),
+        attn_softcap=arch == "gemma2" or bool(_number(md, f"{arch}.attn_logit_softcapping")),
         ssm_d_inner=d_inner,
         key_length_mla=_int(md, f"{arch}.attention.key_length_mla"),
         post_norms="blk.0.post_ffw_norm.weight" in names,
