@@ -15,6 +15,7 @@ Rules kept here:
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 from llama_smart_proxy.schemas.header import MetadataValue, ModelHeader
@@ -162,7 +163,7 @@ def _count(key: str, value: object) -> int:
     return value
 
 
-def _int(md: dict[str, MetadataValue], key: str, default: int = 0) -> int:
+def _int(md: Mapping[str, MetadataValue], key: str, default: int = 0) -> int:
     value = md.get(key)
     if value is None:
         return default
@@ -172,7 +173,7 @@ def _int(md: dict[str, MetadataValue], key: str, default: int = 0) -> int:
     return _count(key, value)
 
 
-def _per_layer(md: dict[str, MetadataValue], key: str, n_layer: int, default: list[int]) -> list[int]:
+def _per_layer(md: Mapping[str, MetadataValue], key: str, n_layer: int, default: list[int]) -> list[int]:
     """A scalar or per-layer array key, as llama.cpp's get_key_or_arr reads it."""
     value = md.get(key)
     if value is None:
@@ -184,15 +185,35 @@ def _per_layer(md: dict[str, MetadataValue], key: str, n_layer: int, default: li
     return [_count(key, value)] * n_layer
 
 
+class _Fields(Mapping[str, MetadataValue]):
+    """A header's metadata as the estimator reads it. An array of strings is kept as its length
+    only (reader.py), so reading one where a number or a flag belongs is the wrong type too."""
+
+    def __init__(self, header: ModelHeader) -> None:
+        self._metadata = header.metadata
+        self._lengths = header.array_lengths
+
+    def __getitem__(self, key: str) -> MetadataValue:
+        if key not in self._metadata and key in self._lengths:
+            raise HeaderFieldError(f"{key} is an array of strings, expected a number")
+        return self._metadata[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._metadata)
+
+    def __len__(self) -> int:
+        return len(self._metadata)
+
+
 def header_int(header: ModelHeader, key: str, default: int = 0) -> int:
     """One integer key of a header; a ModelFileError naming the file and the key if it is not one."""
     try:
-        return _int(header.metadata, key, default)
+        return _int(_Fields(header), key, default)
     except HeaderFieldError as exc:
         raise ModelFileError(header.path, str(exc)) from None
 
 
-def _flag(md: dict[str, MetadataValue], key: str, default: bool) -> bool:
+def _flag(md: Mapping[str, MetadataValue], key: str, default: bool) -> bool:
     value = md.get(key)
     if value is None:
         return default
@@ -201,14 +222,14 @@ def _flag(md: dict[str, MetadataValue], key: str, default: bool) -> bool:
     return value
 
 
-def _number(md: dict[str, MetadataValue], key: str) -> float:
+def _number(md: Mapping[str, MetadataValue], key: str) -> float:
     value = md.get(key, 0.0)
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         raise HeaderFieldError(f"{key} is {describe_value(value)}, expected a number")
     return value
 
 
-def _swa_layers(arch: str, md: dict[str, MetadataValue], n_layer: int) -> tuple[int, list[bool]]:
+def _swa_layers(arch: str, md: Mapping[str, MetadataValue], n_layer: int) -> tuple[int, list[bool]]:
     """(window, is_swa per layer) as src/llama-hparams.cpp set_swa_pattern computes it."""
     window = _int(md, f"{arch}.attention.sliding_window", SWA_DEFAULT_WINDOW.get(arch, 0))
     if arch == "lfm2":
@@ -241,7 +262,7 @@ def hyperparameters(header: ModelHeader) -> Hyperparameters:
 
 def _read_hyperparameters(header: ModelHeader) -> Hyperparameters:
     arch = header.architecture
-    md = header.metadata
+    md = _Fields(header)
     known = is_known_architecture(arch)
     n_layer_all = _int(md, f"{arch}.block_count")
     if n_layer_all <= 0:
@@ -250,7 +271,8 @@ def _read_hyperparameters(header: ModelHeader) -> Hyperparameters:
     if n_layer_all > MAX_LAYERS:
         raise HeaderFieldError(f"{arch}.block_count is {n_layer_all} (or the tensors say so), more than llama.cpp's {MAX_LAYERS} layers")
     n_embd = _int(md, f"{arch}.embedding_length")
-    n_vocab = header.array_lengths.get("tokenizer.ggml.tokens") or _int(md, f"{arch}.vocab_size")
+    vocab_size = _int(md, f"{arch}.vocab_size")  # read even when unused: llama.cpp checks its type
+    n_vocab = header.array_lengths.get("tokenizer.ggml.tokens") or vocab_size
     if not n_vocab:
         output = next((t for t in header.tensors if t.name in ("output.weight", "token_embd.weight")), None)
         n_vocab = output.shape[1] if output is not None and len(output.shape) > 1 else 0
