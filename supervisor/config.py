@@ -149,13 +149,16 @@ def load_config(
     try:
         config = Config.model_validate_json(json.dumps(data, default=_toml_only), strict=True)
     except ValidationError as exc:
+        explained: dict[KeyPath, list[str]] = {}
         for error in exc.errors():
             if error["type"] == "name_clash":
                 continue  # reported above, with its key path
-            key_path = tuple(error["loc"])
+            key_path = _key_path(data, tuple(error["loc"]))
             if error["type"] == "unknown_model":
                 key_path = ("proxy", "default_model")
-            problems.append(ConfigProblem(*locate(key_path), _dotted(key_path), _explain(error)))
+            explained.setdefault(key_path, []).append(_explain(error))
+        for key_path, messages in explained.items():
+            problems.append(ConfigProblem(*locate(key_path), _dotted(key_path), _either(messages)))
 
     checks = _check_files(data, require_model_files) + _check_launch_options(data)
     checks += _check_ports(config) if config is not None else []
@@ -366,6 +369,30 @@ def _check_ports(config: Config) -> list[tuple[KeyPath, str]]:
     return problems
 
 
+def _key_path(data: Any, loc: KeyPath) -> KeyPath:
+    """An error's location without the names pydantic gives the members of a union (`gpus.0.int`
+    is `gpus.0`): below a value that is not a table or an array, no part of `loc` is a key."""
+    value = data
+    for depth, part in enumerate(loc):
+        if isinstance(value, dict):
+            value = value.get(part)
+        elif isinstance(value, list) and isinstance(part, int) and 0 <= part < len(value):
+            value = value[part]
+        elif value is not None:
+            return loc[:depth]
+    return loc
+
+
+def _either(messages: list[str]) -> str:
+    """The errors of one value against each member of a union, as one sentence."""
+    if len(messages) == 1:
+        return messages[0]
+    got = re.search(r" \(got .*\)$", messages[0])
+    suffix = got.group(0) if got and all(m.endswith(got.group(0)) for m in messages) else ""
+    parts = [m.removesuffix(suffix).removeprefix("Input should be ") for m in messages]
+    return "Input should be " + " or ".join(dict.fromkeys(parts)) + suffix
+
+
 def _explain(error: Mapping[str, Any]) -> str:
     """One pydantic error as a sentence: what was wrong, what was expected."""
     kind = error["type"]
@@ -379,7 +406,7 @@ def _explain(error: Mapping[str, Any]) -> str:
         return "required key is missing"
     message = str(error["msg"])
     message = message.removeprefix("Value error, ")
-    if "input" in error and kind not in ("name_clash", "unknown_model"):
+    if "input" in error and kind not in ("name_clash", "unknown_model") and ", got " not in message:
         shown = error["input"]
         if isinstance(shown, (dict, list)) or len(repr(shown)) > 60:
             shown = type(shown).__name__
