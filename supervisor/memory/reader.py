@@ -21,9 +21,11 @@ Rules kept here:
 
 from __future__ import annotations
 
+import functools
 import mmap
 import re
 import struct
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -95,12 +97,41 @@ def read_header(path: Path) -> ModelHeader:
     """The header of a GGUF model, every split part included; raises ModelFileError."""
     path = Path(path).absolute()
     files = split_parts(path)
-    first = files[0]
     for part in files:
         if not part.exists():
             if part == path:
                 raise ModelFileError(path, "no such file")
             raise ModelFileError(path, f"split part {part.name} is missing ({len(files)} parts expected)")
+    try:
+        identity = tuple(_identity(part) for part in files)
+    except OSError:
+        identity = None  # _read_part says what is wrong
+    if identity is None or any(time.time_ns() - ctime < SETTLED_NS for *_, ctime in identity):
+        return _read_parts(path, files)
+    return _read_unchanged(path, identity)
+
+
+SETTLED_NS = 2 * 10**9
+"""A file changed this recently is read afresh every time: file times tick coarsely (a jiffy), so
+a second write within the same tick could keep the same identity."""
+
+
+def _identity(part: Path) -> tuple[int, ...]:
+    """What changes whenever a file's bytes may have changed: ctime moves on every write and
+    rename, and no one can set it."""
+    st = part.stat()
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+@functools.lru_cache(maxsize=256)
+def _read_unchanged(path: Path, identity: tuple[tuple[int, ...], ...]) -> ModelHeader:
+    """`validate` and then the planner (and every reload) read the same headers: a file that has
+    not changed since is not read again. Errors are not remembered."""
+    return _read_parts(path, split_parts(path))
+
+
+def _read_parts(path: Path, files: list[Path]) -> ModelHeader:
+    first = files[0]
     parts = [_read_part(part) for part in files]
     head = parts[0]
     architecture = head.metadata.get("general.architecture")
