@@ -12,6 +12,7 @@ import pytest
 from benchmarks.accuracy.shapes import llama_like, write_sparse_gguf
 from llama_smart_proxy.supervisor.errors import ModelFileError
 from llama_smart_proxy.supervisor.memory import reader
+from llama_smart_proxy.supervisor.memory.architectures import hyperparameters
 from llama_smart_proxy.supervisor.memory.reader import read_header, split_parts
 
 SMALL = llama_like(
@@ -165,3 +166,17 @@ def test_an_alignment_that_is_not_a_power_of_two_is_named(tmp_path: Path) -> Non
     writer.close()
     with pytest.raises(ModelFileError, match=r"aligned\.gguf: general\.alignment is an integer 48, expected a power of 2"):
         read_header(path)
+
+
+def test_block_count_beyond_llama_cpps_layer_limit_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "deep.gguf"
+    writer = gguf.GGUFWriter(path, "llama")
+    writer.add_block_count(100_000)
+    writer.add_embedding_length(64)
+    writer.add_tensor("token_embd.weight", np.zeros((8, 64), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(ModelFileError, match=r"deep\.gguf: llama\.block_count is 100000, more than llama\.cpp's 512 layers"):
+        hyperparameters(read_header(path))

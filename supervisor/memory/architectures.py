@@ -265,11 +265,13 @@ def _read_hyperparameters(header: ModelHeader) -> Hyperparameters:
     md = _Fields(header)
     known = is_known_architecture(arch)
     n_layer_all = _int(md, f"{arch}.block_count")
+    if n_layer_all > MAX_LAYERS:
+        raise HeaderFieldError(f"{arch}.block_count is {n_layer_all}, more than llama.cpp's {MAX_LAYERS} layers")
     if n_layer_all <= 0:
         blocks = (_BLOCK_NAME.match(t.name) for t in header.tensors)
         n_layer_all = 1 + max((int(m.group(1)) for m in blocks if m), default=-1)
-    if n_layer_all > MAX_LAYERS:
-        raise HeaderFieldError(f"{arch}.block_count is {n_layer_all} (or the tensors say so), more than llama.cpp's {MAX_LAYERS} layers")
+        if n_layer_all > MAX_LAYERS:
+            raise HeaderFieldError(f"tensor blk.{n_layer_all - 1}.* is past llama.cpp's {MAX_LAYERS} layers")
     n_embd = _int(md, f"{arch}.embedding_length")
     vocab_size = _int(md, f"{arch}.vocab_size")  # read even when unused: llama.cpp checks its type
     n_vocab = header.array_lengths.get("tokenizer.ggml.tokens") or vocab_size

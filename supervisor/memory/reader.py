@@ -14,6 +14,9 @@ Rules kept here:
   packed in order at their aligned offsets, every tensor inside the file;
 - counts are checked against the bytes that remain before anything is walked, so a corrupt count
   costs nothing (never a loop over 2^64 entries);
+- a file whose identity (device, inode, size, mtime, ctime) has not changed since it was read,
+  and that was not changed in the last SETTLED_NS, is not read again: `validate` and then the
+  planner, and every reload, ask for the same headers;
 - string arrays (the vocabulary, merges) are kept as their length only; numeric arrays under
   `tokenizer.` likewise (scores, token types); other numeric arrays (per-layer head counts,
   sliding-window patterns) whole.
@@ -41,9 +44,9 @@ DEFAULT_ALIGNMENT = 32  # GGUF_DEFAULT_ALIGNMENT in ggml/include/gguf.h
 MAX_DIMS = 4  # GGML_MAX_DIMS in ggml/include/ggml.h
 # The fewest bytes one entry can take, to check a count against the bytes left: a key-value is a
 # key length (8), its type (4) and at least one byte; a tensor info a name length (8), n_dims (4),
-# one dimension (8), its type (4) and its offset (8).
+# its type (4) and its offset (8).
 _MIN_KV_BYTES = 13
-_MIN_TENSOR_INFO_BYTES = 32
+_MIN_TENSOR_INFO_BYTES = 24
 SPLIT_NAME = re.compile(r"^(?P<stem>.*)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
 
 # Keys every file of a given architecture must carry for the estimator; clip (mmproj) files and
