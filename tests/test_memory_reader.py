@@ -153,30 +153,26 @@ def test_a_name_used_twice_is_a_corrupt_header(tiny_model: Path, tmp_path: Path,
     assert str(error.value) == f"{path}: corrupt header: {problem}"
 
 
-def test_an_alignment_that_is_not_a_power_of_two_is_named(tmp_path: Path) -> None:
-    path = tmp_path / "aligned.gguf"
+def write_llama(path: Path, **uint32_keys: int) -> Path:
+    """A one-tensor llama GGUF whose header holds these UINT32 keys (dots written as __)."""
     writer = gguf.GGUFWriter(path, "llama")
-    writer.add_block_count(1)
-    writer.add_embedding_length(64)
-    writer.add_key_value("general.alignment", 48, gguf.GGUFValueType.UINT32)
+    for key, value in uint32_keys.items():
+        writer.add_key_value(key.replace("__", "."), value, gguf.GGUFValueType.UINT32)
     writer.add_tensor("token_embd.weight", np.zeros((8, 64), dtype=np.float32))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+    return path
+
+
+def test_an_alignment_that_is_not_a_power_of_two_is_named(tmp_path: Path) -> None:
+    path = write_llama(tmp_path / "aligned.gguf", llama__block_count=1, llama__embedding_length=64, general__alignment=48)
     with pytest.raises(ModelFileError, match=r"aligned\.gguf: general\.alignment is an integer 48, expected a power of 2"):
         read_header(path)
 
 
 def test_block_count_beyond_llama_cpps_layer_limit_is_named(tmp_path: Path) -> None:
-    path = tmp_path / "deep.gguf"
-    writer = gguf.GGUFWriter(path, "llama")
-    writer.add_block_count(100_000)
-    writer.add_embedding_length(64)
-    writer.add_tensor("token_embd.weight", np.zeros((8, 64), dtype=np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    path = write_llama(tmp_path / "deep.gguf", llama__block_count=100_000, llama__embedding_length=64)
     with pytest.raises(ModelFileError, match=r"deep\.gguf: llama\.block_count is 100000, more than llama\.cpp's 512 layers"):
         hyperparameters(read_header(path))
