@@ -11,6 +11,7 @@ Rules kept here:
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Annotated, Any
 
@@ -67,6 +68,8 @@ def parse_duration(value: Any) -> float:
     if isinstance(value, bool):
         raise ValueError("expected a duration such as 30s or 15m, got a boolean")
     if isinstance(value, (int, float)):
+        if not math.isfinite(value):
+            raise ValueError(f"expected a duration such as 30s or 15m, got {value}")
         if value < 0:
             raise ValueError(f"a duration cannot be negative, got {value}")
         return float(value)

@@ -1,10 +1,13 @@
 """The one entry point: `llama-smart-proxy <command>`.
 
-Each command is a `cmd_<name>(args) -> exit code` function. A `UserError` anywhere becomes one
-line on stderr and its exit code; no user mistake prints a traceback.
+Each command is a `cmd_<name>(args) -> exit code` function. A `UserError` anywhere, also one
+raised inside an anyio task group (an ExceptionGroup of them), becomes one line on stderr and its
+exit code; no user mistake prints a traceback. Anything else is a bug and keeps its traceback.
 
-Exit codes: 0 success; 1 a runtime failure; 2 invalid input (config, flags, files);
-`plan` adds 3 (a model cannot be placed) and 4 (--strict: a model fell back to partial or CPU).
+Exit codes (the README's tables): 0 success; 1 a runtime failure (an address that cannot be bound,
+a proxy that does not answer); 2 invalid input (config, flags, files, snapshot); 3 a model cannot
+be placed (`plan`, and `serve`, which then starts nothing); 4 `plan --strict`: a model fell back to
+partial offload or the CPU; 130 interrupted (Ctrl-C) before `serve` was serving.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from pathlib import Path
 
 from llama_smart_proxy.schemas.plan import Plan
 from llama_smart_proxy.supervisor.config import load_config
-from llama_smart_proxy.supervisor.errors import UserError
+from llama_smart_proxy.supervisor.errors import RuntimeFailure, UserError
 
 log = logging.getLogger("llama-smart-proxy")
 
@@ -26,6 +29,7 @@ EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_INVALID = 2
 EXIT_UNPLACED = 3
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports it
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -42,7 +46,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def cmd_tiny_model(args: argparse.Namespace) -> int:
     from llama_smart_proxy.supervisor.tinymodel import write_tiny_model
 
-    path = write_tiny_model(args.path)
+    try:
+        path = write_tiny_model(args.path)
+    except OSError as exc:
+        raise UserError(f"{args.path}: cannot write: {exc.strerror or exc}") from None
     print(f"wrote {path} ({path.stat().st_size} bytes): a tiny random llama model for tests and demos")
     return EXIT_OK
 
@@ -178,9 +185,11 @@ def _http(method: str, url: str, api_key: str | None) -> bytes:
             detail = json.loads(detail)["error"]["message"]
         except (ValueError, KeyError, TypeError):
             pass
-        raise UserError(f"{url}: {exc.code} {detail}") from None
-    except urllib.error.URLError as exc:
-        raise UserError(f"{url}: {exc.reason}") from None
+        # 4xx: the request was wrong (a key, a model name); 5xx: the proxy could not act
+        error = UserError if exc.code < 500 else RuntimeFailure
+        raise error(f"{url}: {exc.code} {detail}") from None
+    except (urllib.error.URLError, OSError) as exc:
+        raise RuntimeFailure(f"{url}: {getattr(exc, 'reason', None) or exc}") from None
 
 
 def cmd_estimate(args: argparse.Namespace) -> int:
@@ -289,7 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the Estimate as JSON")
 
     p = command("schema", cmd_schema, "print the JSON Schema of the config, plan or inventory")
-    p.add_argument("name", nargs="?", help="config, plan or inventory (default: all)")
+    p.add_argument("name", nargs="?", choices=["config", "plan", "inventory"], help="config, plan or inventory (default: all)")
     return parser
 
 
@@ -314,13 +323,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         return args.handler(args)
-    except UserError as exc:
-        print(f"llama-smart-proxy: {exc}", file=sys.stderr)
-        return exc.exit_code
+    except (UserError, BaseExceptionGroup) as exc:
+        errors = user_errors(exc)
+        if errors is None:
+            raise  # a bug: keep its traceback
+        if any(isinstance(error, KeyboardInterrupt) for error in errors):
+            return EXIT_INTERRUPTED
+        shown = list(dict.fromkeys(str(error) for error in errors))
+        for message in shown:
+            print(f"llama-smart-proxy: {message}", file=sys.stderr)
+        return errors[0].exit_code  # type: ignore[union-attr]
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED
     except BrokenPipeError:
         return EXIT_OK
+
+
+def user_errors(exc: BaseException) -> list[BaseException] | None:
+    """The UserErrors (and Ctrl-C) an exception is made of, through nested task groups; None when
+    any part of it is something else (a bug)."""
+    if isinstance(exc, BaseExceptionGroup):
+        found: list[BaseException] = []
+        for inner in exc.exceptions:
+            errors = user_errors(inner)
+            if errors is None:
+                return None
+            found += errors
+        return found
+    return [exc] if isinstance(exc, (UserError, KeyboardInterrupt)) else None
 
 
 def print_json(data: object) -> None:

@@ -9,13 +9,23 @@ Where a value comes from, highest first (written down here and nowhere else):
 
 Every problem is reported at once, each with its file, line, dotted key and what was expected;
 nothing here prints or exits.
+
+The merged tables are validated as the JSON they are, strictly (`strict=True` in pydantic's JSON
+mode): a value is accepted exactly when schemas/config.schema.json, generated from the same models,
+accepts its type (no "yes" for a boolean, no "8" for an integer). A TOML date or time, which JSON
+lacks, is the string taplo also sees. Beyond the schema: files the config names exist and are
+readable, each GGUF file is checked as far as it can be without loading weights
+(supervisor/memory/check.py), and `args`/`env` may not set what the launch owns
+(supervisor/launch.py OWNED_OPTIONS).
 """
 
 from __future__ import annotations
 
+import datetime
 import difflib
 import glob
 import hashlib
+import json
 import re
 import tomllib
 import types
@@ -29,7 +39,8 @@ from pydantic import BaseModel, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from llama_smart_proxy.schemas.config import Config, name_clashes, parse_listen
-from llama_smart_proxy.supervisor.errors import ConfigError, ConfigProblem
+from llama_smart_proxy.supervisor.errors import ConfigError, ConfigProblem, UserError
+from llama_smart_proxy.supervisor.launch import owned_option, owned_variable
 
 KeyPath = tuple[str | int, ...]
 ENV_PREFIX = "LLAMA_SMART_PROXY_"
@@ -138,17 +149,21 @@ def load_config(
 
     config: Config | None = None
     try:
-        config = Config.model_validate(data)
+        config = Config.model_validate_json(json.dumps(data, default=_toml_only), strict=True)
     except ValidationError as exc:
+        explained: dict[KeyPath, list[str]] = {}
         for error in exc.errors():
             if error["type"] == "name_clash":
                 continue  # reported above, with its key path
-            key_path = tuple(error["loc"])
+            key_path = _key_path(data, tuple(error["loc"]))
             if error["type"] == "unknown_model":
                 key_path = ("proxy", "default_model")
-            problems.append(ConfigProblem(*locate(key_path), _dotted(key_path), _explain(error)))
+            explained.setdefault(key_path, []).append(_explain(error))
+        for key_path, messages in explained.items():
+            problems.append(ConfigProblem(*locate(key_path), _dotted(key_path), _either(messages)))
 
-    checks = _check_files(data, require_model_files) + (_check_ports(config) if config is not None else [])
+    checks = _check_files(data, require_model_files) + _check_launch_options(data)
+    checks += _check_ports(config) if config is not None else []
     for key_path, message in checks:
         problems.append(ConfigProblem(*locate(key_path), _dotted(key_path), message))
 
@@ -172,6 +187,13 @@ def files_digest(contents: Iterable[tuple[Path, bytes]]) -> str:
     for path, data in contents:
         digest.update(str(path).encode() + b"\0" + data + b"\0")
     return digest.hexdigest()
+
+
+def _toml_only(value: Any) -> str:
+    """TOML's dates and times, which JSON lacks, as the strings taplo validates them as."""
+    if isinstance(value, (datetime.date, datetime.time)):
+        return value.isoformat()
+    raise TypeError(f"{type(value).__name__} is not a TOML value")
 
 
 def _read_toml(path: Path, problems: list[ConfigProblem]) -> _Source | None:
@@ -265,8 +287,8 @@ def _resolve_paths(data: dict[str, Any], owner: dict[str, _Source], main: _Sourc
 
 
 def _check_files(data: dict[str, Any], require_model_files: bool = True) -> list[tuple[KeyPath, str]]:
-    """Files the config names must exist; checked on the raw tables so that a schema error
-    elsewhere does not hide a missing file."""
+    """Files the config names must exist and be readable, and GGUF files sound as far as their
+    header shows; checked on the raw tables so that a schema error elsewhere does not hide them."""
     problems: list[tuple[KeyPath, str]] = []
     wanted: list[tuple[KeyPath, Any]] = []
     models = data.get("models")
@@ -288,6 +310,47 @@ def _check_files(data: dict[str, Any], require_model_files: bool = True) -> list
             problems.append((key_path, f"file not found: {value}"))
         elif not Path(value).is_file():
             problems.append((key_path, f"not a file: {value}"))
+        elif key_path[0] == "models":
+            problem = _model_file_problem(Path(value), projector=key_path[-1] == "mmproj")
+            if problem:
+                problems.append((key_path, problem))
+        elif key_path == ("proxy", "api_keys_file"):
+            try:
+                Path(value).read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as exc:
+                problems.append((key_path, f"cannot read {value}: {getattr(exc, 'strerror', None) or exc}"))
+    return problems
+
+
+def _model_file_problem(path: Path, *, projector: bool) -> str | None:
+    from llama_smart_proxy.supervisor.memory.check import check_model_file
+
+    try:
+        check_model_file(path, projector=projector)
+    except UserError as exc:
+        return str(exc)
+    return None
+
+
+def _check_launch_options(data: dict[str, Any]) -> list[tuple[KeyPath, str]]:
+    """`args` and `env` (of [llama_server], [defaults] and each model) may not set what the
+    launch owns; each such entry is a problem that names the key to use instead."""
+    tables: list[tuple[KeyPath, Any]] = [(("llama_server",), data.get("llama_server")), (("defaults",), data.get("defaults"))]
+    models = data.get("models")
+    tables += [(("models", name), table) for name, table in (models.items() if isinstance(models, dict) else ())]
+    problems: list[tuple[KeyPath, str]] = []
+    for where, table in tables:
+        if not isinstance(table, dict):
+            continue
+        args, env = table.get("args"), table.get("env")
+        for i, arg in enumerate(args if isinstance(args, list) else ()):
+            option = owned_option(arg) if isinstance(arg, str) else None
+            if option is not None:
+                problems.append(((*where, "args", i), f"{arg!r} is set by llama-smart-proxy; use {option.instead} instead"))
+        for name in env if isinstance(env, dict) else ():
+            option = owned_variable(name)
+            if option is not None:
+                problems.append(((*where, "env", name), f"{name} is set by llama-smart-proxy; use {option.instead} instead"))
     return problems
 
 
@@ -312,6 +375,30 @@ def _check_ports(config: Config) -> list[tuple[KeyPath, str]]:
     return problems
 
 
+def _key_path(data: Any, loc: KeyPath) -> KeyPath:
+    """An error's location without the names pydantic gives the members of a union (`gpus.0.int`
+    is `gpus.0`): below a value that is not a table or an array, no part of `loc` is a key."""
+    value = data
+    for depth, part in enumerate(loc):
+        if isinstance(value, dict):
+            value = value.get(part)
+        elif isinstance(value, list) and isinstance(part, int) and 0 <= part < len(value):
+            value = value[part]
+        elif value is not None:
+            return loc[:depth]
+    return loc
+
+
+def _either(messages: list[str]) -> str:
+    """The errors of one value against each member of a union, as one sentence."""
+    if len(messages) == 1:
+        return messages[0]
+    got = re.search(r" \(got .*\)$", messages[0])
+    suffix = got.group(0) if got and all(m.endswith(got.group(0)) for m in messages) else ""
+    parts = [m.removesuffix(suffix).removeprefix("Input should be ") for m in messages]
+    return "Input should be " + " or ".join(dict.fromkeys(parts)) + suffix
+
+
 def _explain(error: Mapping[str, Any]) -> str:
     """One pydantic error as a sentence: what was wrong, what was expected."""
     kind = error["type"]
@@ -325,7 +412,7 @@ def _explain(error: Mapping[str, Any]) -> str:
         return "required key is missing"
     message = str(error["msg"])
     message = message.removeprefix("Value error, ")
-    if "input" in error and kind not in ("name_clash", "unknown_model"):
+    if "input" in error and kind not in ("name_clash", "unknown_model") and ", got " not in message:
         shown = error["input"]
         if isinstance(shown, (dict, list)) or len(repr(shown)) > 60:
             shown = type(shown).__name__

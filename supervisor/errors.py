@@ -29,6 +29,19 @@ class ConfigProblem:
         return f"{where}: {self.key}: {self.message}" if self.key else f"{where}: {self.message}"
 
 
+class RuntimeFailure(UserError):
+    """Not a mistake in the input but the state of the machine or of a service (an address in use,
+    a proxy that does not answer); one line all the same, exit 1."""
+
+    exit_code = 1
+
+
+class PlanRefused(UserError):
+    """A plan that leaves a model without a place: `serve` starts nothing, as `plan` exits 3."""
+
+    exit_code = 3
+
+
 class ConfigError(UserError):
     def __init__(self, problems: list[ConfigProblem]):
         self.problems = problems

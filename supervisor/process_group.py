@@ -31,7 +31,7 @@ import anyio
 import anyio.to_thread
 from anyio.abc import Process
 
-from llama_smart_proxy.supervisor.launch import Command
+from llama_smart_proxy.supervisor.launch import Command, child_environment
 
 GROUP_POLL_S = 0.05
 """While stopping, how often to look whether the group's other members are gone."""
@@ -67,7 +67,7 @@ async def spawn_in_group(command: Command) -> Process:
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
-        env={**os.environ, **command.env},
+        env=child_environment(os.environ, command.env),
         start_new_session=True,
     )
 

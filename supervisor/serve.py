@@ -152,13 +152,35 @@ class Service:
 
 
 def serve(source: Source, *, watch: bool = False) -> int:
-    """Plan, then run the service until SIGTERM/SIGINT. Returns the exit code."""
+    """Plan, then run the service until SIGTERM/SIGINT. Returns the exit code.
+
+    A plan that `plan` would refuse (exit 3: a model, resident or on-demand, without a place) is
+    refused here with the same words before anything is bound or started, and systemd never
+    hears READY=1.
+    """
+    import os
+
+    from llama_smart_proxy.supervisor.errors import PlanRefused
+    from llama_smart_proxy.supervisor.launch import ignored_llama_variables
+    from llama_smart_proxy.supervisor.plan_report import verdict
+
     log.info("planning: reading the config, the GPUs and the model headers")
     prepared = prepare(source)
     config = prepared.loaded.config
     logging.getLogger().setLevel(config.proxy.log_level.upper())
     for line in describe_plan(prepared):
         log.info("%s", line)
+    outcome = verdict(prepared.plan, strict=False)
+    if outcome.exit_code:
+        reasons = [f"  {m.reason}" for m in prepared.plan.models if m.placement == "unplaced"]
+        raise PlanRefused("\n".join([f"{outcome.text}; nothing was started", *reasons]))
+    ignored = ignored_llama_variables(os.environ)
+    if ignored:
+        log.warning(
+            "children do not inherit %s: give llama-server options in the config's args or env, "
+            "where the estimate sees them",
+            ", ".join(ignored),
+        )
     binary = find_llama_server(config.llama_server.binary)
     info = check_llama_server(binary)
     log.info("llama-server: %s (%s)", info.path, info.version)

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Iterator
 from pathlib import Path
 
+import gguf
+import numpy as np
 import pytest
 
 from llama_smart_proxy.schemas.config import Config
 from llama_smart_proxy.supervisor.cli import main
 from llama_smart_proxy.supervisor.config import load_config, locate_keys
 from llama_smart_proxy.supervisor.errors import ConfigError
+from llama_smart_proxy.supervisor.launch import OWNED_OPTIONS, OwnedOption
 
 
 def write(path: Path, text: str) -> Path:
@@ -221,3 +226,201 @@ def test_key_files_are_relative_to_the_config_and_a_missing_one_is_named(model_d
     assert load_config(path).config.proxy.admin_api_keys_file == model_dir / "admin.txt"
     path = write(model_dir / "c.toml", '[proxy]\nadmin_api_keys_file = "gone.txt"\n\n[models.m]\nfile = "a.gguf"\n')
     assert problems_of(path) == [f"{path}:2: proxy.admin_api_keys_file: file not found: {model_dir / 'gone.txt'}"]
+
+
+# ---- one source of truth: what the JSON Schema rejects, the loader rejects
+
+
+def schema_leaves(schema: dict, root: dict, path: tuple = ()) -> Iterator[tuple[tuple, dict]]:
+    """(key path, schema) of every value the config schema describes that is not a table; a
+    table of any keys (models, env) is entered with one made-up key, an array at its item."""
+    if "$ref" in schema:
+        yield from schema_leaves(root["$defs"][schema["$ref"].removeprefix("#/$defs/")], root, path)
+        return
+    options = [o for o in schema.get("anyOf", []) if o.get("type") != "null"]
+    if len(options) == 1 and "type" not in schema:
+        yield from schema_leaves(options[0], root, path)
+        return
+    if "properties" in schema:
+        for key, sub in schema["properties"].items():
+            yield from schema_leaves(sub, root, (*path, key))
+        return
+    if isinstance(schema.get("additionalProperties"), dict):
+        yield from schema_leaves(schema["additionalProperties"], root, (*path, "m" if path == ("models",) else "K"))
+        return
+    if schema.get("type") == "array":
+        items = schema.get("prefixItems") or [schema["items"]]
+        yield path, schema  # the array itself: a scalar where an array belongs
+        yield (*path, 0), items[0]
+        return
+    yield path, schema
+
+
+def json_kinds(schema: dict) -> set[str]:
+    """The JSON types a schema accepts at the top ("number" includes "integer")."""
+    if "anyOf" in schema:
+        return set().union(*(json_kinds(o) for o in schema["anyOf"]))
+    if "enum" in schema:
+        return {{bool: "boolean", int: "integer", str: "string"}[type(v)] for v in schema["enum"]}
+    kind = schema.get("type")
+    return {"integer", "number"} if kind == "number" else {kind} if kind else {"boolean", "integer", "number", "string"}
+
+
+KIND_SAMPLES = {"boolean": True, "integer": 7, "number": 7.5, "string": "seven"}
+
+
+def toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    return json.dumps(value)
+
+
+def schema_rejected_values() -> list[tuple[tuple, object]]:
+    schema = Config.model_json_schema()
+    cases = []
+    for path, leaf in schema_leaves(schema, schema):
+        accepted = json_kinds(leaf)
+        for kind, sample in KIND_SAMPLES.items():
+            if kind not in accepted:
+                cases.append((path, sample))
+    return cases
+
+
+def test_the_walk_covers_every_kind_of_config_value() -> None:
+    paths = {".".join(map(str, p)) for p, _ in schema_rejected_values()}
+    for expected in ("proxy.listen", "proxy.max_connections", "llama_server.port_range.0", "gpus.allow.0",
+                     "defaults.allow_cpu", "models.m.allow_cpu", "models.m.args.0", "models.m.env.K", "include"):
+        assert expected in paths  # fmt: skip
+
+
+@pytest.mark.parametrize(("path", "value"), schema_rejected_values(), ids=lambda v: ".".join(map(str, v)) if isinstance(v, tuple) else repr(v))
+def test_a_value_of_a_type_the_schema_rejects_is_rejected_by_the_loader(model_dir: Path, path: tuple, value: object) -> None:
+    *keys, last = path
+    if isinstance(last, int):  # an array item: the array holds the value
+        *keys, last = keys
+        value = [value, value] if keys[-1:] == ["llama_server"] else [value]
+    dotted = ".".join(keys + [last])
+    lines = [f"{dotted} = {toml_value(value)}"]
+    if keys[:2] == ["models", "m"] and last != "file":
+        lines.append('models.m.file = "a.gguf"')
+    path_file = write(model_dir / "c.toml", "\n".join(lines) + "\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(path_file)
+    keys_reported = [p.key for p in caught.value.problems]
+    wanted = ".".join(map(str, path))
+    assert wanted in keys_reported, (keys_reported, caught.value)
+    assert all(p.line == 1 for p in caught.value.problems if p.key == wanted)
+
+
+def test_a_boolean_written_as_yes_is_refused_as_the_schema_refuses_it(model_dir: Path) -> None:
+    path = write(model_dir / "c.toml", '[models.m]\nfile = "a.gguf"\nallow_cpu = "yes"\n')
+    assert problems_of(path) == [f"{path}:3: models.m.allow_cpu: Input should be a valid boolean (got 'yes')"]
+
+
+def test_a_union_value_of_neither_type_is_one_problem_at_its_own_key(model_dir: Path) -> None:
+    path = write(model_dir / "c.toml", "[gpus]\nallow = [0, true]\n")
+    assert problems_of(path) == [f"{path}:2: gpus.allow.1: Input should be a valid integer or a valid string (got True)"]
+
+
+def test_a_toml_date_is_the_string_taplo_sees(model_dir: Path) -> None:
+    path = write(model_dir / "c.toml", "[proxy]\nlisten = 1979-05-27\n")
+    [problem] = problems_of(path)
+    assert problem.startswith(f"{path}:2: proxy.listen: expected host:port") and "1979-05-27" in problem
+
+
+# ---- model files are checked as far as their header shows
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [
+        (b"", "not a GGUF file (0 bytes)"),
+        (b"# my notes\n", "not a GGUF file (starts with b'# my'"),
+        (None, "truncated: "),  # the tiny model, cut in half
+    ],
+    ids=["empty", "text", "truncated"],
+)
+def test_a_model_file_that_is_no_sound_gguf_is_a_problem_naming_file_and_key(
+    model_dir: Path, content: bytes | None, problem: str
+) -> None:
+    model = model_dir / "broken.gguf"
+    whole = (model_dir / "a.gguf").read_bytes()
+    model.write_bytes(whole[: len(whole) // 2] if content is None else content)
+    path = write(model_dir / "c.toml", '[models.m]\nfile = "broken.gguf"\n[models.n]\nfile = "a.gguf"\nmmproj = "broken.gguf"\n')
+    found = problems_of(path)
+    assert len(found) == 2, found
+    assert found[0].startswith(f"{path}:2: models.m.file: {model}: {problem}")
+    assert found[1].startswith(f"{path}:5: models.n.mmproj: {model}: {problem}")
+
+
+def test_validate_names_a_wrong_typed_header_field(model_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    model = model_dir / "typed.gguf"
+    writer = gguf.GGUFWriter(model, "llama")
+    writer.add_block_count(1)
+    writer.add_embedding_length(64)
+    writer.add_key_value("llama.context_length", "long", gguf.GGUFValueType.STRING)
+    writer.add_tensor("token_embd.weight", np.zeros((8, 64), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    path = write(model_dir / "c.toml", '[models.m]\nfile = "typed.gguf"\n')
+    for command in (["validate", "--config", str(path)], ["plan", "--config", str(path)], ["estimate", str(model)]):
+        assert main(command) == 2
+        err = capsys.readouterr().err
+        assert f"{model}: llama.context_length is a string 'long', expected an integer" in err, err
+        assert "Traceback" not in err
+
+
+def test_an_unreadable_api_keys_file_is_a_problem(model_dir: Path) -> None:
+    (model_dir / "keys.txt").write_bytes(b"\xff\xfe not text")
+    path = write(model_dir / "c.toml", '[proxy]\napi_keys_file = "keys.txt"\n')
+    [problem] = problems_of(path)
+    assert problem.startswith(f"{path}:2: proxy.api_keys_file: cannot read {model_dir / 'keys.txt'}")
+
+
+# ---- args and env may not set what the plan owns
+
+
+def owned_spellings() -> list[tuple[str, str]]:
+    cases = []
+    for option in OWNED_OPTIONS:
+        for flag in option.flags:
+            cases.append((flag, option.instead))
+            cases.append((f"{flag}=1", option.instead))
+        long = next((f for f in option.flags if f.startswith("--")), None)
+        if long and "-" in long[2:]:
+            cases.append((long.replace("-", "_").replace("__", "--", 1), option.instead))  # --ctx_size
+    return cases
+
+
+@pytest.mark.parametrize(("arg", "instead"), owned_spellings())
+def test_args_that_set_what_the_plan_owns_are_refused_naming_the_key_to_use(model_dir: Path, arg: str, instead: str) -> None:
+    path = write(
+        model_dir / "c.toml",
+        f'[llama_server]\nargs = ["--threads", "4", "{arg}"]\n[defaults]\nargs = ["{arg}"]\n'
+        f'[models.m]\nfile = "a.gguf"\nargs = ["--verbose", "{arg}"]\n',
+    )
+    message = f"'{arg}' is set by llama-smart-proxy; use {instead} instead"
+    assert problems_of(path) == [
+        f"{path}:2: llama_server.args.2: {message}",
+        f"{path}:4: defaults.args.0: {message}",
+        f"{path}:7: models.m.args.1: {message}",
+    ]
+
+
+@pytest.mark.parametrize("option", OWNED_OPTIONS, ids=lambda o: o.env)
+def test_env_that_sets_what_the_plan_owns_is_refused_naming_the_key_to_use(model_dir: Path, option: OwnedOption) -> None:
+    negated = option.env.replace("LLAMA_ARG_", "LLAMA_ARG_NO_")
+    path = write(model_dir / "c.toml", f'[models.m]\nfile = "a.gguf"\nenv = {{ {option.env} = "1", {negated} = "1", LLAMA_ARG_THREADS = "4" }}\n')
+    assert problems_of(path) == [
+        f"{path}:3: models.m.env.{name}: {name} is set by llama-smart-proxy; use {option.instead} instead"
+        for name in (option.env, negated)
+    ]
+
+
+def test_args_the_plan_does_not_own_pass(model_dir: Path) -> None:
+    path = write(model_dir / "c.toml", '[models.m]\nfile = "a.gguf"\nargs = ["--threads", "4", "--alias", "m", "-cb", "--spec-type", "draft-mtp"]\n')
+    assert load_config(path).config.model_spec("m").args[-1] == "draft-mtp"

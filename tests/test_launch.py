@@ -1,8 +1,11 @@
-"""argv and environment from a plan entry (pure), and the once-at-start check of the binary."""
+"""argv and environment from a plan entry (pure), what a config may not override, the child's
+environment, and the once-at-start check of the binary."""
 
 from __future__ import annotations
 
+import json
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,8 +13,16 @@ import pytest
 from llama_smart_proxy.schemas.config import LlamaServerSettings
 from llama_smart_proxy.schemas.launch import LaunchSpec
 from llama_smart_proxy.supervisor.errors import LlamaServerError
-from llama_smart_proxy.supervisor.launch import FLAGS_USED, build_command
+from llama_smart_proxy.supervisor.launch import (
+    FLAGS_USED,
+    OWNED_OPTIONS,
+    Command,
+    build_command,
+    child_environment,
+    ignored_llama_variables,
+)
 from llama_smart_proxy.supervisor.llama_binary import check_llama_server, help_flags
+from llama_smart_proxy.supervisor.process_group import spawn_in_group
 from tests.fakes.supervision import write_fake_llama_server
 
 BINARY = Path("/opt/llama/llama-server")
@@ -187,3 +198,52 @@ def test_a_build_lacking_a_flag_we_use_is_refused_naming_the_flag(llama_server: 
     )
     with pytest.raises(LlamaServerError, match=r"version 1 \(old\)\) does not accept --fit,"):
         check_llama_server(older)
+
+
+def test_the_check_reads_help_once_per_binary(llama_server: Path, tmp_path: Path) -> None:
+    runs = tmp_path / "runs.txt"
+    counting = write_script(tmp_path / "llama-server", f'echo "$1" >> {runs}\nexec {llama_server} "$@"\n')
+    check_llama_server(counting)
+    assert sorted(runs.read_text().split()) == ["--help", "--version"]
+
+
+# ---- what the launch owns, and the child's environment
+
+
+def test_every_option_the_launch_owns_is_spelled_as_the_real_llama_server_spells_it(llama_server: Path) -> None:
+    help_text = subprocess.run([str(llama_server), "--help"], capture_output=True, text=True, check=True).stdout
+    accepted = help_flags(help_text)
+    for option in OWNED_OPTIONS:
+        assert set(option.flags) <= accepted, option
+        assert f"(env: {option.env})" in help_text, option
+    assert set(FLAGS_USED) <= {f for o in OWNED_OPTIONS for f in o.flags}  # what we emit, no user overrides
+
+
+def test_a_child_never_inherits_the_services_secrets_or_llama_arg_variables() -> None:
+    inherited = {
+        "PATH": "/usr/bin", "HOME": "/var/lib/proxy", "LLAMA_SMART_PROXY_API_KEYS": "sekrit",
+        "LLAMA_SMART_PROXY_API_KEY": "admin-sekrit", "LLAMA_SMART_PROXY_LISTEN": "0.0.0.0:80",
+        "LLAMA_ARG_N_GPU_LAYERS": "0", "LLAMA_ARG_SWA_FULL": "1", "NOTIFY_SOCKET": "/run/systemd/notify",
+        "WATCHDOG_USEC": "60000000", "HF_HOME": "/data/hf",
+    }  # fmt: skip
+    env = child_environment(inherited, {"LLAMA_ARG_THREADS": "8", "CUDA_VISIBLE_DEVICES": "GPU-1"})
+    assert env == {"PATH": "/usr/bin", "HOME": "/var/lib/proxy", "HF_HOME": "/data/hf",
+                   "LLAMA_ARG_THREADS": "8", "CUDA_VISIBLE_DEVICES": "GPU-1"}  # fmt: skip
+    assert ignored_llama_variables(inherited) == ["LLAMA_ARG_N_GPU_LAYERS", "LLAMA_ARG_SWA_FULL"]
+
+
+@pytest.mark.anyio
+async def test_a_spawned_child_sees_the_clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LLAMA_SMART_PROXY_API_KEYS", "sekrit")
+    monkeypatch.setenv("LLAMA_ARG_CTX_SIZE", "999999")
+    monkeypatch.setenv("KEPT_FOR_THE_CHILD", "yes")
+    show = "import json, os; print(json.dumps(dict(os.environ)))"
+    process = await spawn_in_group(Command(argv=[sys.executable, "-c", show], env={"FROM_CONFIG": "1"}))
+    assert process.stdout is not None
+    output = b""
+    async for chunk in process.stdout:
+        output += chunk
+    assert await process.wait() == 0
+    env = json.loads(output)
+    assert env["KEPT_FOR_THE_CHILD"] == "yes" and env["FROM_CONFIG"] == "1"
+    assert not [name for name in env if name.startswith(("LLAMA_SMART_PROXY_", "LLAMA_ARG_"))]

@@ -11,6 +11,8 @@ import pytest
 
 from benchmarks.accuracy.shapes import llama_like, write_sparse_gguf
 from llama_smart_proxy.supervisor.errors import ModelFileError
+from llama_smart_proxy.supervisor.memory import reader
+from llama_smart_proxy.supervisor.memory.architectures import hyperparameters
 from llama_smart_proxy.supervisor.memory.reader import read_header, split_parts
 
 SMALL = llama_like(
@@ -119,3 +121,58 @@ def test_unknown_architecture_needs_only_general_architecture(tmp_path: Path) ->
     writer.write_tensors_to_file()
     writer.close()
     assert read_header(path).architecture == "someday-arch"
+
+
+def test_an_unchanged_header_is_read_once_and_a_changed_one_again(tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "m.gguf"
+    path.write_bytes(tiny_model.read_bytes())
+    assert read_header(path) is not read_header(path)  # just written: file times may not have ticked yet
+    monkeypatch.setattr(reader, "SETTLED_NS", 0)
+    first = read_header(path)
+    assert read_header(path) is first  # validate, then the planner: one read
+    with path.open("ab") as handle:
+        handle.write(bytes(64))  # a new size, a new ctime
+    again = read_header(path)
+    assert again is not first and again.file_size == first.file_size + 64
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "problem"),
+    [
+        (b"tokenizer.ggml.model", b"llama.context_length", "metadata key llama.context_length appears twice"),
+        (b"blk.1.ffn_up.weight", b"blk.0.ffn_up.weight", "tensor blk.0.ffn_up.weight appears twice"),
+    ],
+)
+def test_a_name_used_twice_is_a_corrupt_header(tiny_model: Path, tmp_path: Path, old: bytes, new: bytes, problem: str) -> None:
+    raw = tiny_model.read_bytes()
+    assert raw.count(old) == 1 and len(old) == len(new)
+    path = tmp_path / "twice.gguf"
+    path.write_bytes(raw.replace(old, new))
+    with pytest.raises(ModelFileError) as error:
+        read_header(path)
+    assert str(error.value) == f"{path}: corrupt header: {problem}"
+
+
+def write_llama(path: Path, **uint32_keys: int) -> Path:
+    """A one-tensor llama GGUF whose header holds these UINT32 keys (dots written as __)."""
+    writer = gguf.GGUFWriter(path, "llama")
+    for key, value in uint32_keys.items():
+        writer.add_key_value(key.replace("__", "."), value, gguf.GGUFValueType.UINT32)
+    writer.add_tensor("token_embd.weight", np.zeros((8, 64), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def test_an_alignment_that_is_not_a_power_of_two_is_named(tmp_path: Path) -> None:
+    path = write_llama(tmp_path / "aligned.gguf", llama__block_count=1, llama__embedding_length=64, general__alignment=48)
+    with pytest.raises(ModelFileError, match=r"aligned\.gguf: general\.alignment is an integer 48, expected a power of 2"):
+        read_header(path)
+
+
+def test_block_count_beyond_llama_cpps_layer_limit_is_named(tmp_path: Path) -> None:
+    path = write_llama(tmp_path / "deep.gguf", llama__block_count=100_000, llama__embedding_length=64)
+    with pytest.raises(ModelFileError, match=r"deep\.gguf: llama\.block_count is 100000, more than llama\.cpp's 512 layers"):
+        hyperparameters(read_header(path))

@@ -12,6 +12,7 @@ import pytest
 from llama_smart_proxy.schemas.config import Config, GpuSettings, LlamaServerSettings, ModelSettings, ProxySettings
 from llama_smart_proxy.schemas.generate import HERE, schema_texts
 from llama_smart_proxy.supervisor.config import load_config
+from llama_smart_proxy.supervisor.memory.reader import split_parts
 
 EXAMPLES = Path(__file__).parent.parent / "examples"
 
@@ -30,9 +31,10 @@ def copy_examples_with_models(tmp_path: Path, tiny_model: Path) -> Path:
         for model in tomllib.loads(toml.read_text()).get("models", {}).values():
             for key in ("file", "mmproj"):
                 if key in model:
-                    path = toml.parent / model[key]
-                    path.parent.mkdir(parents=True, exist_ok=True)
-                    shutil.copyfile(tiny_model, path)
+                    # validate reads every part of a split model, as llama-server does
+                    for path in split_parts(toml.parent / model[key]):
+                        path.parent.mkdir(parents=True, exist_ok=True)
+                        shutil.copyfile(tiny_model, path)
     return target
 
 

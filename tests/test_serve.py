@@ -187,3 +187,88 @@ def test_watch_reloads_once_per_editor_save_and_records_a_truncated_write_as_ref
         assert {m["name"] for m in status["models"]} == {"m", "n"}
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=30) == 0
+
+
+# ---- serve refuses what plan refuses, before anything is bound or started
+
+NO_GPU = Path(__file__).resolve().parent.parent / "examples" / "inventory-no-gpu.json"
+
+
+@contextmanager
+def held(listen: str) -> Iterator[None]:
+    """Our own listening socket on `listen`: a serve that tried to bind would fail (exit 1)."""
+    host, port = listen.rsplit(":", 1)
+    with socket.socket() as sock:
+        sock.bind((host, int(port)))
+        sock.listen()
+        yield
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "llama_smart_proxy.supervisor", *args],
+        capture_output=True, text=True, timeout=60, env={**os.environ, **(env or {})},
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("unplaced", [["m"], ["n"], ["m", "n"]], ids=["resident", "on-demand", "both"])
+def test_serve_refuses_a_plan_that_plan_refuses_with_its_words_before_binding(harness: Harness, unplaced: list[str]) -> None:
+    models = {"m": {}, "n": {"mode": "on-demand"}, "ok": {}}
+    for name in unplaced:
+        models[name]["allow_cpu"] = False  # no GPU in the snapshot: nowhere to go
+    config = harness.write_config(models)
+    listener = NotifyListener(harness.directory / "notify.sock")
+    try:
+        with held(harness.listen):
+            served = run_cli("serve", "--config", str(config), "--inventory", str(NO_GPU), env={"NOTIFY_SOCKET": str(listener.path)})
+        time.sleep(0.3)  # a READY=1 sent before exit would have arrived by now
+    finally:
+        listener.close()
+    planned = run_cli("plan", "--config", str(config), "--inventory", str(NO_GPU))
+    assert (served.returncode, planned.returncode) == (3, 3), served.stderr
+    verdict = next(line for line in planned.stdout.splitlines() if line.startswith("Result: ")).removeprefix("Result: ")
+    assert f"llama-smart-proxy: {verdict}; nothing was started" in served.stderr
+    for line in planned.stdout.splitlines():
+        if line.strip().startswith("why:") and "cannot be placed" in line:
+            assert line.strip().removeprefix("why: ") in served.stderr
+    assert listener.kinds() == []
+    assert "Traceback" not in served.stderr and "listening on" not in served.stderr
+    assert not harness.events("start")
+
+
+@pytest.mark.parametrize("content", [b"my notes\n", b""], ids=["text", "empty"])
+def test_serve_refuses_a_model_file_plan_refuses_with_the_same_line(harness: Harness, content: bytes) -> None:
+    config = harness.write_config({"m": {}})
+    harness.model_file("m").write_bytes(content)
+    with held(harness.listen):
+        served = run_cli("serve", "--config", str(config))
+    planned = run_cli("plan", "--config", str(config))
+    validated = run_cli("validate", "--config", str(config))
+    line = config.read_text().splitlines().index('file = "m.gguf"') + 1
+    problem = f"{config}:{line}: models.m.file: {harness.model_file('m')}: not a GGUF file"
+    for result in (served, planned, validated):
+        assert result.returncode == 2 and problem in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr
+
+
+def test_serve_on_an_address_in_use_is_one_line_and_exit_1(harness: Harness) -> None:
+    config = harness.write_config({"m": {}})
+    with held(harness.listen):
+        served = run_cli("serve", "--config", str(config))
+    assert served.returncode == 1
+    assert f"llama-smart-proxy: proxy.listen {harness.listen}: cannot listen: Address already in use" in served.stderr
+    assert "Traceback" not in served.stderr and "ExceptionGroup" not in served.stderr
+
+
+def test_serve_warns_that_inherited_llama_arg_variables_do_not_reach_children(harness: Harness) -> None:
+    config = harness.write_config({"m": {}})
+    log = harness.directory / "serve.log"
+    env = {"LLAMA_ARG_N_GPU_LAYERS": "0", "LLAMA_SMART_PROXY_LOG_LEVEL": "info"}
+    with serve_process(["--config", str(config)], log, env) as process:
+        status = wait_ready(f"http://{harness.listen}", process, log)
+        child_env = Path(f"/proc/{status['models'][0]['pid']}/environ").read_bytes().split(b"\0")
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0
+    assert "children do not inherit LLAMA_ARG_N_GPU_LAYERS" in log.read_text()
+    assert any(v.startswith(b"FAKE_LLAMA_EVENTS=") for v in child_env)  # the config's env arrives
+    assert not [v for v in child_env if v.startswith((b"LLAMA_ARG_", b"LLAMA_SMART_PROXY_"))]

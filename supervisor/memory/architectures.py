@@ -6,14 +6,24 @@ Rules kept here:
   in `hyperparameters()`, nowhere else;
 - an architecture outside KNOWN_ARCHITECTURES is never refused: it is modelled as a plain
   transformer with every layer holding a full KV cache (and a recurrent state too when the file
-  has ssm.* keys), which over-counts rather than under-counts, and the profile says so.
+  has ssm.* keys), which over-counts rather than under-counts, and the profile says so;
+- a key read here that has the wrong type or an impossible value is a `ModelFileError` naming the
+  file and the key, as llama.cpp refuses it (src/llama-model-loader.cpp: "key ... has wrong
+  type", "wrong array length"), never a default taken in silence and never a traceback.
 """
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 from llama_smart_proxy.schemas.header import MetadataValue, ModelHeader
+from llama_smart_proxy.supervisor.errors import ModelFileError
+
+MAX_LAYERS = 512  # LLAMA_MAX_LAYERS in src/llama-hparams.h: per-layer arrays hold no more
+UINT32_MAX = 2**32 - 1  # llama.cpp keeps these hyperparameters in uint32_t
+_BLOCK_NAME = re.compile(r"^blk\.(\d+)\.")
 
 # src/llama-model.cpp `create_memory`: these get no memory module at all (res = nullptr).
 NO_KV_ARCHITECTURES = frozenset(
@@ -133,27 +143,93 @@ class Hyperparameters:
         return (self.head_v_swa if self.is_swa[il] else self.head_v) * self.n_head_kv[il]
 
 
-def _int(md: dict[str, MetadataValue], key: str, default: int = 0) -> int:
-    value = md.get(key, default)
+class HeaderFieldError(Exception):
+    """A metadata value the estimator cannot use; `hyperparameters` names the file."""
+
+
+def describe_value(value: object) -> str:
+    """A metadata value's kind and, when short, the value itself, for an error message."""
+    kind = {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}.get(type(value), "an array")
+    shown = repr(value)
+    return f"{kind} {shown}" if len(shown) <= 40 else kind
+
+
+def _count(key: str, value: object) -> int:
+    """A non-negative integer that fits llama.cpp's uint32_t."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise HeaderFieldError(f"{key} is {describe_value(value)}, expected an integer")
+    if not 0 <= value <= UINT32_MAX:
+        raise HeaderFieldError(f"{key} is {value}, expected an integer from 0 to {UINT32_MAX}")
+    return value
+
+
+def _int(md: Mapping[str, MetadataValue], key: str, default: int = 0) -> int:
+    value = md.get(key)
+    if value is None:
+        return default
     if isinstance(value, list):
-        return int(max(value)) if value else default
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return int(value)
-    return default
+        values = [_count(f"{key}[{i}]", v) for i, v in enumerate(value)]
+        return max(values) if values else default
+    return _count(key, value)
 
 
-def _per_layer(md: dict[str, MetadataValue], key: str, n_layer: int, default: list[int]) -> list[int]:
+def _per_layer(md: Mapping[str, MetadataValue], key: str, n_layer: int, default: list[int]) -> list[int]:
     """A scalar or per-layer array key, as llama.cpp's get_key_or_arr reads it."""
     value = md.get(key)
     if value is None:
         return list(default)
     if isinstance(value, list):
-        values = [int(v) for v in value][:n_layer]
-        return values + [values[-1] if values else 0] * (n_layer - len(values))
-    return [int(value)] * n_layer  # type: ignore[arg-type]
+        if len(value) != n_layer:
+            raise HeaderFieldError(f"{key} has {len(value)} values, expected one per layer ({n_layer})")
+        return [_count(f"{key}[{i}]", v) for i, v in enumerate(value)]
+    return [_count(key, value)] * n_layer
 
 
-def _swa_layers(arch: str, md: dict[str, MetadataValue], n_layer: int) -> tuple[int, list[bool]]:
+class _Fields(Mapping[str, MetadataValue]):
+    """A header's metadata as the estimator reads it. An array of strings is kept as its length
+    only (reader.py), so reading one where a number or a flag belongs is the wrong type too."""
+
+    def __init__(self, header: ModelHeader) -> None:
+        self._metadata = header.metadata
+        self._lengths = header.array_lengths
+
+    def __getitem__(self, key: str) -> MetadataValue:
+        if key not in self._metadata and key in self._lengths:
+            raise HeaderFieldError(f"{key} is an array of strings, expected a number")
+        return self._metadata[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._metadata)
+
+    def __len__(self) -> int:
+        return len(self._metadata)
+
+
+def header_int(header: ModelHeader, key: str, default: int = 0) -> int:
+    """One integer key of a header; a ModelFileError naming the file and the key if it is not one."""
+    try:
+        return _int(_Fields(header), key, default)
+    except HeaderFieldError as exc:
+        raise ModelFileError(header.path, str(exc)) from None
+
+
+def _flag(md: Mapping[str, MetadataValue], key: str, default: bool) -> bool:
+    value = md.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise HeaderFieldError(f"{key} is {describe_value(value)}, expected a boolean")
+    return value
+
+
+def _number(md: Mapping[str, MetadataValue], key: str) -> float:
+    value = md.get(key, 0.0)
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise HeaderFieldError(f"{key} is {describe_value(value)}, expected a number")
+    return value
+
+
+def _swa_layers(arch: str, md: Mapping[str, MetadataValue], n_layer: int) -> tuple[int, list[bool]]:
     """(window, is_swa per layer) as src/llama-hparams.cpp set_swa_pattern computes it."""
     window = _int(md, f"{arch}.attention.sliding_window", SWA_DEFAULT_WINDOW.get(arch, 0))
     if arch == "lfm2":
@@ -161,29 +237,44 @@ def _swa_layers(arch: str, md: dict[str, MetadataValue], n_layer: int) -> tuple[
     if window <= 0 or arch not in SWA_PERIODS:
         # phi3 ignores its window (PR #13676); unlisted architectures: full cache, over-counting
         return 0, [False] * n_layer
-    pattern = md.get(f"{arch}.attention.sliding_window_pattern")
+    key = f"{arch}.attention.sliding_window_pattern"
+    pattern = md.get(key)
     if isinstance(pattern, list):
-        flags = [bool(v) for v in pattern][:n_layer]
-        return window, flags + [False] * (n_layer - len(flags))
+        if len(pattern) != n_layer:
+            raise HeaderFieldError(f"{key} has {len(pattern)} values, expected one per layer ({n_layer})")
+        return window, [v if isinstance(v, bool) else bool(_count(f"{key}[{i}]", v)) for i, v in enumerate(pattern)]
     period, dense_first = SWA_PERIODS[arch]
-    if isinstance(pattern, int) and not isinstance(pattern, bool):
-        period = pattern
+    if pattern is not None:
+        period = _count(key, pattern)
     if dense_first:
         return window, [period == 0 or il % period != 0 for il in range(n_layer)]
     return window, [period == 0 or il % period < period - 1 for il in range(n_layer)]
 
 
 def hyperparameters(header: ModelHeader) -> Hyperparameters:
+    """The header's hyperparameters; a ModelFileError naming the file and the key when one is
+    of the wrong type or impossible."""
+    try:
+        return _read_hyperparameters(header)
+    except HeaderFieldError as exc:
+        raise ModelFileError(header.path, str(exc)) from None
+
+
+def _read_hyperparameters(header: ModelHeader) -> Hyperparameters:
     arch = header.architecture
-    md = header.metadata
+    md = _Fields(header)
     known = is_known_architecture(arch)
     n_layer_all = _int(md, f"{arch}.block_count")
+    if n_layer_all > MAX_LAYERS:
+        raise HeaderFieldError(f"{arch}.block_count is {n_layer_all}, more than llama.cpp's {MAX_LAYERS} layers")
     if n_layer_all <= 0:
-        n_layer_all = 1 + max(
-            (int(t.name.split(".")[1]) for t in header.tensors if t.name.startswith("blk.")), default=-1
-        )
+        blocks = (_BLOCK_NAME.match(t.name) for t in header.tensors)
+        n_layer_all = 1 + max((int(m.group(1)) for m in blocks if m), default=-1)
+        if n_layer_all > MAX_LAYERS:
+            raise HeaderFieldError(f"tensor blk.{n_layer_all - 1}.* is past llama.cpp's {MAX_LAYERS} layers")
     n_embd = _int(md, f"{arch}.embedding_length")
-    n_vocab = header.array_lengths.get("tokenizer.ggml.tokens") or _int(md, f"{arch}.vocab_size")
+    vocab_size = _int(md, f"{arch}.vocab_size")  # read even when unused: llama.cpp checks its type
+    n_vocab = header.array_lengths.get("tokenizer.ggml.tokens") or vocab_size
     if not n_vocab:
         output = next((t for t in header.tensors if t.name in ("output.weight", "token_embd.weight")), None)
         n_vocab = output.shape[1] if output is not None and len(output.shape) > 1 else 0
@@ -249,8 +340,7 @@ def hyperparameters(header: ModelHeader) -> Hyperparameters:
     expert_up = next((t for t in header.tensors if t.name.endswith(".ffn_up_exps.weight")), None)
     if expert_up is not None and len(expert_up.shape) >= 2:
         n_ff_exp = expert_up.shape[1]  # the tensors say it, whatever key the architecture uses
-    causal_value = md.get(f"{arch}.attention.causal", arch not in NO_KV_ARCHITECTURES)
-    causal = bool(causal_value)
+    causal = _flag(md, f"{arch}.attention.causal", arch not in NO_KV_ARCHITECTURES)
     pooling = _int(md, f"{arch}.pooling_type")
     return Hyperparameters(
         architecture=arch,
@@ -282,7 +372,7 @@ def hyperparameters(header: ModelHeader) -> Hyperparameters:
         is_moe=is_moe,
         n_expert_shared=_int(md, f"{arch}.expert_shared_count"),
         ffn_gated=arch != "bert",
-        attn_softcap=arch == "gemma2" or bool(md.get(f"{arch}.attn_logit_softcapping", 0.0)),
+        attn_softcap=arch == "gemma2" or bool(_number(md, f"{arch}.attn_logit_softcapping")),
         ssm_d_inner=d_inner,
         key_length_mla=_int(md, f"{arch}.attention.key_length_mla"),
         post_norms="blk.0.post_ffw_norm.weight" in names,

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 
 from llama_smart_proxy.schemas.estimate import ComputeProfile
 from llama_smart_proxy.schemas.header import ModelHeader
+from llama_smart_proxy.supervisor.memory.architectures import header_int
 
 if TYPE_CHECKING:
     from llama_smart_proxy.schemas.config import FlashAttn
@@ -297,11 +298,10 @@ def mmproj_compute_bytes(mmproj: ModelHeader, *, flash_attn: bool) -> int:
     Unmeasured here: a conservative closed form (KQ over every patch, f32 without flash
     attention), at least 128 MiB.
     """
-    md = mmproj.metadata
-    image = int(md.get("clip.vision.image_size", 1024) or 1024)  # type: ignore[arg-type]
-    patch = int(md.get("clip.vision.patch_size", 14) or 14)  # type: ignore[arg-type]
-    width = int(md.get("clip.vision.embedding_length", 1280) or 1280)  # type: ignore[arg-type]
-    heads = int(md.get("clip.vision.attention.head_count", 16) or 16)  # type: ignore[arg-type]
+    image = header_int(mmproj, "clip.vision.image_size", 1024) or 1024
+    patch = header_int(mmproj, "clip.vision.patch_size", 14) or 14
+    width = header_int(mmproj, "clip.vision.embedding_length", 1280) or 1280
+    heads = header_int(mmproj, "clip.vision.attention.head_count", 16) or 16
     positions = (image // max(patch, 1)) ** 2
     attention = F16 * positions * positions if flash_attn else F32 * positions * positions * heads
     activations = F32 * positions * width * 8

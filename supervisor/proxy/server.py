@@ -34,6 +34,7 @@ import h11
 from anyio.abc import SocketAttribute, SocketListener, TaskStatus
 
 from llama_smart_proxy.schemas.config import ProxySettings, parse_listen
+from llama_smart_proxy.supervisor.errors import RuntimeFailure
 from llama_smart_proxy.supervisor.proxy import routes
 from llama_smart_proxy.supervisor.proxy.access import ApiKeys, Cors, unauthorized
 from llama_smart_proxy.supervisor.proxy.backends import BackendError, Backends, ModelUnavailable, Progress
@@ -236,7 +237,10 @@ class ProxyServer:
         bound: list[SocketListener] = []
         if listener is None:
             host, port = parse_listen(settings.listen)
-            multi = await anyio.create_tcp_listener(local_host=host, local_port=port)
+            try:
+                multi = await anyio.create_tcp_listener(local_host=host, local_port=port)
+            except OSError as exc:  # in use, not this host's address, a privileged port: one line
+                raise RuntimeFailure(f"proxy.listen {settings.listen}: cannot listen: {exc.strerror or exc}") from None
             bound = list(multi.listeners)  # type: ignore[arg-type]
             raw = [one.extra(SocketAttribute.raw_socket) for one in bound]
             self._own_listeners = list(raw)
