@@ -1,5 +1,5 @@
-"""A whole `serve` in a background event loop, over the FAKE llama-server: configs, snapshots,
-events. What the runtime, reload and on-demand tests share."""
+"""A whole `serve` in a background event loop, over the FAKE llama-server (or the real one, where
+a test names it): configs, snapshots, events. What the runtime, reload and on-demand tests share."""
 
 from __future__ import annotations
 
@@ -33,12 +33,14 @@ class Harness:
     events_path: Path
     listen: str
     """The proxy's address, the same in every config this harness writes (a reload keeps it)."""
+    binary: Path
+    """The llama-server the configs name: the FAKE one unless a test gives the real one."""
 
     @classmethod
-    def create(cls, directory: Path, tiny_model: Path) -> Harness:
+    def create(cls, directory: Path, tiny_model: Path, binary: Path | None = None) -> Harness:
         directory.mkdir(parents=True, exist_ok=True)
-        write_fake_llama_server(directory)
-        return cls(directory, tiny_model, directory / "events.jsonl", f"127.0.0.1:{free_port()}")
+        fake = write_fake_llama_server(directory)
+        return cls(directory, tiny_model, directory / "events.jsonl", f"127.0.0.1:{free_port()}", binary or fake)
 
     @property
     def fake_binary(self) -> Path:
@@ -58,7 +60,7 @@ class Harness:
             'drain_timeout = "10s"',
             *sections.pop("proxy", "").splitlines(),
             "[llama_server]",
-            f'binary = "{self.fake_binary}"',
+            f'binary = "{self.binary}"',
             f"port_range = [{TEST_PORT_RANGE[0]}, {TEST_PORT_RANGE[1]}]",
             'stop_grace = "2s"',
             'restart_delay = "50ms"',
@@ -102,7 +104,7 @@ class Harness:
         sampler = sampler or GpuSampler(read=lambda: GpuSample(time.monotonic(), {}, {}))
         with anyio.from_thread.start_blocking_portal() as portal:
             future, service = portal.start_task(
-                partial(run_service, source, prepared, self.fake_binary, watch, sampler=sampler)
+                partial(run_service, source, prepared, self.binary, watch, sampler=sampler)
             )
             portal.call(service.ready.wait)
             host, port = service.proxy.address

@@ -422,5 +422,5 @@ def test_env_that_sets_what_the_plan_owns_is_refused_naming_the_key_to_use(model
 
 
 def test_args_the_plan_does_not_own_pass(model_dir: Path) -> None:
-    path = write(model_dir / "c.toml", '[models.m]\nfile = "a.gguf"\nargs = ["--threads", "4", "--alias", "m", "-cb", "--spec-type", "draft-mtp"]\n')
+    path = write(model_dir / "c.toml", '[models.m]\nfile = "a.gguf"\nargs = ["--threads", "4", "--temp", "0.5", "-cb", "--spec-type", "draft-mtp"]\n')
     assert load_config(path).config.model_spec("m").args[-1] == "draft-mtp"

@@ -37,7 +37,7 @@ import httpx
 import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from llama_smart_proxy.schemas.config import LlamaServerSettings
 from llama_smart_proxy.supervisor.tinymodel import write_tiny_model
@@ -270,7 +270,6 @@ class RuntimeMachine(RuleBasedStateMachine):
     def crash(self, model: str) -> None:
         self.disturb(model, "crash")
 
-    @precondition(lambda self: HAS_LIVENESS)
     @rule(model=st.sampled_from(MODELS), how=st.sampled_from(("stop", "hang")))
     def wedge(self, model: str, how: str) -> None:
         self.disturb(model, how)

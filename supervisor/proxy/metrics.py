@@ -137,16 +137,40 @@ def render(metrics: ProxyMetrics, snapshot: Snapshot) -> str:
         (("", {"gpu": g.index, "name": g.name}, g.total_bytes) for g in gpus),
     )
     w.family(
+        p + "gpu_usable_bytes",
+        "gauge",
+        "Memory the plan may fill on each GPU: free when it was made, minus the reserve.",
+        (("", {"gpu": g.index}, g.usable_bytes) for g in gpus if g.usable_bytes is not None),
+    )
+    w.family(
         p + "gpu_planned_bytes",
         "gauge",
-        "Memory the plan puts on each GPU for the models running now.",
+        "Memory reserved in the ledger on each GPU: the planned bytes of every child holding memory.",
         (("", {"gpu": g.index}, g.planned_bytes) for g in gpus),
+    )
+    w.family(
+        p + "gpu_reserved_bytes",
+        "gauge",
+        "The ledger's reservations on each GPU, by model.",
+        (("", {"gpu": g.index, "model": m}, b) for g in gpus for m, b in sorted(g.reserved_by_model.items())),
     )
     w.family(
         p + "gpu_used_bytes",
         "gauge",
-        "Memory in use on each GPU, measured through NVML.",
+        "Memory in use on each GPU, measured through NVML at the last sample.",
         (("", {"gpu": g.index}, g.used_bytes) for g in gpus if g.used_bytes is not None),
+    )
+    w.family(
+        p + "gpu_free_bytes",
+        "gauge",
+        "Memory free on each GPU, measured through NVML at the last sample.",
+        (("", {"gpu": g.index}, g.free_bytes) for g in gpus if g.free_bytes is not None),
+    )
+    w.family(
+        p + "gpu_sample_age_seconds",
+        "gauge",
+        "How old the last NVML sample of each GPU is.",
+        (("", {"gpu": g.index}, g.measured_age_s) for g in gpus if g.measured_age_s is not None),
     )
     w.family(
         p + "reloads_total",
