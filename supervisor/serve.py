@@ -16,25 +16,22 @@ from __future__ import annotations
 
 import logging
 import signal
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import anyio
-import anyio.to_thread
 from anyio.abc import TaskGroup, TaskStatus
 
 from llama_smart_proxy.schemas.config import Config, ModelConfig
 from llama_smart_proxy.supervisor.children import Children, supervise
 from llama_smart_proxy.supervisor.config import LoadedConfig
-from llama_smart_proxy.supervisor.errors import UserError
 from llama_smart_proxy.supervisor.gpu_sampler import GpuSampler
 from llama_smart_proxy.supervisor.llama_binary import check_llama_server, find_llama_server
 from llama_smart_proxy.supervisor.planning import Prepared, Source, prepare
 from llama_smart_proxy.supervisor.proxy.backends import ActionRefused
-from llama_smart_proxy.supervisor.proxy.server import ProxyServer, Setup
-from llama_smart_proxy.supervisor.reload import ReloadRecord, refusal
-from llama_smart_proxy.supervisor.runtime import Runtime, Staged
+from llama_smart_proxy.supervisor.proxy.server import ProxyServer
+from llama_smart_proxy.supervisor.reload_transaction import ReloadTransaction
+from llama_smart_proxy.supervisor.runtime import Runtime
 from llama_smart_proxy.supervisor.systemd import Notifier
 from llama_smart_proxy.supervisor.tinymodel import ensure_default_model
 from llama_smart_proxy.supervisor.watch import watch_config
@@ -72,7 +69,9 @@ class Service:
     notifier: Notifier
     stop_requested: anyio.Event = field(default_factory=anyio.Event)
     ready: anyio.Event = field(default_factory=anyio.Event)
-    reload_lock: anyio.Lock = field(default_factory=anyio.Lock)
+
+    def __post_init__(self) -> None:
+        self.transaction = ReloadTransaction(self.source, self.runtime, self.proxy, self.notifier, self.status_line)
 
     def status_line(self) -> str:
         models = self.runtime.prepared.plan.models
@@ -82,67 +81,10 @@ class Service:
         return f"{len(models)} models ({counts}) on {host}:{port}"
 
     async def reload(self, problem: str | None = None) -> str:
-        """Re-plan from the config and apply the difference, as a two-phase transaction.
-
-        Phase 1 (`_stage`) does everything that can fail and changes nothing: any failure, of any
-        kind, refuses the reload (recorded in last_reload and reloads_total, raised as
-        ActionRefused) and the running config stays whole. Phase 2 applies the difference and
-        cannot fail as a whole: a child that then fails to start is that child's state.
-        `problem`: the watcher saw a save it cannot read; it is refused as such.
-        """
+        """Reload the config as a transaction (supervisor/reload_transaction.py); ActionRefused
+        when it is refused, the running config whole."""
         await self.ready.wait()  # a reload asked for during start-up waits for the residents
-        async with self.reload_lock:
-            self.notifier.reloading()
-            started = time.monotonic()
-            try:
-                try:
-                    if problem is not None:
-                        raise UserError(problem)
-                    staged, setup = await self._stage()
-                except Exception as exc:
-                    raise self._refused(exc) from None
-                # phase 2: nothing below refuses
-                self.proxy.install(setup)
-                logging.getLogger().setLevel(staged.prepared.loaded.config.proxy.log_level.upper())
-                applied = await self.runtime.apply(staged)
-                summary = f"reloaded in {time.monotonic() - started:.1f}s: " + ", ".join(applied)
-                if staged.deferred:
-                    summary += "; not applied until a later start: " + "; ".join(staged.deferred)
-                self.runtime.last_reload = ReloadRecord(time.time(), True, summary, tuple(applied), staged.deferred)
-                self.runtime.reloads["ok"] += 1
-                log.info("%s", summary)
-                return summary
-            finally:
-                self.notifier.ready(self.status_line())
-
-    async def _stage(self) -> tuple[Staged, Setup]:
-        """Phase 1: config, inventory, headers, estimates, plan, proxy settings (key files read),
-        the binary, every new child's command. Raises on any problem; changes nothing."""
-        runtime = self.runtime
-        # our children's memory shows as used in a fresh inventory: give it back to the planner
-        credit = runtime.ledger.reserved_by_gpu()
-        # header reads and NVML block: keep them off the event loop that serves requests
-        new = await anyio.to_thread.run_sync(lambda: prepare(self.source, credit=credit))
-        why = refusal(runtime.prepared.plan, new.plan)
-        if why is not None:
-            raise ActionRefused(why)
-        binary = await anyio.to_thread.run_sync(find_llama_server, new.loaded.config.llama_server.binary)
-        if binary != runtime.binary:  # the running one was checked at start (or by the reload that chose it)
-            await anyio.to_thread.run_sync(check_llama_server, binary)
-        setup = Setup.build(new.loaded.config.proxy, runtime)
-        return runtime.stage(new, binary), setup
-
-    def _refused(self, exc: Exception) -> ActionRefused:
-        if isinstance(exc, UserError | ActionRefused):
-            reason = str(exc)
-        else:  # a bug, or a file broken in a way nobody foresaw: still only a refused reload
-            log.error("reload: unexpected error while preparing it", exc_info=exc)
-            reason = f"unexpected error while preparing it: {type(exc).__name__}: {exc}"
-        summary = f"reload refused, the running config stays: {reason}"
-        self.runtime.last_reload = ReloadRecord(time.time(), False, summary)
-        self.runtime.reloads["failed"] += 1
-        log.error("%s", summary)
-        return ActionRefused(summary)
+        return await self.transaction.run(problem)
 
     async def reload_logged(self, problem: str | None = None) -> None:
         try:

@@ -122,7 +122,9 @@ class RuntimeMachine(RuleBasedStateMachine):
         self.sent: list[Sent] = []
         self.disturbed: list[Disturbance] = []
         self.limits: list[tuple[float, int]] = [(0.0, 1)]
-        self.failures: list[str] = []
+        self.failures: dict[str, list[str]] = {kind: [] for kind in ("memory", "answers", "reloads", "admin", "limits")}
+        """Broken promises by kind; each kind fails at its own assert, so Hypothesis reports (and
+        shrinks) each kind of bug on its own."""
         self.stopped_pids: set[int] = set()
         self.need = self.gpu_need()
         # r, x and both on-demand models do not fit together; any three of them do
@@ -145,7 +147,7 @@ class RuntimeMachine(RuleBasedStateMachine):
 
     def write_config(self, variant: str = "noop") -> Path:
         quick = (
-            'health_interval = "100ms"\nhealth_timeout = "300ms"\nhealth_failures = 3\nstall_timeout = "1s"\n'
+            'health_interval = "100ms"\nhealth_timeout = "500ms"\nhealth_failures = 3\nstall_timeout = "2s"\n'
             if HAS_LIVENESS
             else ""
         )
@@ -292,8 +294,7 @@ class RuntimeMachine(RuleBasedStateMachine):
         try:
             answer = httpx.post(f"{self.running.base}/admin/reload", timeout=60)
         except httpx.HTTPError as exc:
-            self.failures.append(f"reload {variant}: no answer ({type(exc).__name__}: {exc})")
-            return
+            raise AssertionError(f"reload {variant}: no answer ({type(exc).__name__}: {exc})") from None
         finally:
             if variant == "no_fit":
                 self.nvml.devices[0] = gpu(0, total=self.gpu_total, used=0)
@@ -303,15 +304,16 @@ class RuntimeMachine(RuleBasedStateMachine):
             self.limits += [(started, max(self.limit, 3 - self.limit)), (time.monotonic(), self.limit)]
         expected_ok = variant in VALID_RELOADS
         if (answer.status_code == 200) != expected_ok:
-            self.failures.append(f"reload {variant}: answered {answer.status_code} {answer.text[:300]}")
+            self.failures["reloads"].append(f"reload {variant}: answered {answer.status_code} {answer.text[:300]}")
         last = self.running.status()["last_reload"]
         if last is None or last["ok"] != expected_ok:
-            self.failures.append(f"reload {variant}: last_reload says {last}")
+            self.failures["reloads"].append(f"reload {variant}: last_reload says {last}")
         if not expected_ok:
             after = self.pids()
             restarted = [m for m, pid in before.items() if pid is not None and after.get(m) not in (pid, None) and not self._was_disturbed(m, started)]
             if restarted:
-                self.failures.append(f"refused reload {variant} restarted {restarted}")
+                self.failures["reloads"].append(f"refused reload {variant} restarted {restarted}")
+        assert not self.failures["reloads"], self.failures["reloads"]
 
     @rule(seconds=st.sampled_from((0.3, 1.3)))
     def wait(self, seconds: float) -> None:
@@ -322,13 +324,13 @@ class RuntimeMachine(RuleBasedStateMachine):
         try:
             answer = httpx.post(f"{self.running.base}/admin/models/{model}/{action}", timeout=REQUEST_DEADLINE_S)
         except httpx.HTTPError as exc:
-            self.failures.append(f"admin {action} {model}: no answer ({type(exc).__name__})")
-            return
+            raise AssertionError(f"admin {action} {model}: no answer ({type(exc).__name__})") from None
         allowed = {200, 404} if model == "x" else {200}
         if action == "load":
             allowed |= {409, 503}  # a failed model, no memory or not ready in time: said so
         if answer.status_code not in allowed:
-            self.failures.append(f"admin {action} {model}: {answer.status_code} {answer.text[:200]}")
+            self.failures["admin"].append(f"admin {action} {model}: {answer.status_code} {answer.text[:200]}")
+        assert not self.failures["admin"], self.failures["admin"]
 
     # ---- invariants
 
@@ -337,18 +339,18 @@ class RuntimeMachine(RuleBasedStateMachine):
         live = self.live_children()
         for model, pids in live.items():
             if len(pids) > 1:
-                self.failures.append(f"{model} has {len(pids)} live children at once: {pids}")
+                self.failures["memory"].append(f"{model} has {len(pids)} live children at once: {pids}")
         used = sum(self.need for model in live if model in GPU_MODELS)
         if used > self.usable:
-            self.failures.append(
+            self.failures["memory"].append(
                 f"GPU 0 overcommitted: live children {sorted(live)} need {used} bytes, {self.usable} usable"
             )
         ledger = getattr(self.running.service.runtime, "ledger", None)
         if ledger is not None:
             problem = self.running.portal.call(lambda: ledger_problem(self.running.service.runtime))
             if problem:
-                self.failures.append(problem)
-        assert not self.failures, self.failures
+                self.failures["memory"].append(problem)
+        assert not self.failures["memory"], self.failures["memory"]
 
     @invariant()
     def answered_requests_were_answered_as_documented(self) -> None:
@@ -358,10 +360,10 @@ class RuntimeMachine(RuleBasedStateMachine):
                 sent.judged = True
                 why = self.judge(sent)
                 if why:
-                    self.failures.append(why)
+                    self.failures["answers"].append(why)
             elif sent.ended is None and time.monotonic() - sent.started > REQUEST_DEADLINE_S:
-                self.failures.append(f"{sent} has not been answered in {REQUEST_DEADLINE_S} s")
-        assert not self.failures, self.failures
+                self.failures["answers"].append(f"{sent} has not been answered in {REQUEST_DEADLINE_S} s")
+        assert not self.failures["answers"], self.failures["answers"]
 
     def close_disturbances(self) -> None:
         now = time.monotonic()
@@ -411,7 +413,7 @@ class RuntimeMachine(RuleBasedStateMachine):
             limit = [lim for since, lim in sorted(self.limits) if since <= start][-1]
             running = sum(1 for s, end in spans.values() if s <= start < end)
             if running > limit:
-                self.failures.append(f"o1's child held {running} requests at once under max_concurrency = {limit}")
+                self.failures["limits"].append(f"o1's child held {running} requests at once under max_concurrency = {limit}")
 
     def teardown(self) -> None:
         try:
@@ -422,16 +424,15 @@ class RuntimeMachine(RuleBasedStateMachine):
             for pid in self.stopped_pids:
                 if pid_alive(pid):
                     os.kill(pid, signal.SIGCONT)
-            if not self.failures:
-                self.answered_requests_were_answered_as_documented()
-                self.check_limits()
+            self.answered_requests_were_answered_as_documented()
+            self.check_limits()
         finally:
             try:
                 self._serving.__exit__(None, None, None)
             finally:
                 self.nvml_patch.undo()
                 shutil.rmtree(self.directory, ignore_errors=True)
-        assert not self.failures, self.failures
+        assert not self.failures["limits"], self.failures["limits"]
 
 
 def ledger_problem(runtime) -> str | None:
