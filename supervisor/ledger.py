@@ -30,7 +30,10 @@ class NoRoom(Exception):
         self.model = model
         self.short_by_gpu = dict(short_by_gpu)
         short = ", ".join(f"GPU {gpu} lacks {describe_bytes(b)}" for gpu, b in sorted(self.short_by_gpu.items()))
-        self.reason = f"no memory for {model}: {short}" + (f" ({detail})" if detail else "")
+        if short:
+            self.reason = f"no memory for {model}: {short}" + (f" ({detail})" if detail else "")
+        else:
+            self.reason = f"{model} not started: {detail}"
         super().__init__(self.reason)
 
 

@@ -254,6 +254,11 @@ class Child:
         return self._pid
 
     @property
+    def is_supervised(self) -> bool:
+        """Whether `run()` owns the child now (before it starts, and after it ends, nothing may)."""
+        return self._running
+
+    @property
     def accepts_requests(self) -> bool:
         """Ready, and its process neither exited nor judged wedged: requests may go to `port`."""
         return self._state is ChildState.READY and self._process_alive

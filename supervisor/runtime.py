@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import anyio
-from anyio.abc import TaskGroup, TaskStatus
+from anyio.abc import TaskStatus
 
 from llama_smart_proxy.schemas.config import ModelSpec
 from llama_smart_proxy.schemas.plan import ModelPlan, Plan
@@ -212,7 +212,6 @@ class Runtime:
         self._changed = anyio.Event()
         """Set (and replaced) on every change a waiter may care about: a child's state, a request
         ending, a reservation released, a reload."""
-        self._tg: TaskGroup | None = None
         self.last_reload: ReloadRecord | None = None
         self.reloads = {"ok": 0, "failed": 0}
         self._entries: dict[str, ModelEntry] = {}
@@ -252,6 +251,7 @@ class Runtime:
             finally:
                 ready.in_flight -= 1
                 ready.last_used = time.monotonic()
+                ready.progress.at = anyio.current_time()  # an answered request is progress too
                 self._wake()
 
     def _admit_now(self, model: str, admission: Admission) -> ModelEntry | None:
@@ -284,6 +284,8 @@ class Runtime:
                         assert child is not None
                         if asked is not None and asked[0] is child and (why := child.refused(asked[1])):
                             raise ModelUnavailable(model, "no_memory", why, RETRY_AFTER_LOADING_S)
+                        if not child.is_supervised and entry.gate.is_set():
+                            raise ModelUnavailable(model, "stopping", "the service is stopping")
                         if entry.may_start() and child.state is ChildState.STOPPED:
                             asked = (child, child.start_soon())
                         await self._changed.wait()
@@ -316,6 +318,8 @@ class Runtime:
         """Reserve `entry`'s planned bytes for one spawn: make room by stopping idle on-demand
         models, wait while the way is held only by models that will go away, else NoRoom."""
         need = entry.bytes_by_gpu()
+        if entry.retiring:  # it crashed while draining: its successor starts instead
+            raise NoRoom(entry.name, {}, "it was replaced by a reload")
         while True:
             async with self._start_lock:
                 short = self.ledger.shortfall(need)
@@ -468,6 +472,8 @@ class Runtime:
         try:
             with anyio.fail_after(timeout):
                 await entry.gate.wait()
+                if not entry.child.is_supervised:
+                    raise ActionRefused("the service is stopping")
                 while True:
                     try:
                         await entry.child.ensure_ready()
@@ -514,7 +520,6 @@ class Runtime:
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Supervise every placed model, sample the GPUs, and unload idle on-demand models."""
         async with anyio.create_task_group() as tg:
-            self._tg = tg
             for entry in self._entries.values():
                 if entry.child is not None:
                     await self._children.add(entry.child)
