@@ -45,7 +45,7 @@ $(VENV)/.installed: pyproject.toml
 taplo: $(VENV)/bin/taplo
 
 $(VENV)/bin/taplo:
-	@command -v npm >/dev/null || { echo "the taplo check needs npm (Node.js): install it, or run the other tests with $(PY) -m pytest" >&2; exit 1; }
+	@command -v npm >/dev/null || { echo "make test needs npm (Node.js) to install taplo, for the config schema's test: install Node.js" >&2; exit 1; }
 	npm install --silent --no-audit --no-fund --prefix $(VENV)/node @taplo/cli@$(TAPLO_VERSION)
 	mkdir -p $(@D) && ln -sf ../node/node_modules/.bin/taplo $@
 

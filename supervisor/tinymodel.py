@@ -134,15 +134,21 @@ def _write(temporary: Path, shape: TinyShape, seed: int) -> None:
 
 # WordPiece, as llama.cpp reads it: a word's first piece carries the phantom space "▁", the
 # pieces after it do not. Special tokens at BERT's usual ids would need a 30k vocabulary; these are
-# set explicitly instead.
-_BERT_SPECIAL = [("[PAD]", "pad"), ("[UNK]", "unk"), ("[CLS]", "bos"), ("[SEP]", "sep"), ("[MASK]", "mask")]
+# set explicitly instead. (token, its role, its type)
+_BERT_SPECIAL = [
+    ("[PAD]", "pad", gguf.TokenType.CONTROL),
+    ("[UNK]", "unk", gguf.TokenType.UNKNOWN),
+    ("[CLS]", "bos", gguf.TokenType.CONTROL),  # llama.cpp starts a BERT input with its BOS: [CLS]
+    ("[SEP]", "sep", gguf.TokenType.CONTROL),
+    ("[MASK]", "mask", gguf.TokenType.CONTROL),
+]
 _BERT_CHARACTERS = string.ascii_letters + string.digits + string.punctuation
 
 
 def _write_bert(temporary: Path, shape: TinyBertShape, seed: int) -> None:
-    tokens = [t for t, _ in _BERT_SPECIAL] + [f"▁{c}" for c in _BERT_CHARACTERS] + list(_BERT_CHARACTERS)
-    types = [int(gguf.TokenType.CONTROL)] * len(_BERT_SPECIAL) + [int(gguf.TokenType.NORMAL)] * (len(tokens) - len(_BERT_SPECIAL))
-    types[1] = int(gguf.TokenType.UNKNOWN)
+    pieces = [f"▁{c}" for c in _BERT_CHARACTERS] + list(_BERT_CHARACTERS)
+    tokens = [t for t, _, _ in _BERT_SPECIAL] + pieces
+    types = [int(k) for _, _, k in _BERT_SPECIAL] + [int(gguf.TokenType.NORMAL)] * len(pieces)
     n_vocab = len(tokens)
     rng = np.random.default_rng(seed)
 
@@ -170,10 +176,10 @@ def _write_bert(temporary: Path, shape: TinyBertShape, seed: int) -> None:
     writer.add_tokenizer_model("bert")
     writer.add_token_list(tokens)
     writer.add_token_types(types)
-    ids = {role: i for i, (_, role) in enumerate(_BERT_SPECIAL)}
+    ids = {role: i for i, (_, role, _) in enumerate(_BERT_SPECIAL)}
     writer.add_pad_token_id(ids["pad"])
     writer.add_unk_token_id(ids["unk"])
-    writer.add_bos_token_id(ids["bos"])  # llama.cpp starts a BERT input with its BOS: [CLS]
+    writer.add_bos_token_id(ids["bos"])
     writer.add_sep_token_id(ids["sep"])
     writer.add_mask_token_id(ids["mask"])
 

@@ -26,8 +26,10 @@ def used_names(path: Path) -> set[str]:
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             for alias in node.names:
-                if alias.name.split(".")[0] in LIBRARIES:
-                    aliases[alias.asname or alias.name.split(".")[0]] = alias.name if alias.asname else alias.name.split(".")[0]
+                top = alias.name.split(".")[0]
+                if top in LIBRARIES:
+                    # `import anyio.to_thread` binds `anyio`; `import pynvml as nvml` binds `nvml`
+                    aliases[alias.asname or top] = alias.name if alias.asname else top
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
             if node.module.split(".")[0] in LIBRARIES:
                 names.update(f"{node.module}.{alias.name}" for alias in node.names)

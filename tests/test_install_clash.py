@@ -29,16 +29,16 @@ ROOT = Path(__file__).resolve().parents[1]
 PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 PACKAGE_DIRS: dict[str, str] = PROJECT["tool"]["setuptools"]["package-dir"]
 IMPORT_NAME = "llama_smart_proxy"
-OUTSIDE = Path("/")
 PIP_TIMEOUT_S = 600  # a cold cache downloads every dependency; a warm one takes seconds
 
 pytestmark = pytest.mark.slow
 
 
-def run(*argv: str | Path, timeout: float = PIP_TIMEOUT_S) -> str:
-    """Run a command; fail the test with its output when it fails. It runs outside this checkout,
-    whose own `supervisor/` folder would otherwise shadow Supervisor's for `python -c`."""
-    result = subprocess.run([str(a) for a in argv], capture_output=True, text=True, timeout=timeout, cwd=OUTSIDE)
+def run(*argv: str | Path, cwd: Path, timeout: float = PIP_TIMEOUT_S) -> str:
+    """Run a command in `cwd`; fail the test with its output when it fails. Commands run beside the
+    fresh environment, never in this checkout, whose own `supervisor/` folder would shadow
+    Supervisor's for `python -c` (the current directory comes first on its path)."""
+    result = subprocess.run([str(a) for a in argv], capture_output=True, text=True, timeout=timeout, cwd=cwd)
     assert result.returncode == 0, f"{' '.join(map(str, argv))} exited {result.returncode}:\n{result.stdout}\n{result.stderr}"
     return result.stdout
 
@@ -47,8 +47,8 @@ def run(*argv: str | Path, timeout: float = PIP_TIMEOUT_S) -> str:
 def venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A fresh virtual environment (with pip) holding Supervisor from the package registry."""
     path = tmp_path_factory.mktemp("clash") / "venv"
-    run(sys.executable, "-m", "venv", path)
-    run(path / "bin/python", "-m", "pip", "install", "--quiet", "supervisor")
+    run(sys.executable, "-m", "venv", path, cwd=path.parent)
+    run(path / "bin/python", "-m", "pip", "install", "--quiet", "supervisor", cwd=path.parent)
     return path
 
 
@@ -61,7 +61,7 @@ def wheel(venv: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
         copy = shutil.copytree if (ROOT / name).is_dir() else shutil.copyfile
         copy(ROOT / name, source / name)
     dist = tmp_path_factory.mktemp("dist")
-    run(venv / "bin/python", "-m", "pip", "wheel", "--quiet", "--no-deps", "--wheel-dir", dist, source)
+    run(venv / "bin/python", "-m", "pip", "wheel", "--quiet", "--no-deps", "--wheel-dir", dist, source, cwd=venv.parent)
     (built,) = dist.glob("llama_smart_proxy-*.whl")
     return built
 
@@ -83,7 +83,7 @@ def supervisor_damage(venv: Path) -> list[str]:
                 print(f"changed {f}")
         """
     )
-    return run(venv / "bin/python", "-c", check).splitlines()
+    return run(venv / "bin/python", "-c", check, cwd=venv.parent).splitlines()
 
 
 @pytest.fixture
@@ -121,16 +121,16 @@ def supervisord_config(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def assert_supervisord_runs_a_program(venv: Path, config: Path) -> None:
     """supervisord starts, runs `sleep` (supervisorctl says RUNNING), and shuts down cleanly."""
     bin_dir = venv / "bin"
-    daemon = subprocess.Popen([bin_dir / "supervisord", "-c", config], cwd=OUTSIDE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    daemon = subprocess.Popen([bin_dir / "supervisord", "-c", config], cwd=venv.parent, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
 
         def running() -> bool:
             assert daemon.poll() is None, f"supervisord exited {daemon.returncode}:\n{daemon.communicate()[0]}"
-            status = subprocess.run([bin_dir / "supervisorctl", "-c", config, "status", "sleeper"], capture_output=True, text=True, cwd=OUTSIDE)
+            status = subprocess.run([bin_dir / "supervisorctl", "-c", config, "status", "sleeper"], capture_output=True, text=True, cwd=venv.parent)
             return " RUNNING " in status.stdout
 
         wait_for(running, timeout=30, what="supervisorctl status: sleeper RUNNING")
-        run(bin_dir / "supervisorctl", "-c", config, "shutdown", timeout=30)
+        run(bin_dir / "supervisorctl", "-c", config, "shutdown", cwd=venv.parent, timeout=30)
         assert daemon.wait(timeout=30) == 0, daemon.communicate()[0]
     finally:
         if daemon.poll() is None:
@@ -161,14 +161,14 @@ def test_supervisord_keeps_working_when_llama_smart_proxy_is_installed_and_remov
     python = venv / "bin/python"
     assert_supervisord_runs_a_program(venv, supervisord_config)
 
-    run(python, "-m", "pip", "install", "--quiet", wheel)
+    run(python, "-m", "pip", "install", "--quiet", wheel, cwd=venv.parent)
     assert supervisor_damage(venv) == []
     assert_supervisord_runs_a_program(venv, supervisord_config)
     # and the installed proxy itself works, under its own import name
-    assert "plan" in run(venv / "bin/llama-smart-proxy", "--help")
+    assert "plan" in run(venv / "bin/llama-smart-proxy", "--help", cwd=venv.parent)
 
-    run(python, "-m", "pip", "uninstall", "--yes", "--quiet", "llama-smart-proxy")
+    run(python, "-m", "pip", "uninstall", "--yes", "--quiet", "llama-smart-proxy", cwd=venv.parent)
     assert supervisor_damage(venv) == []
     assert_supervisord_runs_a_program(venv, supervisord_config)
-    imports = run(python, "-c", "import supervisor.process, supervisor.options; print('ok')")
+    imports = run(python, "-c", "import supervisor.process, supervisor.options; print('ok')", cwd=venv.parent)
     assert imports.strip() == "ok"
