@@ -51,6 +51,11 @@ class TinyBertShape:
     n_ctx_train: int = 512
 
 
+def _random_weights(rng: np.random.Generator) -> Callable[..., np.ndarray]:
+    """Small random float32 weights of the given shape (numpy order: rows first)."""
+    return lambda *dims: (rng.standard_normal(dims) * 0.02).astype(np.float32)
+
+
 def write_tiny_model(path: Path | str, shape: TinyShape = TinyShape(), seed: int = 0) -> Path:
     """Write the tiny chat model to `path` (atomically) and return the path."""
     return _write_atomically(Path(path), lambda temporary: _write(temporary, shape, seed))
@@ -82,9 +87,7 @@ def _write(temporary: Path, shape: TinyShape, seed: int) -> None:
     n_vocab = len(tokens)
     head_dim = shape.n_embd // shape.n_head
     rng = np.random.default_rng(seed)
-
-    def weights(*dims: int) -> np.ndarray:
-        return (rng.standard_normal(dims) * 0.02).astype(np.float32)
+    weights = _random_weights(rng)
 
     writer = gguf.GGUFWriter(str(temporary), "llama")
     writer.add_name("llama-smart-proxy tiny test model")
@@ -151,9 +154,7 @@ def _write_bert(temporary: Path, shape: TinyBertShape, seed: int) -> None:
     types = [int(k) for _, _, k in _BERT_SPECIAL] + [int(gguf.TokenType.NORMAL)] * len(pieces)
     n_vocab = len(tokens)
     rng = np.random.default_rng(seed)
-
-    def weights(*dims: int) -> np.ndarray:
-        return (rng.standard_normal(dims) * 0.02).astype(np.float32)
+    weights = _random_weights(rng)
 
     def ones(n: int) -> np.ndarray:
         return np.ones(n, dtype=np.float32)
