@@ -22,6 +22,12 @@ export LLAMA_CPP_BUILD_JOBS ?= $(shell nproc)
 BUILD_PROGRESS := ^[^ ]|^ +(Downloading|Using cached|Installing build dependencies|Building wheel for|Created wheel)
 BUILD_PROGRESS := $(BUILD_PROGRESS)|^ +-- (Configuring done|Generating done|Build files)|^ +\[ *[0-9]+%\]
 
+# setuptools notes "Editable installation ... be careful with folders in your working directory with
+# the same name as your package" whenever an editable install needs its import hook, as our
+# package-dir layout does (supervisor/ installs as llama_smart_proxy.supervisor). No folder here is
+# named llama_smart_proxy, so the advice does not apply; only that note is silenced.
+EDITABLE_QUIET := PYTHONWARNINGS="ignore:Editable installation:UserWarning"
+
 .PHONY: install taplo run test bench schemas clean
 
 install: $(VENV)/.installed
@@ -37,7 +43,7 @@ $(VENV)/.installed: pyproject.toml
 	| tee $(BUILD_LOG) | { grep --line-buffered -E '$(BUILD_PROGRESS)' || true; } \
 	|| { echo "the llama-server build failed; the end of $(BUILD_LOG):" >&2; tail -n 40 $(BUILD_LOG) >&2; exit 1; }
 	@echo "installing llama-smart-proxy (editable) with the test and llama extras"
-	$(PY) -m pip install --progress-bar off --find-links $(WHEELS) -e '.[test,llama]'
+	$(EDITABLE_QUIET) $(PY) -m pip install --progress-bar off --find-links $(WHEELS) -e '.[test,llama]'
 	touch $@
 
 # Into $(VENV)/bin, where the test looks first; `make taplo VENV=other` puts it in another venv.
