@@ -20,7 +20,9 @@ def schema_texts() -> dict[str, str]:
         mode = "validation" if name == "config" else "serialization"
         schema = model.model_json_schema(mode=mode)
         schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
-        schema["$id"] = f"{name}.schema.json"
+        # No `$id`: a relative one makes taplo (Even Better TOML's engine) reject the whole schema
+        # ("invalid schema"), and there is no published address to make it absolute; editors and
+        # `#:schema` lines name the file itself.
         texts[name] = json.dumps(schema, indent=2, sort_keys=True) + "\n"
     return texts
 

@@ -40,12 +40,22 @@ log = logging.getLogger("llama-smart-proxy")
 
 
 def demo_config(listen: str | None = None) -> LoadedConfig:
-    """The built-in default: the tiny model, planned on whatever this machine has."""
+    """The built-in default: the tiny chat model (also named `chat`, as the README's client examples
+    say) and a tiny embedding model (`embed`), planned on whatever this machine has."""
+    from llama_smart_proxy.supervisor.tinymodel import ensure_default_embedding_model
+
     path = ensure_default_model()
+    models = {
+        "tiny": ModelConfig(file=path, aliases=["default", "chat"], ctx=2048),
+        # an embedding takes its whole input in one micro-batch: llama-server sets -b to -ub anyway
+        "tiny-embed": ModelConfig(
+            file=ensure_default_embedding_model(), aliases=["embed"], ctx=512, batch=512, args=["--embeddings"]
+        ),
+    }
     config = Config.model_validate(
         {
             "proxy": {"listen": listen or "127.0.0.1:8080", "default_model": "tiny"},
-            "models": {"tiny": ModelConfig(file=path, aliases=["default"], ctx=2048).model_dump(exclude_none=True)},
+            "models": {name: model.model_dump(exclude_none=True) for name, model in models.items()},
         }
     )
     return LoadedConfig(config=config, path=path.parent / "(built-in demo config)", files=())

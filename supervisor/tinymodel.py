@@ -1,14 +1,20 @@
-"""A tiny llama-architecture GGUF made by code: the built-in default model and the tests' fixture.
+"""Tiny GGUF models made by code: the built-in demo's models and the tests' fixtures.
 
-Random weights and a byte-level vocabulary (every byte is a token), so the real llama-server loads
-it and answers a chat completion in milliseconds on the CPU. Its answers are noise, and never end
-before max_tokens; it exists to exercise everything around a model without downloading one.
+- A llama-architecture chat model: random weights and a byte-level vocabulary (every byte is a
+  token), so the real llama-server loads it and answers a chat completion in milliseconds on the
+  CPU. Its answers are noise, and never end before max_tokens.
+- A BERT embedding model (mean pooling, a WordPiece vocabulary of single characters), which
+  llama-server serves with `--embeddings`: its vectors are noise of the right shape.
+
+They exist to exercise everything around a model without downloading one.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import string
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,9 +42,31 @@ CHAT_TEMPLATE = (
 _SPECIAL = [("<unk>", gguf.TokenType.UNKNOWN), ("<s>", gguf.TokenType.CONTROL), ("</s>", gguf.TokenType.CONTROL)]
 
 
+@dataclass(frozen=True)
+class TinyBertShape:
+    n_embd: int = 32
+    n_layer: int = 2
+    n_head: int = 2
+    n_ff: int = 64
+    n_ctx_train: int = 512
+
+
+def _random_weights(rng: np.random.Generator) -> Callable[..., np.ndarray]:
+    """Small random float32 weights of the given shape (numpy order: rows first)."""
+    return lambda *dims: (rng.standard_normal(dims) * 0.02).astype(np.float32)
+
+
 def write_tiny_model(path: Path | str, shape: TinyShape = TinyShape(), seed: int = 0) -> Path:
-    """Write the tiny model to `path` (atomically) and return the path."""
-    path = Path(path)
+    """Write the tiny chat model to `path` (atomically) and return the path."""
+    return _write_atomically(Path(path), lambda temporary: _write(temporary, shape, seed))
+
+
+def write_tiny_embedding_model(path: Path | str, shape: TinyBertShape = TinyBertShape(), seed: int = 0) -> Path:
+    """Write the tiny BERT embedding model to `path` (atomically) and return the path."""
+    return _write_atomically(Path(path), lambda temporary: _write_bert(temporary, shape, seed))
+
+
+def _write_atomically(path: Path, write: Callable[[Path], None]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     # the writer logs every file it writes at INFO; that is noise in `serve --demo`'s output
@@ -46,7 +74,7 @@ def write_tiny_model(path: Path | str, shape: TinyShape = TinyShape(), seed: int
     level = gguf_log.level
     gguf_log.setLevel(logging.WARNING)
     try:
-        _write(temporary, shape, seed)
+        write(temporary)
     finally:
         gguf_log.setLevel(level)
     temporary.replace(path)
@@ -59,9 +87,7 @@ def _write(temporary: Path, shape: TinyShape, seed: int) -> None:
     n_vocab = len(tokens)
     head_dim = shape.n_embd // shape.n_head
     rng = np.random.default_rng(seed)
-
-    def weights(*dims: int) -> np.ndarray:
-        return (rng.standard_normal(dims) * 0.02).astype(np.float32)
+    weights = _random_weights(rng)
 
     writer = gguf.GGUFWriter(str(temporary), "llama")
     writer.add_name("llama-smart-proxy tiny test model")
@@ -109,15 +135,104 @@ def _write(temporary: Path, shape: TinyShape, seed: int) -> None:
     writer.close()
 
 
+# WordPiece, as llama.cpp reads it: a word's first piece carries the phantom space "▁", the
+# pieces after it do not. Special tokens at BERT's usual ids would need a 30k vocabulary; these are
+# set explicitly instead. (token, its role, its type)
+_BERT_SPECIAL = [
+    ("[PAD]", "pad", gguf.TokenType.CONTROL),
+    ("[UNK]", "unk", gguf.TokenType.UNKNOWN),
+    ("[CLS]", "bos", gguf.TokenType.CONTROL),  # llama.cpp starts a BERT input with its BOS: [CLS]
+    ("[SEP]", "sep", gguf.TokenType.CONTROL),
+    ("[MASK]", "mask", gguf.TokenType.CONTROL),
+]
+_BERT_CHARACTERS = string.ascii_letters + string.digits + string.punctuation
+
+
+def _write_bert(temporary: Path, shape: TinyBertShape, seed: int) -> None:
+    pieces = [f"▁{c}" for c in _BERT_CHARACTERS] + list(_BERT_CHARACTERS)
+    tokens = [t for t, _, _ in _BERT_SPECIAL] + pieces
+    types = [int(k) for _, _, k in _BERT_SPECIAL] + [int(gguf.TokenType.NORMAL)] * len(pieces)
+    n_vocab = len(tokens)
+    rng = np.random.default_rng(seed)
+    weights = _random_weights(rng)
+
+    def ones(n: int) -> np.ndarray:
+        return np.ones(n, dtype=np.float32)
+
+    def zeros(n: int) -> np.ndarray:
+        return np.zeros(n, dtype=np.float32)
+
+    writer = gguf.GGUFWriter(str(temporary), "bert")
+    writer.add_name("llama-smart-proxy tiny embedding model")
+    writer.add_context_length(shape.n_ctx_train)
+    writer.add_embedding_length(shape.n_embd)
+    writer.add_block_count(shape.n_layer)
+    writer.add_feed_forward_length(shape.n_ff)
+    writer.add_head_count(shape.n_head)
+    writer.add_layer_norm_eps(1e-12)
+    writer.add_causal_attention(False)
+    writer.add_pooling_type(gguf.PoolingType.MEAN)
+    writer.add_token_type_count(2)
+    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+    writer.add_tokenizer_model("bert")
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    ids = {role: i for i, (_, role, _) in enumerate(_BERT_SPECIAL)}
+    writer.add_pad_token_id(ids["pad"])
+    writer.add_unk_token_id(ids["unk"])
+    writer.add_bos_token_id(ids["bos"])
+    writer.add_sep_token_id(ids["sep"])
+    writer.add_mask_token_id(ids["mask"])
+
+    writer.add_tensor("token_embd.weight", weights(n_vocab, shape.n_embd))
+    writer.add_tensor("token_types.weight", weights(2, shape.n_embd))
+    writer.add_tensor("position_embd.weight", weights(shape.n_ctx_train, shape.n_embd))
+    writer.add_tensor("token_embd_norm.weight", ones(shape.n_embd))
+    writer.add_tensor("token_embd_norm.bias", zeros(shape.n_embd))
+    for i in range(shape.n_layer):
+        for part in ("q", "k", "v"):
+            writer.add_tensor(f"blk.{i}.attn_{part}.weight", weights(shape.n_embd, shape.n_embd))
+            writer.add_tensor(f"blk.{i}.attn_{part}.bias", zeros(shape.n_embd))
+        writer.add_tensor(f"blk.{i}.attn_output.weight", weights(shape.n_embd, shape.n_embd))
+        writer.add_tensor(f"blk.{i}.attn_output.bias", zeros(shape.n_embd))
+        writer.add_tensor(f"blk.{i}.attn_output_norm.weight", ones(shape.n_embd))
+        writer.add_tensor(f"blk.{i}.attn_output_norm.bias", zeros(shape.n_embd))
+        writer.add_tensor(f"blk.{i}.ffn_up.weight", weights(shape.n_ff, shape.n_embd))
+        writer.add_tensor(f"blk.{i}.ffn_up.bias", zeros(shape.n_ff))
+        writer.add_tensor(f"blk.{i}.ffn_down.weight", weights(shape.n_embd, shape.n_ff))
+        writer.add_tensor(f"blk.{i}.ffn_down.bias", zeros(shape.n_embd))
+        writer.add_tensor(f"blk.{i}.layer_output_norm.weight", ones(shape.n_embd))
+        writer.add_tensor(f"blk.{i}.layer_output_norm.bias", zeros(shape.n_embd))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "llama-smart-proxy"
+
+
 def default_model_path() -> Path:
     """Where the built-in default keeps its tiny model: the user's cache directory."""
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     # the name carries a version: a model written by an older release is not reused
-    return cache / "llama-smart-proxy" / "tiny-llama-v2.gguf"
+    return _cache_dir() / "tiny-llama-v2.gguf"
+
+
+def default_embedding_model_path() -> Path:
+    """Where the built-in demo keeps its tiny embedding model."""
+    return _cache_dir() / "tiny-bert-v1.gguf"
 
 
 def ensure_default_model() -> Path:
-    path = default_model_path()
+    return _ensure(default_model_path(), write_tiny_model)
+
+
+def ensure_default_embedding_model() -> Path:
+    return _ensure(default_embedding_model_path(), write_tiny_embedding_model)
+
+
+def _ensure(path: Path, write: Callable[[Path], Path]) -> Path:
     if not path.is_file():
-        write_tiny_model(path)
+        write(path)
     return path
