@@ -127,12 +127,22 @@ class Sent:
 
 @dataclass
 class Disturbance:
-    """A child we crashed, stopped or hung: requests to its model may fail while it lasts."""
+    """A child we crashed, stopped or hung, and which requests to its model it may fail: a crash,
+    those in flight at the kill (later ones wait for the restart); a stopped or hung child, those
+    sent before it was noticed and replaced (the service cannot tell it from a slow one sooner)."""
 
     model: str
     pid: int
+    how: str
     since: float
     until: float = math.inf
+
+    def excuses(self, sent: Sent) -> bool:
+        if self.model != sent.model:
+            return False
+        if self.how == "crash":
+            return sent.started <= self.since <= (sent.ended or math.inf)
+        return self.since <= (sent.ended or math.inf) and sent.started <= self.until
 
 
 class RuntimeMachine(RuleBasedStateMachine):
@@ -246,7 +256,7 @@ class RuntimeMachine(RuleBasedStateMachine):
 
         def run() -> None:
             try:
-                with httpx.Client(timeout=REQUEST_DEADLINE_S) as client:
+                with httpx.Client(timeout=REQUEST_DEADLINE_S + 1) as client:
                     if kind == "cancel":
                         with client.stream("POST", f"{self.running.base}/v1/chat/completions", json=body) as response:
                             sent.status = response.status_code
@@ -287,7 +297,7 @@ class RuntimeMachine(RuleBasedStateMachine):
         pid = self.model_pid(model)
         if pid is None:
             return
-        self.disturbed.append(Disturbance(model, pid, time.monotonic()))
+        self.disturbed.append(Disturbance(model, pid, how, time.monotonic()))
         if how == "crash":
             os.kill(pid, signal.SIGKILL)
         elif how == "stop":
@@ -416,10 +426,10 @@ class RuntimeMachine(RuleBasedStateMachine):
         """(kind, what) of the promise this request's ending broke, or None."""
         if sent.kind == "hang":
             return None  # the request that wedged its child: any end is fine
-        disturbed = any(
-            d.model == sent.model and d.since <= (sent.ended or math.inf) and d.until >= sent.started for d in self.disturbed
-        )
+        disturbed = any(d.excuses(sent) for d in self.disturbed)
         took = f"after {(sent.ended or 0) - sent.started:.2f} s"
+        if sent.ended is not None and sent.ended - sent.started >= REQUEST_DEADLINE_S:
+            return "unanswered", f"{sent.model} {sent.kind}: no answer within {REQUEST_DEADLINE_S:g} s ({sent.error})"
         if sent.error is not None:
             if sent.kind == "cancel" or disturbed:
                 return None
