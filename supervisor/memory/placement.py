@@ -66,6 +66,9 @@ def place(profile: MemoryProfile, gpu_layers: int, tensor_split: Sequence[float]
         # the tied head is a duplicate of token_embd, which stays on the host (TENSOR_DUPLICATED)
         weights[output_slot] += profile.tied_output_bytes
     weights[host] += profile.input_weights_bytes
+    if profile.host_mapped_bytes:
+        # with mmap the host holds the file span of its tensors, not their sum (get_mapping_range)
+        weights[host] = profile.host_mapped_bytes[n + 1 - gpu_layers if n_gpus else n + 1]
 
     compute = [0] * n_gpus
     used = sorted({d for d in where if d is not None})

@@ -19,10 +19,13 @@ Pure: no I/O, no clock. It mirrors how llama.cpp build 11434 sizes each buffer:
   (src/llama-context.cpp output_reserve, with llama-server's n_outputs_max = parallel);
 - compute buffers: supervisor/memory/compute.py.
 
-`flash_attn = "auto"` resolves to on: llama.cpp turns it on wherever the device supports the
-model's attention (the CPU always; CUDA for the usual head sizes). Because a device may still
-refuse it, "auto" is charged the larger of the on and off figures for the KV cache and the
-compute buffers, so it never under-counts either way.
+- host weights with mmap (llama-server's default load mode): the file span from the first to the
+  last tensor that stays on the host, per file (src/llama-model-loader.cpp get_mapping_range), so
+  a tensor stored between two host tensors counts there even when it is loaded to a GPU; without
+  mmap (`-lm none`), or for a header recorded without offsets, the host tensors' sizes.
+
+`flash_attn = "auto"` is resolved for the kinds of device the model runs on, as llama.cpp does
+(supervisor/memory/flash_attention.py), and charged as resolved.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ import gguf
 from llama_smart_proxy.schemas.config import ModelSpec
 from llama_smart_proxy.schemas.estimate import EstimateSettings, LayerMemory, MemoryProfile
 from llama_smart_proxy.schemas.header import ModelHeader, TensorInfo
-from llama_smart_proxy.supervisor.memory import compute
+from llama_smart_proxy.supervisor.memory import compute, flash_attention
 from llama_smart_proxy.supervisor.memory.architectures import (
     MTP_NEVER_LOADED_ARCHITECTURES,
     MTP_ON_REQUEST_ARCHITECTURES,
@@ -61,6 +64,10 @@ DEVICE_OVERHEAD_BYTES = 768 * MIB
 DEFAULT_CONTEXT = 4096  # when neither the config nor the model gives one
 
 DeviceBackend = Literal["cuda", "cpu"]
+"""How a model's offload devices allocate: "cuda", or "cpu" for llama.cpp's CPU backend and RPC
+devices serving it (32-byte alignment, no CUDA context, flash attention for every head size)."""
+# common/arg.cpp --load-mode: these modes do not map the file
+_NO_MMAP_MODES = ("none", "dio")
 
 _CACHE_TYPES = {
     "f32": gguf.GGMLQuantizationType.F32,
@@ -163,6 +170,72 @@ def tensor_bytes(tensor: TensorInfo, backend: DeviceBackend) -> int:
     return pad(size, CUDA_ALIGNMENT)
 
 
+def uses_mmap(spec: ModelSpec) -> bool:
+    """Whether llama-server maps the file (its default, `-lm auto`), from the child's own args."""
+    mode = spec.env.get("LLAMA_ARG_LOAD_MODE", "auto")
+    args = list(spec.args)
+    for i, arg in enumerate(args):
+        if arg in ("-lm", "--load-mode") and i + 1 < len(args):
+            mode = args[i + 1]
+        elif arg.startswith("--load-mode="):
+            mode = arg.partition("=")[2]
+        elif arg == "--no-mmap":
+            mode = "none"
+    return mode not in _NO_MMAP_MODES
+
+
+def mapped_spans(header: ModelHeader, n_layer: int, unloaded_blocks: int = 0) -> list[int]:
+    """Bytes llama.cpp maps on the host with mmap when the first k layer units stay there, for
+    k = 0..n_layer+1 (unit n_layer is the output layer): per file, from the first to the last
+    byte of the host's tensors (the input layer always among them). Empty when the header has
+    no offsets (a snapshot recorded before they were)."""
+    if any(t.offset is None for t in header.tensors):
+        return []
+    parts = 1 + max((t.part for t in header.tensors), default=0)
+    lo = [[None] * (n_layer + 2) for _ in range(parts)]  # per part, per unit (input: index n+1)
+    hi = [[None] * (n_layer + 2) for _ in range(parts)]
+    for tensor in header.tensors:
+        unit = _unit(tensor.name, n_layer, unloaded_blocks)
+        if unit is None:
+            continue
+        start, end = tensor.offset, tensor.offset + tensor.n_bytes  # type: ignore[operator]
+        first, last = lo[tensor.part], hi[tensor.part]
+        first[unit] = start if first[unit] is None else min(first[unit], start)
+        last[unit] = end if last[unit] is None else max(last[unit], end)
+    spans = [0] * (n_layer + 2)
+    for first, last in zip(lo, hi):
+        low, high = first[n_layer + 1], last[n_layer + 1]  # the input layer
+        for k in range(n_layer + 2):
+            if k == n_layer + 1:  # everything on the host: the output layer too
+                low, high = _widen(low, high, first[n_layer], last[n_layer])
+            spans[k] += high - low if low is not None and high is not None else 0
+            if k < n_layer:
+                low, high = _widen(low, high, first[k], last[k])
+    return spans
+
+
+def _widen(low: int | None, high: int | None, start: int | None, end: int | None) -> tuple[int | None, int | None]:
+    if start is None or end is None:
+        return low, high
+    return (start if low is None else min(low, start)), (end if high is None else max(high, end))
+
+
+def _unit(name: str, n_layer: int, unloaded_blocks: int) -> int | None:
+    """The layer unit a tensor belongs to: il for blk.il, n_layer for the output layer, n_layer+1
+    for the input layer; None for a block llama.cpp does not load."""
+    match = _BLOCK.match(name)
+    if match is not None:
+        il = int(match.group(1))
+        if n_layer - unloaded_blocks <= il < n_layer:
+            return None
+        return il if il < n_layer else n_layer
+    if name.startswith(_INPUT_TENSORS):
+        return n_layer + 1
+    if name.startswith(_LAYER_ZERO_TENSORS) and n_layer:
+        return 0
+    return n_layer
+
+
 @dataclass(frozen=True)
 class Weights:
     layers: list[int]
@@ -234,16 +307,20 @@ def memory_profile(
     hp = hyperparameters(header)
     ctx = resolve_context(hp, spec)
     warnings: list[str] = []
-    flash_attn = spec.flash_attn != "off"
+    kinds: frozenset[flash_attention.DeviceKind] = frozenset({device_backend, "cpu"})
+    flash_attn, why = flash_attention.resolve(hp, spec.flash_attn, spec.cache_type_k, spec.cache_type_v, kinds)
+    if why:
+        warnings.append(why)
     if spec.flash_attn == "off" and is_quantized_cache(spec.cache_type_v) and not hp.is_mla:
         warnings.append(
             f"cache_type_v {spec.cache_type_v} needs flash attention: llama.cpp refuses to start "
             "with flash_attn off and a quantized V cache"
         )
-    kv_on = kv_bytes_per_layer(hp, ctx, spec, flash_attn=True)
-    kv = kv_on if spec.flash_attn == "on" else [
-        max(a, b) for a, b in zip(kv_on, kv_bytes_per_layer(hp, ctx, spec, flash_attn=False))
-    ]
+    # "auto" that resolves to off still has its cache laid out for flash attention (created before
+    # the check); the planner launches "off", which transposes V: charge the larger of the two
+    kv = kv_bytes_per_layer(hp, ctx, spec, flash_attn=flash_attn)
+    if spec.flash_attn == "auto" and not flash_attn:
+        kv = [max(a, b) for a, b in zip(kv, kv_bytes_per_layer(hp, ctx, spec, flash_attn=True))]
     recurrent = recurrent_bytes_per_layer(hp, ctx)
     unloaded = unloaded_mtp_blocks(hp, spec)
     if unloaded:
@@ -282,13 +359,13 @@ def memory_profile(
     compute_profile = compute.compute_profile(
         hp,
         ctx,
-        flash_attn=spec.flash_attn,
+        flash_attn=flash_attn,
         largest_layer_tensor=weights.largest_layer_tensor,
         device_backend=device_backend,
     )
     device_overhead = 0
     if device_backend == "cuda":
-        pool = compute.cuda_pool_bytes(hp, ctx, flash_attn=spec.flash_attn == "on")  # "auto" may end up off
+        pool = compute.cuda_pool_bytes(hp, ctx, flash_attn=flash_attn)
         device_overhead = DEVICE_OVERHEAD_BYTES + pool
     mmproj_bytes = 0
     if mmproj is not None:
@@ -324,5 +401,6 @@ def memory_profile(
         compute=compute_profile,
         device_overhead_bytes=device_overhead,
         mmproj_bytes=mmproj_bytes,
+        host_mapped_bytes=mapped_spans(header, hp.n_layer, unloaded) if uses_mmap(spec) else [],
         warnings=warnings,
     )
