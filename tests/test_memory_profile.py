@@ -166,3 +166,28 @@ def test_a_partial_offload_on_cuda_needs_the_whole_graph_and_a_staged_weight() -
     largest = max(t.n_bytes for t in header.tensors if t.name.startswith("blk."))
     assert cuda.gpu_partial_bytes >= cpu.gpu_full_bytes + largest
     assert cuda.gpu_partial_bytes > cpu.gpu_partial_bytes + largest
+
+
+def test_the_type_table_planning_uses_is_ggufs_own() -> None:
+    # profile.py keeps its own copy so that planning from a snapshot imports neither gguf nor numpy
+    import gguf
+
+    from llama_smart_proxy.supervisor.memory.profile import QUANT_SIZES
+
+    ours = {name: size for name, size in QUANT_SIZES.items()}
+    theirs = {q.name: gguf.GGML_QUANT_SIZES[q] for q in gguf.GGMLQuantizationType if q in gguf.GGML_QUANT_SIZES}
+    assert ours == theirs
+
+
+def test_planning_from_a_snapshot_imports_neither_gguf_nor_numpy() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from llama_smart_proxy.supervisor import planning, planner, snapshot\n"
+        "from llama_smart_proxy.supervisor.memory import profile, placement\n"
+        "print(sorted(m for m in ('gguf', 'numpy') if m in sys.modules))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"

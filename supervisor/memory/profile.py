@@ -30,11 +30,9 @@ Pure: no I/O, no clock. It mirrors how llama.cpp build 11434 sizes each buffer:
 
 from __future__ import annotations
 
-import re
+import functools
 from dataclasses import dataclass
 from typing import Literal
-
-import gguf
 
 from llama_smart_proxy.schemas.config import ModelSpec
 from llama_smart_proxy.schemas.estimate import EstimateSettings, LayerMemory, MemoryProfile
@@ -69,18 +67,30 @@ devices serving it (32-byte alignment, no CUDA context, flash attention for ever
 # common/arg.cpp --load-mode: these modes do not map the file
 _NO_MMAP_MODES = ("none", "dio")
 
-_CACHE_TYPES = {
-    "f32": gguf.GGMLQuantizationType.F32,
-    "f16": gguf.GGMLQuantizationType.F16,
-    "bf16": gguf.GGMLQuantizationType.BF16,
-    "q8_0": gguf.GGMLQuantizationType.Q8_0,
-    "q4_0": gguf.GGMLQuantizationType.Q4_0,
-    "q4_1": gguf.GGMLQuantizationType.Q4_1,
-    "q5_0": gguf.GGMLQuantizationType.Q5_0,
-    "q5_1": gguf.GGMLQuantizationType.Q5_1,
-    "iq4_nl": gguf.GGMLQuantizationType.IQ4_NL,
-}
-_BLOCK = re.compile(r"^blk\.(\d+)\.")
+# (values per block, bytes per block) of each GGML type, as gguf.GGML_QUANT_SIZES gives them (a
+# test keeps the two equal): planning from a snapshot then needs neither gguf nor numpy, whose
+# imports cost more than the planning itself.
+QUANT_SIZES: dict[str, tuple[int, int]] = {
+    "F32": (1, 4), "F16": (1, 2), "Q4_0": (32, 18), "Q4_1": (32, 20), "Q5_0": (32, 22), "Q5_1": (32, 24),
+    "Q8_0": (32, 34), "Q8_1": (32, 40), "Q2_K": (256, 84), "Q3_K": (256, 110), "Q4_K": (256, 144),
+    "Q5_K": (256, 176), "Q6_K": (256, 210), "Q8_K": (256, 292), "IQ2_XXS": (256, 66), "IQ2_XS": (256, 74),
+    "IQ3_XXS": (256, 98), "IQ1_S": (256, 50), "IQ4_NL": (32, 18), "IQ3_S": (256, 110), "IQ2_S": (256, 82),
+    "IQ4_XS": (256, 136), "I8": (1, 1), "I16": (1, 2), "I32": (1, 4), "I64": (1, 8), "F64": (1, 8),
+    "IQ1_M": (256, 56), "BF16": (1, 2), "TQ1_0": (256, 54), "TQ2_0": (256, 66), "MXFP4": (32, 17),
+    "NVFP4": (64, 36), "Q1_0": (128, 18),
+}  # fmt: skip
+
+
+def quant_size(type_name: str) -> tuple[int, int]:
+    """(values per block, bytes per block) of a GGML type by name; gguf's table for one it lacks."""
+    size = QUANT_SIZES.get(type_name)
+    if size is None:
+        import gguf
+
+        size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[type_name]]
+    return size
+
+
 # src/llama-arch.cpp LLM_TENSOR_INFOS: LLM_TENSOR_LAYER_INPUT tensors stay on the host.
 _INPUT_TENSORS = ("token_embd.", "position_embd.", "token_types.", "per_layer_token_embd.")
 # Repeating-layer tensors created with layer index 0 although their names carry none.
@@ -93,7 +103,7 @@ def pad(value: int, multiple: int) -> int:
 
 def row_bytes(cache_type: str, width: int) -> int:
     """ggml_row_size: bytes of `width` values of the given cache type."""
-    block, size = gguf.GGML_QUANT_SIZES[_CACHE_TYPES[cache_type]]
+    block, size = quant_size(cache_type.upper())
     return -(-width // block) * size
 
 
@@ -159,14 +169,18 @@ def recurrent_bytes_per_layer(hp: Hyperparameters, ctx: Context) -> list[int]:
 
 def tensor_bytes(tensor: TensorInfo, backend: DeviceBackend) -> int:
     """Bytes a weight takes in a device buffer (ggml_backend_buft_get_alloc_size, padded)."""
+    return _padded(tensor.type, tensor.shape[0] if tensor.shape else 0, tensor.n_bytes, backend)
+
+
+@functools.lru_cache(maxsize=4096)
+def _padded(type_name: str, ne0: int, n_bytes: int, backend: DeviceBackend) -> int:
     if backend == "cpu":
-        return pad(tensor.n_bytes, CPU_ALIGNMENT)
-    size = tensor.n_bytes
-    quant = gguf.GGMLQuantizationType[tensor.type]
-    block, type_size = gguf.GGML_QUANT_SIZES[quant]
-    if block > 1 and tensor.shape and tensor.shape[0] % CUDA_MATRIX_ROW_PADDING:
+        return pad(n_bytes, CPU_ALIGNMENT)
+    size = n_bytes
+    block, type_size = quant_size(type_name)
+    if block > 1 and ne0 % CUDA_MATRIX_ROW_PADDING:
         # ggml-cuda.cu: quantized rows are padded so the kernels may read past the last one
-        size += -(-(CUDA_MATRIX_ROW_PADDING - tensor.shape[0] % CUDA_MATRIX_ROW_PADDING) // block) * type_size
+        size += -(-(CUDA_MATRIX_ROW_PADDING - ne0 % CUDA_MATRIX_ROW_PADDING) // block) * type_size
     return pad(size, CUDA_ALIGNMENT)
 
 
@@ -220,12 +234,21 @@ def _widen(low: int | None, high: int | None, start: int | None, end: int | None
     return (start if low is None else min(low, start)), (end if high is None else max(high, end))
 
 
+@functools.lru_cache(maxsize=1 << 16)  # tensor names repeat from model to model
+def _block(name: str) -> int | None:
+    """il of a `blk.il.*` tensor, else None."""
+    if not name.startswith("blk."):
+        return None
+    end = name.find(".", 4)
+    number = name[4:end] if end > 0 else ""
+    return int(number) if number.isdigit() else None
+
+
 def _unit(name: str, n_layer: int, unloaded_blocks: int) -> int | None:
     """The layer unit a tensor belongs to: il for blk.il, n_layer for the output layer, n_layer+1
     for the input layer; None for a block llama.cpp does not load."""
-    match = _BLOCK.match(name)
-    if match is not None:
-        il = int(match.group(1))
+    il = _block(name)
+    if il is not None:
         if n_layer - unloaded_blocks <= il < n_layer:
             return None
         return il if il < n_layer else n_layer
@@ -257,9 +280,8 @@ def split_weights(
     has_output = False
     for tensor in header.tensors:
         size = tensor_bytes(tensor, backend)
-        match = _BLOCK.match(tensor.name)
-        if match is not None:
-            il = int(match.group(1))
+        il = _block(tensor.name)
+        if il is not None:
             if n_layer - unloaded_blocks <= il < n_layer:
                 continue
             if il < n_layer:
