@@ -203,35 +203,38 @@ def mapped_spans(header: ModelHeader, n_layer: int, unloaded_blocks: int = 0) ->
     k = 0..n_layer+1 (unit n_layer is the output layer): per file, from the first to the last
     byte of the host's tensors (the input layer always among them). Empty when the header has
     no offsets (a snapshot recorded before they were)."""
-    if any(t.offset is None for t in header.tensors):
-        return []
-    parts = 1 + max((t.part for t in header.tensors), default=0)
-    lo = [[None] * (n_layer + 2) for _ in range(parts)]  # per part, per unit (input: index n+1)
-    hi = [[None] * (n_layer + 2) for _ in range(parts)]
+    nowhere = 1 << 62
+    lo: dict[int, list[int]] = {}  # per file part, per unit (the input layer at n_layer + 1)
+    hi: dict[int, list[int]] = {}
     for tensor in header.tensors:
+        start = tensor.offset
+        if start is None:
+            return []
         unit = _unit(tensor.name, n_layer, unloaded_blocks)
         if unit is None:
             continue
-        start, end = tensor.offset, tensor.offset + tensor.n_bytes  # type: ignore[operator]
-        first, last = lo[tensor.part], hi[tensor.part]
-        first[unit] = start if first[unit] is None else min(first[unit], start)
-        last[unit] = end if last[unit] is None else max(last[unit], end)
+        first = lo.get(tensor.part)
+        if first is None:
+            first = lo[tensor.part] = [nowhere] * (n_layer + 2)
+            hi[tensor.part] = [-1] * (n_layer + 2)
+        last = hi[tensor.part]
+        end = start + tensor.n_bytes
+        if start < first[unit]:
+            first[unit] = start
+        if end > last[unit]:
+            last[unit] = end
     spans = [0] * (n_layer + 2)
-    for first, last in zip(lo, hi):
+    for part, first in lo.items():
+        last = hi[part]
         low, high = first[n_layer + 1], last[n_layer + 1]  # the input layer
         for k in range(n_layer + 2):
             if k == n_layer + 1:  # everything on the host: the output layer too
-                low, high = _widen(low, high, first[n_layer], last[n_layer])
-            spans[k] += high - low if low is not None and high is not None else 0
+                low, high = min(low, first[n_layer]), max(high, last[n_layer])
+            if high >= 0:
+                spans[k] += high - low
             if k < n_layer:
-                low, high = _widen(low, high, first[k], last[k])
+                low, high = min(low, first[k]), max(high, last[k])
     return spans
-
-
-def _widen(low: int | None, high: int | None, start: int | None, end: int | None) -> tuple[int | None, int | None]:
-    if start is None or end is None:
-        return low, high
-    return (start if low is None else min(low, start)), (end if high is None else max(high, end))
 
 
 @functools.lru_cache(maxsize=1 << 16)  # tensor names repeat from model to model
@@ -407,7 +410,8 @@ def memory_profile(
         ubatch=ctx.n_ubatch,
     )
     layers = [
-        LayerMemory(weights_bytes=w, kv_bytes=k, recurrent_bytes=r)
+        # computed here, so already valid: construct without validating each layer again
+        LayerMemory.model_construct(weights_bytes=w, kv_bytes=k, recurrent_bytes=r)
         for w, k, r in zip(weights.layers, kv, recurrent)
     ]
     return MemoryProfile(
