@@ -1301,6 +1301,8 @@ def _reason(m: _Model, choice: _Choice, result: _Result, planner: _Planner, shor
 
     # unplaced
     where = f" of {short_where}" if short_where else ""
+    if any(o is not m and result.choices[o.name].tier > NONE for o in planner.on_demand):
+        where += ", room kept for the on-demand models"
     mode = "" if m.resident else " (on demand)"
     host_text = _why_not_host(m, planner, avail)
     if not planner.gpus or not m.allowed:

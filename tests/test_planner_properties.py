@@ -124,8 +124,19 @@ def test_planner_finds_the_best_plan_an_exact_oracle_finds(instance) -> None:  #
     config, inventory, profiles = instance
     result = plan(config, inventory, profiles)
     check_invariants(config, inventory, profiles, result)
-    assert plan_score(config, result) == best_score(config, inventory, profiles)
+    assert_agrees_with_the_oracle(config, inventory, profiles, result)
     assert not any("stopped after" in note for note in result.notes)
+
+
+def assert_agrees_with_the_oracle(config: Config, inventory: Inventory, profiles: Mapping[str, MemoryProfile], result: Plan) -> None:
+    """The plan scores what the best arrangement of the oracle scores. The oracle (like the search)
+    gives a partial offload its fewest layers; once every model has its place the planner grows
+    them, which frees host RAM, and a model left out for want of it then takes its place: the plan
+    may score higher than the oracle, never lower, and only where a model may be partly offloaded."""
+    best, got = best_score(config, inventory, profiles), plan_score(config, result)
+    assert got >= best
+    if not any(config.model_spec(name).allow_partial for name in profiles):
+        assert got == best
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -134,7 +145,7 @@ def test_planner_is_exact_up_to_eight_models_on_four_gpus(instance) -> None:  # 
     config, inventory, profiles = instance
     result = plan(config, inventory, profiles)
     check_invariants(config, inventory, profiles, result)
-    assert plan_score(config, result) == best_score(config, inventory, profiles)
+    assert_agrees_with_the_oracle(config, inventory, profiles, result)
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -178,6 +189,6 @@ def test_the_small_adversarial_instances_are_solved_exactly(case: str) -> None:
     check_invariants(config, inventory, profiles, result)
     assert not any("stopped after" in note for note in result.notes)
     if case in ("packing-7-on-3", "symmetric-8-on-4"):  # the others take the oracle minutes
-        assert plan_score(config, result) == best_score(config, inventory, profiles)
+        assert_agrees_with_the_oracle(config, inventory, profiles, result)
     if case != "splits-8-on-4":  # the oracle's greedy would walk every cut of 60-80 layers
         assert plan_score(config, result) >= greedy_score(config, inventory, profiles)
