@@ -218,6 +218,20 @@ class GpuSettings(Contract):
     )
 
 
+class HostSettings(Contract):
+    reserve: ByteSize = Field(
+        1024**3,
+        description="Host RAM kept free on top of what the models need there (the system, the "
+        "proxy, page cache for what is not mapped).",
+    )
+    mmap_overcommit: bool = Field(
+        False,
+        description="Accept mapped model weights (page cache) beyond the host RAM available: only "
+        "the rest (KV cache, compute and output buffers, unmapped weights) must fit. Pages are then "
+        "read from disk again when evicted, slowly. `plan` reports by how much.",
+    )
+
+
 class ModelSettings(Contract):
     """Settings a model may set and [defaults] may give to every model."""
 
@@ -333,6 +347,7 @@ class Config(Contract):
         default_factory=LlamaServerSettings, description="How children are started and supervised."
     )
     gpus: GpuSettings = Field(default_factory=GpuSettings, description="GPU use and headroom.")
+    host: HostSettings = Field(default_factory=HostSettings, description="Host RAM headroom and mmap.")
     defaults: ModelSettings = Field(
         default_factory=ModelSettings, description="Settings every model inherits."
     )

@@ -95,6 +95,12 @@ class MemoryProfile(Contract):
     mmproj_bytes: int = Field(
         0, ge=0, description="Vision projector weights and compute, on the main GPU (or host)."
     )
+    host_mapped_bytes: list[int] = Field(
+        default_factory=list,
+        description="With mmap: host weight bytes (the file span llama.cpp maps) when the first k "
+        "layers stay on the host, k = 0..n_layers+1 (k = n_layers+1: the output layer too). Empty: "
+        "no mmap, or no tensor offsets recorded; the host tensors' sizes count.",
+    )
     warnings: list[str] = Field(default_factory=list)
 
     @property

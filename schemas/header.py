@@ -19,6 +19,14 @@ class TensorInfo(Contract):
     type: str = Field(description="GGML type name as stored, e.g. Q4_K, F16.")
     shape: list[int] = Field(description="Dimensions as GGUF stores them (ne0 first).")
     n_bytes: int = Field(ge=0, description="Bytes the tensor occupies in the file.")
+    offset: int | None = Field(
+        None,
+        ge=0,
+        description="Byte offset of the tensor's data in its file (with mmap llama.cpp maps the "
+        "span from the first to the last tensor kept on the host). None in snapshots taken before "
+        "offsets were recorded.",
+    )
+    part: int = Field(0, ge=0, description="Which file of a split model holds it (0: the first).")
 
 
 class ModelHeader(Contract):

@@ -54,7 +54,14 @@ class ModelPlan(Contract):
         "file", description="Where the GGUF header came from."
     )
     header_note: str = Field("", description="Which file or snapshot record the header came from.")
-    short_bytes: int = Field(0, description="For an unplaced model: how many bytes it lacks.")
+    short_bytes: int = Field(
+        0,
+        description="For an unplaced model: the fewest bytes more on one device that would have "
+        "given it a place, every other resident keeping at least its placement's tier.",
+    )
+    short_of: str = Field(
+        "", description='Where those bytes are lacking: "GPU <index>" or "host RAM"; empty if placed.'
+    )
     fallback: bool = Field(
         False,
         description="Runs partly or wholly on the CPU although its config allows GPUs "
@@ -68,9 +75,20 @@ class HostPlan(Contract):
     ram_total_bytes: int = Field(ge=0)
     ram_available_bytes: int = Field(ge=0, description="Available when the inventory was taken.")
     cpu_count: int = Field(ge=1)
+    reserve_bytes: int = Field(0, ge=0, description="Headroom kept free ([host] reserve).")
+    usable_bytes: int = Field(0, ge=0, description="available - reserve: what the plan may fill.")
     resident_bytes: int = Field(ge=0, description="Host RAM the resident models need together.")
     with_on_demand_bytes: int = Field(
         ge=0, description="The same with every on-demand model loaded as well."
+    )
+    mapped_bytes: int = Field(
+        0, ge=0, description="Of resident_bytes, model weights mapped from their files (page cache)."
+    )
+    overcommit_bytes: int = Field(
+        0,
+        ge=0,
+        description="With [host] mmap_overcommit: how far the residents go past usable_bytes "
+        "(mapped weights the kernel may evict and read again).",
     )
 
 

@@ -193,10 +193,30 @@ def _http(method: str, url: str, api_key: str | None) -> bytes:
 
 
 def cmd_estimate(args: argparse.Namespace) -> int:
-    from llama_smart_proxy.supervisor.memory.report import estimate_file, render_estimate
+    import os
 
+    from llama_smart_proxy.supervisor.memory.report import estimate_command, estimate_file, render_estimate
+    from llama_smart_proxy.supervisor.memory.server_args import parse_server_args
+
+    words = args.words
+    if not words:
+        raise UserError("estimate: give a GGUF file, or -- and a llama-server command line")
+    if len(words) > 1 or words[0].startswith("-"):
+        # everything after `--`: a llama-server command line, read with llama-server's defaults
+        given = [name for name in ESTIMATE_OPTIONS if getattr(args, name) not in (None, [], ())]
+        if given:
+            raise UserError(
+                f"estimate: --{given[0].replace('_', '-')} is for `estimate FILE`; after -- give llama-server's own flags"
+            )
+        environment = {k: v for k, v in os.environ.items() if k.startswith("LLAMA_ARG_")}
+        result = estimate_command(parse_server_args(words, environment))
+        if args.json:
+            print_json(result.estimate.model_dump(mode="json"))
+        else:
+            print(render_estimate(result), end="")
+        return EXIT_OK
     result = estimate_file(
-        args.file,
+        Path(words[0]),
         ctx=args.ctx,
         parallel=args.parallel,
         kv_unified=args.kv_unified,
@@ -280,8 +300,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--url", default="http://127.0.0.1:8080", help="the running proxy (default: %(default)s)")
     p.add_argument("--api-key", help="a key from proxy.admin_api_keys (or env LLAMA_SMART_PROXY_API_KEY)")
 
-    p = command("estimate", cmd_estimate, "show the memory a GGUF model needs, per GPU and on the host")
-    p.add_argument("file", type=Path, help="the GGUF file (the first part of a split model)")
+    p = command(
+        "estimate",
+        cmd_estimate,
+        "show the memory a GGUF model needs, per GPU and on the host: `estimate FILE [options]`, or "
+        "`estimate [--json] -- <llama-server arguments>` for a llama-server command line as written "
+        "(llama-server's defaults; devices from -ts, --rpc, --device)",
+    )
+    p.add_argument(
+        "words",
+        nargs="*",
+        metavar="FILE | -- ARGS",
+        help="the GGUF file (the first part of a split model), or after -- a llama-server command line",
+    )
     p.add_argument("--ctx", type=int, metavar="N", help="context size (-c); 0: the model's own (default 4096)")
     p.add_argument("--parallel", type=int, metavar="P", help="parallel slots (-np, default 1)")
     p.add_argument("--kv-unified", action=argparse.BooleanOptionalAction, default=None,
@@ -300,6 +331,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("schema", cmd_schema, "print the JSON Schema of the config, plan or inventory")
     p.add_argument("name", nargs="?", choices=["config", "plan", "inventory"], help="config, plan or inventory (default: all)")
     return parser
+
+
+ESTIMATE_OPTIONS = (
+    "ctx", "parallel", "kv_unified", "cache_type_k", "cache_type_v", "flash_attn", "batch", "ubatch",
+    "gpu_layers", "tensor_split", "mmproj",
+)  # fmt: skip
+"""`estimate FILE`'s own settings, which a llama-server command line replaces."""
 
 
 def _fractions(text: str) -> list[float]:

@@ -33,7 +33,10 @@ def verdict(plan: Plan, strict: bool) -> Verdict:
     fallback = [m for m in plan.models if m.fallback]
     if unplaced:
         parts = [
-            f"{m.name} ({format_bytes(m.short_bytes)} short)" if m.short_bytes else m.name for m in unplaced
+            f"{m.name} ({format_bytes(m.short_bytes)} short{f' of {m.short_of}' if m.short_of else ''})"
+            if m.short_bytes
+            else m.name
+            for m in unplaced
         ]
         return Verdict(EXIT_UNPLACED, f"cannot be placed: {', '.join(parts)} (exit {EXIT_UNPLACED})")
     if strict and fallback:
@@ -129,7 +132,8 @@ def _placement(m: ModelPlan) -> str:
         return f"GPU {gpus}, {m.gpu_layers}/{m.n_layers + 1} layers"
     if m.placement == "cpu":
         return "CPU"
-    return f"UNPLACED, {_mib(round(m.short_bytes / MIB))} MiB short" if m.short_bytes else "UNPLACED"
+    where = f" of {m.short_of}" if m.short_of else ""
+    return f"UNPLACED, {_mib(round(m.short_bytes / MIB))} MiB short{where}" if m.short_bytes else "UNPLACED"
 
 
 def _where(device: str, m: ModelPlan) -> str:

@@ -32,9 +32,18 @@ def make_profile(
     mmproj: int = 0,
     tied: int = 0,
     layers: Sequence[int] | None = None,
+    mapped: bool = False,
 ) -> MemoryProfile:
-    """A dense model: n_layers equal layers (or the given per-layer weights), KV per layer."""
+    """A dense model: n_layers equal layers (or the given per-layer weights), KV per layer.
+
+    mapped: loaded with mmap, its output layer stored between the embeddings and blk.0, so the
+    host maps the head too as soon as one block stays there (llama.cpp's get_mapping_range).
+    """
     weights = list(layers) if layers is not None else [layer] * n_layers
+    spans: list[int] = []
+    if mapped:
+        spans = [input] + [input + output + sum(weights[:k]) for k in range(1, len(weights) + 1)]
+        spans.append(spans[-1])  # everything on the host: the head was already in the span
     return MemoryProfile(
         model=file,
         architecture="llama",
@@ -65,6 +74,7 @@ def make_profile(
         ),
         device_overhead_bytes=overhead,
         mmproj_bytes=mmproj,
+        host_mapped_bytes=spans,
     )
 
 

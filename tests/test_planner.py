@@ -28,8 +28,10 @@ def test_a_model_that_fits_goes_whole_on_one_gpu_and_pack_takes_the_fullest() ->
     qwen = result.model("qwen")
     assert (qwen.placement, qwen.gpus, qwen.gpu_layers) == ("gpu", [0], 33)
     assert qwen.estimate is not None and qwen.estimate.gpus[0].total_bytes == whole(32)
-    assert "qwen → GPU 0: needs 4.3 GiB, 19.5 GiB usable there; pack takes the fullest GPU" in qwen.reason
-    assert "on GPU 1" in qwen.reason
+    assert qwen.reason == (
+        "qwen → GPU 0: needs 4,356 MiB; as it was taken, GPU 0 had 19,968 MiB usable and GPU 1 23,040 MiB: "
+        "pack takes the fullest GPU that fits (15,612 MiB left on GPU 0, 18,684 MiB on GPU 1)."
+    )
 
 
 def test_spread_takes_the_emptiest_gpu() -> None:
@@ -155,7 +157,7 @@ def test_search_moves_a_model_when_the_policys_first_choice_would_strand_another
     profiles = {"a": make_profile(n_layers=30), "b": make_profile(n_layers=75)}  # 4140 and 9000 MiB
     result = plan(config, inventory, profiles)
     assert result.model("a").gpus == [1] and result.model("b").gpus == [0]
-    assert "spread prefers it, but the plan that places more models" in result.model("a").reason
+    assert "spread prefers GPU 0, but the plan that places more models" in result.model("a").reason
 
 
 def test_each_on_demand_model_fits_next_to_the_residents_and_groups_say_which_fit_together() -> None:
@@ -258,13 +260,15 @@ def test_a_gpu_with_less_free_than_the_reserve_takes_nothing() -> None:
     assert any("less than the reserve" in n for n in result.notes)
 
 
-def test_host_ram_is_reported_and_a_shortfall_warned() -> None:
+def test_host_ram_is_a_constraint_a_cpu_model_that_does_not_fit_is_unplaced_short_of_host_ram() -> None:
     config = make_config({"a": {"gpus": []}})
-    profile = make_profile(n_layers=80, layer=400 * MIB)
+    profile = make_profile(n_layers=80, layer=400 * MIB)  # 33,491 MiB on the CPU
     result = plan(config, make_inventory([], ram=8 * GIB), {"a": profile})
-    assert result.host is not None
-    assert result.host.resident_bytes == result.model("a").host_bytes > 8 * GIB
-    assert any(n.startswith("Warning: the resident models need") for n in result.notes)
+    a = result.model("a")
+    assert a.placement == "unplaced" and a.short_of == "host RAM"
+    assert a.short_bytes == place(profile, 0, []).host.total_bytes - (8 * GIB - GIB)  # less the 1 GiB reserve
+    assert "on the CPU it needs 33,491 MiB of host RAM, 7,168 MiB usable" in a.reason
+    assert result.host is not None and result.host.resident_bytes == 0 and result.host.usable_bytes == 7 * GIB
 
 
 def test_a_vision_projector_is_counted_on_the_first_gpu_of_a_split() -> None:

@@ -88,8 +88,8 @@ def summary(results: list[CaseResult], skipped: list[str]) -> list[str]:
         lines.append(f"- compute buffer (those of 4 MiB or more): from {worst_under.relative * 100:+.1f} % "
                      f"({worst_under.case}, {worst_under.device}) to {worst_over.relative * 100:+.1f} % "
                      f"({worst_over.case}, {worst_over.device})")  # fmt: skip
-        within = sum(1 for r in compute if 0 <= r.relative <= 0.15)
-        lines.append(f"- compute buffers within 0 to +15 %: {within} of {len(compute)}")
+        within = sum(1 for r in compute if r.ok)
+        lines.append(f"- compute buffers never under and over by at most max(15 %, 32 MiB): {within} of {len(compute)}")
     totals = [(result.estimate_total - result.measured_total) / max(result.measured_total, 1) for result in results]
     if totals:
         lines.append(f"- total per case: from {min(totals) * 100:+.2f} % to {max(totals) * 100:+.2f} % over llama.cpp")
@@ -105,7 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="the small form (small models, real llama-server)")
     parser.add_argument("--only", help="run the cases whose label contains this text")
     parser.add_argument("--models", type=Path, default=default_models_dir(), help="where the synthetic models go")
-    parser.add_argument("--write", type=Path, help="write the results table (markdown) here")
+    parser.add_argument("--write", type=Path, help="write the results table (markdown) here, and the raw "
+                        "measurements beside it (.json), which tests/test_estimate_recorded_measurements.py replays")
     args = parser.parse_args(argv)
 
     cases = QUICK_CASES if args.quick else CASES
@@ -140,14 +141,25 @@ def main(argv: list[str] | None = None) -> int:
     print("\n".join(["", *lines, "", *tail]))
     print(f"\n{time.monotonic() - started:.0f} s")
     if args.write:
+        import json
+
+        from benchmarks.accuracy.compare import record
+
         args.write.parent.mkdir(parents=True, exist_ok=True)
         args.write.write_text(results_markdown(lines, tail))
+        raw = {"build": build_name(), "cases": [record(r) for r in results]}
+        args.write.with_suffix(".json").write_text(json.dumps(raw, indent=1, sort_keys=True) + "\n")
     if skipped:
         return 2
     return 0 if all(r.ok for r in results) else 1
 
 
 def results_markdown(table_lines: list[str], summary_lines: list[str]) -> str:
+    header = RESULTS_PREAMBLE.format(build=build_name(), machine=f"{platform.machine()}, {os.cpu_count()} CPUs")
+    return "\n".join([header, "## Summary", "", *summary_lines, "", "## Every case", "", *table_lines, "", RESULTS_NOTES])
+
+
+def build_name() -> str:
     import importlib.metadata
     import json
 
@@ -159,8 +171,7 @@ def results_markdown(table_lines: list[str], summary_lines: list[str]) -> str:
     if info.is_file():
         data = json.loads(info.read_text())
         build += f", backend {data.get('backend')}, built {data.get('build_date')}"
-    header = RESULTS_PREAMBLE.format(build=build, machine=f"{platform.machine()}, {os.cpu_count()} CPUs")
-    return "\n".join([header, "## Summary", "", *summary_lines, "", "## Every case", "", *table_lines, "", RESULTS_NOTES])
+    return build
 
 
 RESULTS_PREAMBLE = """# Estimator accuracy against llama.cpp
@@ -170,14 +181,19 @@ Measured with `python -m benchmarks.accuracy --write benchmarks/results/estimato
 - llama.cpp: {build}; CPU backend with GGML_RPC, on {machine}.
 - Models: GGUF files of real architectures at real shapes, written by
   `benchmarks/accuracy/shapes.py` (header and tensor infos; the weights are a sparse hole).
-- Oracles: `server` is the real llama-server (`-lm none -nr --fit off`), its log's buffer lines
-  (0.01 MiB); `probe` is a dry run of llama.cpp's allocator with llama-server's settings
-  (`benchmarks/accuracy/probe.cpp`, exact bytes), used for models too big to allocate here.
+- Oracles: `server` is the real llama-server (`-nr --fit off`, and `-lm none` unless the case says
+  `mmap`), its log's buffer lines (0.01 MiB); `probe` is a dry run of llama.cpp's allocator with
+  llama-server's settings (`benchmarks/accuracy/probe.cpp`, exact bytes), used for models too big
+  to allocate here. Shapes named `-8l`/`-5l` are the real model's blocks, fewer of them, so that a
+  full offload over two RPC devices can be allocated for real (a dry run misreports the output
+  device of a pipeline-parallel split).
+- `fa-auto` cases: flash attention "auto", resolved as llama.cpp resolves it (on, for the CPU and
+  RPC devices); `mmap` cases: the host's weights are the mapped file span (`CPU_Mapped`).
 - Devices: CPU is the host; RPC0/RPC1 are `ggml-rpc-server` processes on loopback standing in for
   GPUs (`-ngl N -ts A,B`). Δ = estimate − llama.cpp, in MiB; KV and RS are per device (the probe
   reports them together per device, and the totals separately).
 - Targets: weights, KV/RS and output within 1 MiB (+ the oracle's rounding); compute never under,
-  at most 15 % over (or 1 MiB for buffers of a few MiB); total never under.
+  over by at most max(15 %, 32 MiB) (issue 13); total never under.
 """
 
 RESULTS_NOTES = """## Known differences
@@ -196,10 +212,18 @@ RESULTS_NOTES = """## Known differences
   the experts' activations and their outputs), at the top of a 100 MB buffer on the other device
   and of an 84 MB one on the output device: the size is where ggml-alloc's best fit leaves holes,
   which only replaying the allocator over llama.cpp's graph would predict. The only rule found
-  that meets the target on every case here is a flat
+  that meets the old 15 % target on every case here is a flat
   discount between 0.930 and 0.941 of the common figure: a fit to these cases, not a model, so it
-  is not used. The full shape stays the one figure over target (+22 % on that device, 19 MiB; the
-  case's compute buffers together are +8.9 %). It errs safe.
+  is not used. The full shape is +22 % on that device, 19 MiB: within the target issue 13 set
+  (max(15 %, 32 MiB)). It errs safe.
+- Full offloads of wide-routing MoE models over several devices (pipeline parallelism) need rows
+  of n_embd beyond the dense rule on every device: one for Qwen3-30B-A3B (8 of 128 experts), 2.2
+  for DeepSeek-V2-Lite (6 of 64, two shared, MLA), none for Mixtral (2 of 8), at micro-batches of
+  512 and 1024. Where ggml-alloc puts them is not modelled; the estimator charges 2 rows, 3 with
+  MLA (`compute._split_moe_rows`).
+- A device holding only the last block of a pipeline-parallel split (and the output) needs less
+  than the rule, since llama.cpp computes the last block's feed-forward for the output tokens only;
+  the cases here give the output device two blocks or more.
 - The dry-run probe agrees with llama-server byte for byte except on the output device of a full
   offload over several devices (pipeline parallelism), where it reports four rows of n_embd more
   than the server then allocates; the estimator follows the server, and the probe cases here

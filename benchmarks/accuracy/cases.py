@@ -30,6 +30,7 @@ class Case:
     gpu_layers: int = 0
     tensor_split: tuple[float, ...] = ()  # one RPC device per entry; empty: CPU only
     oracle: Oracle = "server"
+    mmap: bool = False  # llama-server's default load mode: the host weights are a mapped file span
 
     @property
     def label(self) -> str:
@@ -41,6 +42,8 @@ class Case:
             parts.append(f"ub{self.ubatch}")
         if self.tensor_split:
             parts.append(f"ngl{self.gpu_layers} ts{':'.join(f'{f:g}' for f in self.tensor_split)}")
+        if self.mmap:
+            parts.append("mmap")
         return " ".join(parts)
 
     def spec(self, model: Path) -> ModelSpec:
@@ -49,6 +52,7 @@ class Case:
             name=self.shape, file=model, mmproj=None, aliases=[], ctx=self.ctx, parallel=self.parallel,
             kv_unified=self.kv_unified, cache_type_k=self.cache_type_k, cache_type_v=self.cache_type_v,
             flash_attn=self.flash_attn, batch=self.batch, ubatch=self.ubatch,
+            args=[] if self.mmap else ["-lm", "none"],
         )  # fmt: skip
         return ModelSpec(**values)
 
@@ -60,6 +64,8 @@ class Case:
             args += ["-ts", ",".join(f"{f:g}" for f in self.tensor_split)]
         if embedding:
             args.append("--embedding")
+        if not self.mmap:
+            args += ["-lm", "none"]
         return args
 
     def probe_args(self, embedding: bool) -> list[str]:
@@ -121,7 +127,26 @@ SPLIT_CASES: list[Case] = [
     Case("deepseek-v2-lite-mtp", gpu_layers=12, tensor_split=(1, 1), oracle="probe"),
 ]
 
-CASES: list[Case] = CPU_CASES + SPLIT_CASES
+# Issue 13: flash attention "auto" as llama.cpp resolves it (on for the CPU and RPC devices), the
+# host's mapped file span with mmap, and full offloads of MoE and MLA models over two devices
+# (allocated for real, so with fewer blocks of the real shape).
+ISSUE_13_CASES: list[Case] = [
+    Case("lfm2-1.2b", ctx=32768, flash_attn="auto"),  # a hybrid at 32k: "auto" was charged as off
+    Case("gemma-3-4b", ctx=16384, parallel=4, flash_attn="auto"),
+    Case("qwen2.5-0.5b", ctx=8192, flash_attn="auto", gpu_layers=99, tensor_split=(1, 1)),
+    Case("llama-3.1-8b", ctx=8192, gpu_layers=20, tensor_split=(1,), mmap=True),  # head before blk.0
+    Case("tinyllama-1.1b", gpu_layers=12, tensor_split=(1, 1), mmap=True),
+    Case("llama-3.2-1b", gpu_layers=99, tensor_split=(1,), mmap=True),  # full offload: token_embd alone
+    Case("qwen2.5-0.5b", mmap=True),  # CPU only: the whole file
+    Case("deepseek-v2-lite-8l", gpu_layers=99, tensor_split=(1, 1)),
+    Case("deepseek-v2-lite-8l", ubatch=1024, gpu_layers=99, tensor_split=(1, 1)),
+    Case("deepseek-v2-lite-8l", ctx=8192, flash_attn="off", gpu_layers=99, tensor_split=(3, 1)),
+    Case("qwen3-30b-a3b-8l", gpu_layers=99, tensor_split=(1, 1)),
+    Case("qwen3-30b-a3b-8l", ctx=16384, parallel=4, kv_unified=False, gpu_layers=99, tensor_split=(1, 1)),
+    Case("mixtral-8x7b-5l", gpu_layers=99, tensor_split=(1, 1)),
+]
+
+CASES: list[Case] = CPU_CASES + SPLIT_CASES + ISSUE_13_CASES
 
 QUICK_CASES: list[Case] = [
     Case("qwen2.5-0.5b", ctx=8192, parallel=2, flash_attn="off"),
@@ -129,4 +154,6 @@ QUICK_CASES: list[Case] = [
     Case("bge-base-en-v1.5", ctx=512),
     Case("qwen2.5-0.5b", gpu_layers=99, tensor_split=(1, 1)),
     Case("lfm2-1.2b", gpu_layers=9, tensor_split=(1, 1)),
+    Case("lfm2-1.2b", ctx=32768, flash_attn="auto"),
+    Case("tinyllama-1.1b", gpu_layers=12, tensor_split=(1, 1), mmap=True),
 ]

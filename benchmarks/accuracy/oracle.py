@@ -1,8 +1,9 @@
 """What llama.cpp itself allocates for one case: the real llama-server, or a dry run of its allocator.
 
 Two oracles, both llama.cpp build 11434 reporting its own buffers:
-- "server": the real llama-server started with `-lm none -nr --fit off --no-warmup` (plain
-  accounting: no mmap file spans, no repacked copies, no fitting), optionally over RPC devices;
+- "server": the real llama-server started with `-nr --fit off --no-warmup` and, unless the case
+  maps the file, `-lm none` (plain accounting: no mmap file spans, no repacked copies, no
+  fitting), optionally over RPC devices;
   the log's `... model/KV/RS/compute/output buffer size = X MiB` lines are parsed (0.01 MiB).
   It allocates for real, so it is used for models that fit in RAM.
 - "probe": benchmarks/accuracy/probe.cpp, a dozen lines over libllama that load model and context
@@ -159,7 +160,7 @@ def run_server(model: Path, args: list[str], endpoints: list[str]) -> Measuremen
     """Start llama-server on `model`, read its buffer lines until it is ready, stop it."""
     binary = find_llama_bin() / "llama-server"
     argv = [str(binary), "-m", str(model), "--host", "127.0.0.1", "--port", str(free_port()),
-            "-lm", "none", "-nr", "--fit", "off", "--no-warmup", "-v", *args]  # fmt: skip
+            "-nr", "--fit", "off", "--no-warmup", "-v", *args]  # fmt: skip
     if endpoints:
         argv += ["--rpc", ",".join(endpoints)]
     process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -124,10 +124,12 @@ class Shape:
 
     def header(self, path: str = "/models/synthetic.gguf") -> ModelHeader:
         """The header read_header would return for the written file (no file needed)."""
-        tensors = [
-            TensorInfo(name=name, type=kind.name, shape=list(ne), n_bytes=tensor_bytes(ne, kind))
-            for name, ne, kind in self.tensors
-        ]
+        tensors = []
+        offset = 0  # from the start of the data section, as the gguf writer lays them out
+        for name, ne, kind in self.tensors:
+            size = tensor_bytes(ne, kind)
+            tensors.append(TensorInfo(name=name, type=kind.name, shape=list(ne), n_bytes=size, offset=offset))
+            offset += gguf.GGUFWriter.ggml_pad(size, 32)
         metadata = {"general.architecture": self.arch, **self.metadata}
         return ModelHeader(
             path=path,
@@ -307,13 +309,14 @@ def gemma(
     return Shape(name, arch, n_vocab, md, t)
 
 
-def deepseek2_lite(name: str, nextn: int = 0) -> Shape:
+def deepseek2_lite(name: str, nextn: int = 0, n_layer: int = 27) -> Shape:
     """DeepSeek-V2-Lite: MLA (kv_lora_rank 512, rope 64, no q LoRA), 64 experts of which 6 used, 2 shared.
 
     nextn: NextN/MTP blocks after the trunk, as DeepSeek-V3 has one (a MoE block and its nextn.*
-    projections and norms; the embeddings and head shared with the trunk).
+    projections and norms; the embeddings and head shared with the trunk). n_layer: fewer blocks
+    of the same shape, for runs that allocate for real (each block is alike after the first).
     """
-    n_vocab, n_embd, n_layer, n_head = 102400, 2048, 27, 16
+    n_vocab, n_embd, n_head = 102400, 2048, 16
     kv_lora, rope, nope, v_head = 512, 64, 128, 128
     n_ff, n_ff_exp, n_expert, n_shared = 10944, 1408, 64, 2
     more_bits = q4_k_m(n_layer)
@@ -371,6 +374,10 @@ def deepseek2_lite(name: str, nextn: int = 0) -> Shape:
     }
     if nextn:
         md["deepseek2.nextn_predict_layers"] = nextn
+    if n_layer not in (26, 27):
+        # llama.cpp knows the Lite layout by its block count (src/models/deepseek2.cpp is_lite); a
+        # rank of 0 says the same for other counts: queries through attn_q, no q LoRA
+        md["deepseek2.attention.q_lora_rank"] = 0
     return Shape(name, "deepseek2", n_vocab, md, t)
 
 
@@ -499,6 +506,9 @@ SHAPES: dict[str, Shape] = {
                    n_ff=14336, n_ctx_train=131072, rope_freqs=True),
         llama_like("llama-3.2-1b", "llama", n_vocab=128256, n_embd=2048, n_layer=16, n_head=32, n_head_kv=8,
                    n_ff=8192, n_ctx_train=131072, tied=True, rope_freqs=True),
+        # an untied head stored before blk.0: with mmap the host maps it too on a partial offload
+        llama_like("tinyllama-1.1b", "llama", n_vocab=32000, n_embd=2048, n_layer=22, n_head=32, n_head_kv=4,
+                   n_ff=5632, n_ctx_train=2048),
         llama_like("mistral-7b-v0.3", "llama", n_vocab=32768, n_embd=4096, n_layer=32, n_head=32, n_head_kv=8,
                    n_ff=14336, n_ctx_train=32768),
         llama_like("qwen2.5-7b", "qwen2", n_vocab=152064, n_embd=3584, n_layer=28, n_head=28, n_head_kv=4,
@@ -520,6 +530,14 @@ SHAPES: dict[str, Shape] = {
                    n_ff_exp=768),
         deepseek2_lite("deepseek-v2-lite"),
         deepseek2_lite("deepseek-v2-lite-mtp", nextn=1),
+        # the same blocks, fewer of them: full offloads over RPC devices allocate for real, so these
+        # keep the per-layer shapes (which size the compute buffers) at a few GB
+        llama_like("mixtral-8x7b-5l", "llama", n_vocab=32000, n_embd=4096, n_layer=5, n_head=32, n_head_kv=8,
+                   n_ff=14336, n_ctx_train=32768, n_expert=8, n_expert_used=2),
+        llama_like("qwen3-30b-a3b-8l", "qwen3moe", n_vocab=151936, n_embd=2048, n_layer=8, n_head=32, n_head_kv=4,
+                   n_ff=6144, n_ctx_train=40960, head_dim=128, qk_norm=True, n_expert=128, n_expert_used=8,
+                   n_ff_exp=768),
+        deepseek2_lite("deepseek-v2-lite-8l", n_layer=8),
         mamba("mamba-2.8b", n_vocab=50280, n_embd=2560, n_layer=64, d_state=16, d_conv=4, dt_rank=160),
         lfm2("lfm2-1.2b", n_vocab=65536, n_embd=2048, n_ff=8192, n_head=32,
              kv_heads=[0, 0, 8, 0, 0, 8, 0, 0, 8, 0, 8, 0, 8, 0, 8, 0], l_cache=3, n_ctx_train=128000),

@@ -84,6 +84,10 @@ SWA_PERIODS: dict[str, tuple[int, bool]] = {
 # gemma2 reads its window with a default of 4096 when the key is absent (src/models/gemma2.cpp).
 SWA_DEFAULT_WINDOW = {"gemma2": 4096}
 
+# src/models/<arch>.cpp: ALiBi position biases (f_max_alibi_bias > 0): always for these; mpt and
+# jais when {arch}.attention.max_alibi_bias says so; baichuan for its 13B shape (40 layers).
+ALIBI_ARCHITECTURES = frozenset({"bloom", "jina-bert-v2", "refact"})
+
 # Architectures whose tensors, caches and compute graph the estimator has been checked against
 # (benchmarks/accuracy measures them); others get the conservative treatment above.
 KNOWN_ARCHITECTURES = frozenset(
@@ -135,6 +139,7 @@ class Hyperparameters:
     ssm_d_inner: int
     key_length_mla: int  # per-head q/k width before absorption (MLA), else 0
     post_norms: bool  # gemma-style norms after attention and feed-forward (more live tensors)
+    alibi: bool = False  # ALiBi position biases instead of RoPE
 
     def n_embd_k_gqa(self, il: int) -> int:
         return (self.head_k_swa if self.is_swa[il] else self.head_k) * self.n_head_kv[il]
@@ -376,4 +381,7 @@ def _read_hyperparameters(header: ModelHeader) -> Hyperparameters:
         ssm_d_inner=d_inner,
         key_length_mla=_int(md, f"{arch}.attention.key_length_mla"),
         post_norms="blk.0.post_ffw_norm.weight" in names,
+        alibi=arch in ALIBI_ARCHITECTURES
+        or (arch == "baichuan" and n_layer_all == 40)
+        or _number(md, f"{arch}.attention.max_alibi_bias") > 0,
     )

@@ -29,7 +29,6 @@ from llama_smart_proxy.schemas.header import ModelHeader
 from llama_smart_proxy.supervisor.memory.architectures import header_int
 
 if TYPE_CHECKING:
-    from llama_smart_proxy.schemas.config import FlashAttn
     from llama_smart_proxy.supervisor.memory.architectures import Hyperparameters
     from llama_smart_proxy.supervisor.memory.profile import Context, DeviceBackend
 
@@ -190,6 +189,21 @@ def _partial(hp: Hyperparameters, ctx: Context, flash_attn: bool) -> int:
     return _mask_bytes(hp, ctx, flash_attn) + _recurrent_state_bytes(hp, ctx) + peak
 
 
+def _split_moe_rows(hp: Hyperparameters) -> int:
+    """Rows of n_embd a pipeline-parallel device needs beyond the dense rule for wide-routing MoE.
+
+    Measured with llama-server on two RPC devices (benchmarks/accuracy, the "-8l" shapes: real
+    blocks, fewer of them): on both devices Qwen3-30B-A3B (8 of 128 experts) needed one row more
+    than the dense rule, DeepSeek-V2-Lite (6 of 64, two shared, MLA) 2.2 rows more, at micro-batches
+    of 512 and 1024 with flash attention; Mixtral-8x7B (2 of 8) none. Where ggml-alloc puts them is
+    not modelled (see the partial-offload note in the results); this charges 2 rows, and 1 more
+    with MLA.
+    """
+    if not any(hp.is_moe) or hp.n_expert_used <= 2:
+        return 0
+    return 3 if hp.is_mla else 2
+
+
 def _roles(hp: Hyperparameters, ctx: Context, flash_attn: bool) -> dict[str, int]:
     """Compute buffer of each device role, as llama.cpp's CPU and RPC backends size them.
 
@@ -213,7 +227,7 @@ def _roles(hp: Hyperparameters, ctx: Context, flash_attn: bool) -> dict[str, int
         caches = 2 if any(hp.is_swa) else 1
         width = max(hp.n_embd_k_gqa(il) + hp.n_embd_v_gqa(il) for il in range(hp.n_layer))
         kv_rows = F32 * x * width * caches
-    extra = (SCHED_MAX_COPIES - 1) * masks + (SCHED_MAX_COPIES - 1) * kv_rows
+    extra = (SCHED_MAX_COPIES - 1) * masks + (SCHED_MAX_COPIES - 1) * kv_rows + _split_moe_rows(hp) * row
     return {
         "full": graph - row,
         "host_full": masks + 4 * row + kv_rows,
@@ -229,15 +243,12 @@ def compute_profile(
     hp: Hyperparameters,
     ctx: Context,
     *,
-    flash_attn: FlashAttn,
+    flash_attn: bool,
     largest_layer_tensor: int,
     device_backend: DeviceBackend,
 ) -> ComputeProfile:
-    if flash_attn == "auto":
-        on, off = _roles(hp, ctx, True), _roles(hp, ctx, False)
-        roles = {key: max(on[key], off[key]) for key in on}
-    else:
-        roles = _roles(hp, ctx, flash_attn == "on")
+    """Every role's buffer with flash attention as resolved (supervisor/memory/flash_attention.py)."""
+    roles = _roles(hp, ctx, flash_attn)
     charged = {key: _charged(value, hp) for key, value in roles.items()}
     if device_backend == "cpu":
         return ComputeProfile(

@@ -13,9 +13,17 @@ from __future__ import annotations
 import bisect
 from collections.abc import Sequence
 
-import numpy as np
+import struct
 
 from llama_smart_proxy.schemas.estimate import DeviceMemory, Estimate, MemoryProfile
+
+_F32 = struct.Struct("<f")
+
+
+def _f32(value: float) -> float:
+    """value rounded to float32. A sum or quotient of two float32 values computed in double and
+    rounded once is the float32 result (53 >= 2 * 24 + 2 bits), so this is llama.cpp's arithmetic."""
+    return _F32.unpack(_F32.pack(value))[0]
 
 
 def layer_devices(n_layers: int, gpu_layers: int, tensor_split: Sequence[float]) -> list[int | None]:
@@ -23,10 +31,14 @@ def layer_devices(n_layers: int, gpu_layers: int, tensor_split: Sequence[float])
     if not tensor_split or gpu_layers <= 0:
         return [None] * (n_layers + 1)
     # float32 throughout, as llama.cpp computes the split points, so boundaries round alike
-    cumulative = np.cumsum(np.asarray(tensor_split, dtype=np.float32), dtype=np.float32)
-    if not cumulative[-1] > 0:
+    cumulative = []
+    total = 0.0
+    for fraction in tensor_split:
+        total = _f32(total + _f32(fraction))
+        cumulative.append(total)
+    if not total > 0:
         raise ValueError(f"tensor split {list(tensor_split)} has no positive fraction")
-    bounds = list(cumulative / cumulative[-1])
+    bounds = [_f32(c / total) for c in cumulative]
     on_gpu = min(gpu_layers, n_layers + 1)
     first = n_layers + 1 - on_gpu
     devices: list[int | None] = []
@@ -34,7 +46,7 @@ def layer_devices(n_layers: int, gpu_layers: int, tensor_split: Sequence[float])
         if il < first:
             devices.append(None)
         else:
-            position = np.float32(il - first) / np.float32(on_gpu)
+            position = _f32(_f32(il - first) / _f32(on_gpu))
             devices.append(min(bisect.bisect_right(bounds, position), len(bounds) - 1))
     return devices
 
@@ -66,6 +78,9 @@ def place(profile: MemoryProfile, gpu_layers: int, tensor_split: Sequence[float]
         # the tied head is a duplicate of token_embd, which stays on the host (TENSOR_DUPLICATED)
         weights[output_slot] += profile.tied_output_bytes
     weights[host] += profile.input_weights_bytes
+    if profile.host_mapped_bytes:
+        # with mmap the host holds the file span of its tensors, not their sum (get_mapping_range)
+        weights[host] = profile.host_mapped_bytes[n + 1 - gpu_layers if n_gpus else n + 1]
 
     compute = [0] * n_gpus
     used = sorted({d for d in where if d is not None})

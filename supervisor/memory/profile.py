@@ -19,24 +19,25 @@ Pure: no I/O, no clock. It mirrors how llama.cpp build 11434 sizes each buffer:
   (src/llama-context.cpp output_reserve, with llama-server's n_outputs_max = parallel);
 - compute buffers: supervisor/memory/compute.py.
 
-`flash_attn = "auto"` resolves to on: llama.cpp turns it on wherever the device supports the
-model's attention (the CPU always; CUDA for the usual head sizes). Because a device may still
-refuse it, "auto" is charged the larger of the on and off figures for the KV cache and the
-compute buffers, so it never under-counts either way.
+- host weights with mmap (llama-server's default load mode): the file span from the first to the
+  last tensor that stays on the host, per file (src/llama-model-loader.cpp get_mapping_range), so
+  a tensor stored between two host tensors counts there even when it is loaded to a GPU; without
+  mmap (`-lm none`), or for a header recorded without offsets, the host tensors' sizes.
+
+`flash_attn = "auto"` is resolved for the kinds of device the model runs on, as llama.cpp does
+(supervisor/memory/flash_attention.py), and charged as resolved.
 """
 
 from __future__ import annotations
 
-import re
+import functools
 from dataclasses import dataclass
 from typing import Literal
-
-import gguf
 
 from llama_smart_proxy.schemas.config import ModelSpec
 from llama_smart_proxy.schemas.estimate import EstimateSettings, LayerMemory, MemoryProfile
 from llama_smart_proxy.schemas.header import ModelHeader, TensorInfo
-from llama_smart_proxy.supervisor.memory import compute
+from llama_smart_proxy.supervisor.memory import compute, flash_attention
 from llama_smart_proxy.supervisor.memory.architectures import (
     MTP_NEVER_LOADED_ARCHITECTURES,
     MTP_ON_REQUEST_ARCHITECTURES,
@@ -61,19 +62,35 @@ DEVICE_OVERHEAD_BYTES = 768 * MIB
 DEFAULT_CONTEXT = 4096  # when neither the config nor the model gives one
 
 DeviceBackend = Literal["cuda", "cpu"]
+"""How a model's offload devices allocate: "cuda", or "cpu" for llama.cpp's CPU backend and RPC
+devices serving it (32-byte alignment, no CUDA context, flash attention for every head size)."""
+# common/arg.cpp --load-mode: these modes do not map the file
+_NO_MMAP_MODES = ("none", "dio")
 
-_CACHE_TYPES = {
-    "f32": gguf.GGMLQuantizationType.F32,
-    "f16": gguf.GGMLQuantizationType.F16,
-    "bf16": gguf.GGMLQuantizationType.BF16,
-    "q8_0": gguf.GGMLQuantizationType.Q8_0,
-    "q4_0": gguf.GGMLQuantizationType.Q4_0,
-    "q4_1": gguf.GGMLQuantizationType.Q4_1,
-    "q5_0": gguf.GGMLQuantizationType.Q5_0,
-    "q5_1": gguf.GGMLQuantizationType.Q5_1,
-    "iq4_nl": gguf.GGMLQuantizationType.IQ4_NL,
-}
-_BLOCK = re.compile(r"^blk\.(\d+)\.")
+# (values per block, bytes per block) of each GGML type, as gguf.GGML_QUANT_SIZES gives them (a
+# test keeps the two equal): planning from a snapshot then needs neither gguf nor numpy, whose
+# imports cost more than the planning itself.
+QUANT_SIZES: dict[str, tuple[int, int]] = {
+    "F32": (1, 4), "F16": (1, 2), "Q4_0": (32, 18), "Q4_1": (32, 20), "Q5_0": (32, 22), "Q5_1": (32, 24),
+    "Q8_0": (32, 34), "Q8_1": (32, 40), "Q2_K": (256, 84), "Q3_K": (256, 110), "Q4_K": (256, 144),
+    "Q5_K": (256, 176), "Q6_K": (256, 210), "Q8_K": (256, 292), "IQ2_XXS": (256, 66), "IQ2_XS": (256, 74),
+    "IQ3_XXS": (256, 98), "IQ1_S": (256, 50), "IQ4_NL": (32, 18), "IQ3_S": (256, 110), "IQ2_S": (256, 82),
+    "IQ4_XS": (256, 136), "I8": (1, 1), "I16": (1, 2), "I32": (1, 4), "I64": (1, 8), "F64": (1, 8),
+    "IQ1_M": (256, 56), "BF16": (1, 2), "TQ1_0": (256, 54), "TQ2_0": (256, 66), "MXFP4": (32, 17),
+    "NVFP4": (64, 36), "Q1_0": (128, 18),
+}  # fmt: skip
+
+
+def quant_size(type_name: str) -> tuple[int, int]:
+    """(values per block, bytes per block) of a GGML type by name; gguf's table for one it lacks."""
+    size = QUANT_SIZES.get(type_name)
+    if size is None:
+        import gguf
+
+        size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[type_name]]
+    return size
+
+
 # src/llama-arch.cpp LLM_TENSOR_INFOS: LLM_TENSOR_LAYER_INPUT tensors stay on the host.
 _INPUT_TENSORS = ("token_embd.", "position_embd.", "token_types.", "per_layer_token_embd.")
 # Repeating-layer tensors created with layer index 0 although their names carry none.
@@ -86,7 +103,7 @@ def pad(value: int, multiple: int) -> int:
 
 def row_bytes(cache_type: str, width: int) -> int:
     """ggml_row_size: bytes of `width` values of the given cache type."""
-    block, size = gguf.GGML_QUANT_SIZES[_CACHE_TYPES[cache_type]]
+    block, size = quant_size(cache_type.upper())
     return -(-width // block) * size
 
 
@@ -152,15 +169,97 @@ def recurrent_bytes_per_layer(hp: Hyperparameters, ctx: Context) -> list[int]:
 
 def tensor_bytes(tensor: TensorInfo, backend: DeviceBackend) -> int:
     """Bytes a weight takes in a device buffer (ggml_backend_buft_get_alloc_size, padded)."""
+    return _padded(tensor.type, tensor.shape[0] if tensor.shape else 0, tensor.n_bytes, backend)
+
+
+@functools.lru_cache(maxsize=4096)
+def _padded(type_name: str, ne0: int, n_bytes: int, backend: DeviceBackend) -> int:
     if backend == "cpu":
-        return pad(tensor.n_bytes, CPU_ALIGNMENT)
-    size = tensor.n_bytes
-    quant = gguf.GGMLQuantizationType[tensor.type]
-    block, type_size = gguf.GGML_QUANT_SIZES[quant]
-    if block > 1 and tensor.shape and tensor.shape[0] % CUDA_MATRIX_ROW_PADDING:
+        return pad(n_bytes, CPU_ALIGNMENT)
+    size = n_bytes
+    block, type_size = quant_size(type_name)
+    if block > 1 and ne0 % CUDA_MATRIX_ROW_PADDING:
         # ggml-cuda.cu: quantized rows are padded so the kernels may read past the last one
-        size += -(-(CUDA_MATRIX_ROW_PADDING - tensor.shape[0] % CUDA_MATRIX_ROW_PADDING) // block) * type_size
+        size += -(-(CUDA_MATRIX_ROW_PADDING - ne0 % CUDA_MATRIX_ROW_PADDING) // block) * type_size
     return pad(size, CUDA_ALIGNMENT)
+
+
+def uses_mmap(spec: ModelSpec) -> bool:
+    """Whether llama-server maps the file (its default, `-lm auto`), from the child's own args."""
+    mode = spec.env.get("LLAMA_ARG_LOAD_MODE", "auto")
+    args = list(spec.args)
+    for i, arg in enumerate(args):
+        if arg in ("-lm", "--load-mode") and i + 1 < len(args):
+            mode = args[i + 1]
+        elif arg.startswith("--load-mode="):
+            mode = arg.partition("=")[2]
+        elif arg == "--no-mmap":
+            mode = "none"
+    return mode not in _NO_MMAP_MODES
+
+
+def mapped_spans(header: ModelHeader, n_layer: int, unloaded_blocks: int = 0) -> list[int]:
+    """Bytes llama.cpp maps on the host with mmap when the first k layer units stay there, for
+    k = 0..n_layer+1 (unit n_layer is the output layer): per file, from the first to the last
+    byte of the host's tensors (the input layer always among them). Empty when the header has
+    no offsets (a snapshot recorded before they were)."""
+    nowhere = 1 << 62
+    lo: dict[int, list[int]] = {}  # per file part, per unit (the input layer at n_layer + 1)
+    hi: dict[int, list[int]] = {}
+    for tensor in header.tensors:
+        start = tensor.offset
+        if start is None:
+            return []
+        unit = _unit(tensor.name, n_layer, unloaded_blocks)
+        if unit is None:
+            continue
+        first = lo.get(tensor.part)
+        if first is None:
+            first = lo[tensor.part] = [nowhere] * (n_layer + 2)
+            hi[tensor.part] = [-1] * (n_layer + 2)
+        last = hi[tensor.part]
+        end = start + tensor.n_bytes
+        if start < first[unit]:
+            first[unit] = start
+        if end > last[unit]:
+            last[unit] = end
+    spans = [0] * (n_layer + 2)
+    for part, first in lo.items():
+        last = hi[part]
+        low, high = first[n_layer + 1], last[n_layer + 1]  # the input layer
+        for k in range(n_layer + 2):
+            if k == n_layer + 1:  # everything on the host: the output layer too
+                low, high = min(low, first[n_layer]), max(high, last[n_layer])
+            if high >= 0:
+                spans[k] += high - low
+            if k < n_layer:
+                low, high = min(low, first[k]), max(high, last[k])
+    return spans
+
+
+@functools.lru_cache(maxsize=1 << 16)  # tensor names repeat from model to model
+def _block(name: str) -> int | None:
+    """il of a `blk.il.*` tensor, else None."""
+    if not name.startswith("blk."):
+        return None
+    end = name.find(".", 4)
+    number = name[4:end] if end > 0 else ""
+    return int(number) if number.isdigit() else None
+
+
+def _unit(name: str, n_layer: int, unloaded_blocks: int) -> int | None:
+    """The layer unit a tensor belongs to: il for blk.il, n_layer for the output layer, n_layer+1
+    for the input layer; None for a block llama.cpp does not load."""
+    il = _block(name)
+    if il is not None:
+        if n_layer - unloaded_blocks <= il < n_layer:
+            return None
+        return il if il < n_layer else n_layer
+    if name.startswith(_INPUT_TENSORS):
+        return n_layer + 1
+    if name.startswith(_LAYER_ZERO_TENSORS) and n_layer:
+        return 0
+    return n_layer
 
 
 @dataclass(frozen=True)
@@ -184,9 +283,8 @@ def split_weights(
     has_output = False
     for tensor in header.tensors:
         size = tensor_bytes(tensor, backend)
-        match = _BLOCK.match(tensor.name)
-        if match is not None:
-            il = int(match.group(1))
+        il = _block(tensor.name)
+        if il is not None:
             if n_layer - unloaded_blocks <= il < n_layer:
                 continue
             if il < n_layer:
@@ -234,16 +332,20 @@ def memory_profile(
     hp = hyperparameters(header)
     ctx = resolve_context(hp, spec)
     warnings: list[str] = []
-    flash_attn = spec.flash_attn != "off"
+    kinds: frozenset[flash_attention.DeviceKind] = frozenset({device_backend, "cpu"})
+    flash_attn, why = flash_attention.resolve(hp, spec.flash_attn, spec.cache_type_k, spec.cache_type_v, kinds)
+    if why:
+        warnings.append(why)
     if spec.flash_attn == "off" and is_quantized_cache(spec.cache_type_v) and not hp.is_mla:
         warnings.append(
             f"cache_type_v {spec.cache_type_v} needs flash attention: llama.cpp refuses to start "
             "with flash_attn off and a quantized V cache"
         )
-    kv_on = kv_bytes_per_layer(hp, ctx, spec, flash_attn=True)
-    kv = kv_on if spec.flash_attn == "on" else [
-        max(a, b) for a, b in zip(kv_on, kv_bytes_per_layer(hp, ctx, spec, flash_attn=False))
-    ]
+    # "auto" that resolves to off still has its cache laid out for flash attention (created before
+    # the check); the planner launches "off", which transposes V: charge the larger of the two
+    kv = kv_bytes_per_layer(hp, ctx, spec, flash_attn=flash_attn)
+    if spec.flash_attn == "auto" and not flash_attn:
+        kv = [max(a, b) for a, b in zip(kv, kv_bytes_per_layer(hp, ctx, spec, flash_attn=True))]
     recurrent = recurrent_bytes_per_layer(hp, ctx)
     unloaded = unloaded_mtp_blocks(hp, spec)
     if unloaded:
@@ -282,13 +384,13 @@ def memory_profile(
     compute_profile = compute.compute_profile(
         hp,
         ctx,
-        flash_attn=spec.flash_attn,
+        flash_attn=flash_attn,
         largest_layer_tensor=weights.largest_layer_tensor,
         device_backend=device_backend,
     )
     device_overhead = 0
     if device_backend == "cuda":
-        pool = compute.cuda_pool_bytes(hp, ctx, flash_attn=spec.flash_attn == "on")  # "auto" may end up off
+        pool = compute.cuda_pool_bytes(hp, ctx, flash_attn=flash_attn)
         device_overhead = DEVICE_OVERHEAD_BYTES + pool
     mmproj_bytes = 0
     if mmproj is not None:
@@ -308,7 +410,8 @@ def memory_profile(
         ubatch=ctx.n_ubatch,
     )
     layers = [
-        LayerMemory(weights_bytes=w, kv_bytes=k, recurrent_bytes=r)
+        # computed here, so already valid: construct without validating each layer again
+        LayerMemory.model_construct(weights_bytes=w, kv_bytes=k, recurrent_bytes=r)
         for w, k, r in zip(weights.layers, kv, recurrent)
     ]
     return MemoryProfile(
@@ -324,5 +427,6 @@ def memory_profile(
         compute=compute_profile,
         device_overhead_bytes=device_overhead,
         mmproj_bytes=mmproj_bytes,
+        host_mapped_bytes=mapped_spans(header, hp.n_layer, unloaded) if uses_mmap(spec) else [],
         warnings=warnings,
     )

@@ -135,7 +135,7 @@ def _read_unchanged(path: Path, identity: tuple[tuple[int, ...], ...]) -> ModelH
 
 def _read_parts(path: Path, files: list[Path]) -> ModelHeader:
     first = files[0]
-    parts = [_read_part(part) for part in files]
+    parts = [_read_part(part, index) for index, part in enumerate(files)]
     head = parts[0]
     architecture = head.metadata.get("general.architecture")
     if architecture is None or architecture == "":
@@ -175,14 +175,14 @@ def _check_required(path: Path, architecture: str, metadata: dict[str, MetadataV
         raise ModelFileError(path, f"missing required key{'s' if len(missing) > 1 else ''} {', '.join(missing)}")
 
 
-def _read_part(path: Path) -> _Part:
+def _read_part(path: Path, index: int = 0) -> _Part:
     try:
         with open(path, "rb") as handle:
             size = handle.seek(0, 2)
             if size < 4:
                 raise ModelFileError(path, f"not a GGUF file ({size} bytes)")
             with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as view:
-                return _parse(path, view, size)
+                return _parse(path, view, size, index)
     except IsADirectoryError:
         raise ModelFileError(path, "is a directory, not a GGUF file") from None
     except PermissionError:
@@ -191,7 +191,7 @@ def _read_part(path: Path) -> _Part:
         raise ModelFileError(path, f"cannot be read: {exc.strerror or exc}") from None
 
 
-def _parse(path: Path, buf: mmap.mmap, size: int) -> _Part:
+def _parse(path: Path, buf: mmap.mmap, size: int, index: int = 0) -> _Part:
     if buf[:4] != GGUF_MAGIC:
         raise ModelFileError(path, f"not a GGUF file (starts with {bytes(buf[:4])!r}, expected b'GGUF')")
     part = _Part(path=path, size=size)
@@ -260,7 +260,9 @@ def _parse(path: Path, buf: mmap.mmap, size: int) -> _Part:
             raise ModelFileError(
                 path, f"truncated: tensor {name} ends at byte {end} but the file has {size} bytes"
             )
-        part.tensors.append(TensorInfo(name=name, type=quant.name, shape=shape, n_bytes=n_bytes))
+        part.tensors.append(
+            TensorInfo(name=name, type=quant.name, shape=shape, n_bytes=n_bytes, offset=data_start + data_offset, part=index)
+        )
     return part
 
 
