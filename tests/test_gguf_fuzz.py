@@ -79,12 +79,33 @@ def tensors() -> list[tuple[str, tuple[int, ...]]]:
     return shapes
 
 
+@dataclass(frozen=True)
+class TypedArray:
+    """An array field's items with their declared type (gguf < 0.17 infers it from the first item)."""
+
+    items: list[Any]
+    item_type: T
+
+
+class TypedWriter(gguf.GGUFWriter):
+    """gguf's writer, writing a `TypedArray` with its own item type, on every gguf the project allows."""
+
+    def _pack_val(self, val: Any, vtype: T, add_vtype: bool, sub_type: T | None = None) -> bytes:
+        if not isinstance(val, TypedArray):
+            return super()._pack_val(val, vtype, add_vtype)
+        packed = bytearray(self._pack("I", T.ARRAY) if add_vtype else b"")
+        packed += self._pack("I", val.item_type) + self._pack("Q", len(val.items))
+        for item in val.items:
+            packed += super()._pack_val(item, val.item_type, add_vtype=False)
+        return bytes(packed)
+
+
 def write_gguf(path: Path, fields: dict[str, Field]) -> Path:
     """A GGUF file with exactly these metadata fields (typed as given) and the base tensors."""
-    writer = gguf.GGUFWriter(path, "llama")
+    writer = TypedWriter(path, "llama")
     writer.kv_data[0].clear()  # the constructor's general.architecture: written from `fields`
-    for key, (value, vtype, sub_type) in fields.items():
-        writer.add_key_value(key, value, vtype, sub_type)
+    for key, (value, vtype, item_type) in fields.items():
+        writer.add_key_value(key, TypedArray(value, item_type) if item_type is not None else value, vtype)
     for name, shape in tensors():
         writer.add_tensor(name, np.zeros(shape, dtype=np.float32))
     writer.write_header_to_file()
