@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from llama_smart_proxy.schemas.plan import Plan
-from llama_smart_proxy.supervisor.config import load_config
+from llama_smart_proxy.supervisor.config.load import load_config
 from llama_smart_proxy.supervisor.errors import RuntimeFailure, UserError
 
 log = logging.getLogger("llama-smart-proxy")
@@ -44,7 +44,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_tiny_model(args: argparse.Namespace) -> int:
-    from llama_smart_proxy.supervisor.tinymodel import write_tiny_model
+    from llama_smart_proxy.supervisor.service.tinymodel import write_tiny_model
 
     try:
         path = write_tiny_model(args.path)
@@ -64,8 +64,8 @@ def cmd_schema(args: argparse.Namespace) -> int:
 
 
 def cmd_inventory(args: argparse.Namespace) -> int:
-    from llama_smart_proxy.supervisor.inventory import describe_inventory, dump_inventory, take_inventory
-    from llama_smart_proxy.supervisor.snapshot import record_headers
+    from llama_smart_proxy.supervisor.planning.inventory import describe_inventory, dump_inventory, take_inventory
+    from llama_smart_proxy.supervisor.planning.headers import record_headers
 
     models: dict = {}
     warnings: list[str] = []
@@ -83,14 +83,14 @@ def cmd_inventory(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from llama_smart_proxy.supervisor.plan_report import render_plan, verdict
-    from llama_smart_proxy.supervisor.planning import Source, prepare
+    from llama_smart_proxy.supervisor.planning.report import render_plan, verdict
+    from llama_smart_proxy.supervisor.planning.prepare import Source, prepare
 
     prepared = prepare(Source(args.config, inventory_path=args.inventory, require_model_files=False))
     result = prepared.plan
     outcome = verdict(result, strict=args.strict)
     if args.against is not None:
-        from llama_smart_proxy.supervisor.reload import diff_plans, refusal
+        from llama_smart_proxy.supervisor.service.reload_diff import diff_plans, refusal
 
         running = read_running_plan(args.against)
         why = refusal(running, result)
@@ -138,8 +138,8 @@ def read_running_plan(where: str) -> Plan:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from llama_smart_proxy.supervisor.planning import Source
-    from llama_smart_proxy.supervisor.serve import demo_config, serve
+    from llama_smart_proxy.supervisor.planning.prepare import Source
+    from llama_smart_proxy.supervisor.service.serve import demo_config, serve
 
     overrides = {"proxy.listen": args.listen} if args.listen else None
     if args.demo:

@@ -17,10 +17,10 @@ from pathlib import Path
 import anyio
 import pytest
 
-from llama_smart_proxy.supervisor.child_state import ChildState
-from llama_smart_proxy.supervisor.children import supervise
-from llama_smart_proxy.supervisor.ports import PortPool
-from llama_smart_proxy.supervisor.process import (
+from llama_smart_proxy.supervisor.children.state import ChildState
+from llama_smart_proxy.supervisor.children.supervise import supervise
+from llama_smart_proxy.supervisor.children.ports import PortPool
+from llama_smart_proxy.supervisor.children.child import (
     BIND_FAILURE,
     HEALTH_POLL_S,
     Child,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from llama_smart_proxy.supervisor.child_state import (
+from llama_smart_proxy.supervisor.children.state import (
     JITTER,
     TRANSITIONS,
     ChildEvent,

@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from llama_smart_proxy.supervisor.gpu_sampler import GpuSample, GpuSampler
+from llama_smart_proxy.supervisor.service.gpu_sampler import GpuSample, GpuSampler
 from llama_smart_proxy.supervisor.proxy.backends import ActionRefused
 from tests.fakes.supervision import pid_alive
 from tests.helpers import wait_for
@@ -179,7 +179,7 @@ def test_a_reload_with_an_unreadable_api_keys_file_changes_nothing(harness: Harn
 def test_an_unexpected_error_while_preparing_a_reload_is_a_refused_reload(harness: Harness, monkeypatch) -> None:
     # bug: a reload meeting an unexpected error (a header field of the wrong type) escaped its
     # task group: under --watch or SIGHUP the whole service stopped; POST /admin/reload hung up
-    from llama_smart_proxy.supervisor import reload_transaction
+    from llama_smart_proxy.supervisor.service import reload_transaction
 
     config = harness.write_config({"a": {}})
     with harness.serving(config) as running:
@@ -232,7 +232,7 @@ def two_on_demand_that_fit_one_at_a_time(harness: Harness, **a_extra) -> tuple[P
     models = {"a": {"mode": "on-demand", **a_extra}, "b": {"mode": "on-demand"}}
     config = harness.write_config(models)
     probe = harness.write_inventory([80 * 1024**3], name="probe.json")
-    from llama_smart_proxy.supervisor.planning import Source, prepare
+    from llama_smart_proxy.supervisor.planning.prepare import Source, prepare
 
     need = prepare(Source(config, inventory_path=probe)).plan.model("a").estimate.gpus[0].total_bytes
     return config, harness.write_inventory([need * 3 // 2])

@@ -21,7 +21,7 @@ from llama_smart_proxy.schemas.config import Config, ModelSpec
 from llama_smart_proxy.schemas.estimate import MemoryProfile
 from llama_smart_proxy.schemas.header import ModelHeader
 from llama_smart_proxy.supervisor.errors import UserError
-from llama_smart_proxy.supervisor.planner import HeaderInfo
+from llama_smart_proxy.supervisor.planning.planner import HeaderInfo
 
 Reader = Callable[[Path], ModelHeader]
 Profiler = Callable[[ModelHeader, ModelSpec, "ModelHeader | None"], MemoryProfile]

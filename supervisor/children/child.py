@@ -3,7 +3,7 @@
 Rules kept here:
 - `Child.run()` is the child's one owner: it spawns, watches and reaps; it runs inside a task
   group of the caller's, and when that group is cancelled it stops the child before returning;
-- state changes go through `Child._transition` and the table in supervisor/child_state.py only;
+- state changes go through `Child._transition` and the table in supervisor/children/state.py only;
   callers never move the state: they say what they want (`ensure_ready`, `stop`, `reset`) and
   wait for it (`wait_for`), so no read gates a mutation (llama-swap's rule);
 - ready means alive AND GET /health answered 200, polled every `HEALTH_POLL_S`; a child that exits
@@ -40,7 +40,7 @@ from anyio.abc import ByteReceiveStream, Process, TaskStatus
 
 from llama_smart_proxy.schemas.config import LlamaServerSettings
 from llama_smart_proxy.schemas.launch import LaunchSpec
-from llama_smart_proxy.supervisor.child_state import (
+from llama_smart_proxy.supervisor.children.state import (
     ChildEvent,
     ChildState,
     CrashHistory,
@@ -48,11 +48,11 @@ from llama_smart_proxy.supervisor.child_state import (
     LoadDeadline,
     next_state,
 )
-from llama_smart_proxy.supervisor.health_probe import probe_health
-from llama_smart_proxy.supervisor.launch import build_command
-from llama_smart_proxy.supervisor.ledger import NoRoom
-from llama_smart_proxy.supervisor.ports import NoFreePort, PortPool
-from llama_smart_proxy.supervisor.process_group import signal_group, spawn_in_group, stop_group
+from llama_smart_proxy.supervisor.children.health_probe import probe_health
+from llama_smart_proxy.supervisor.children.launch import build_command
+from llama_smart_proxy.supervisor.service.ledger import NoRoom
+from llama_smart_proxy.supervisor.children.ports import NoFreePort, PortPool
+from llama_smart_proxy.supervisor.children.process_group import signal_group, spawn_in_group, stop_group
 
 log = logging.getLogger("llama-smart-proxy.process")
 output_log = logging.getLogger("llama-smart-proxy.llama-server")
@@ -105,7 +105,7 @@ class ChildRefused(ChildError):
 
 
 class Hold(Protocol):
-    """Memory held for one process (supervisor.ledger.Reservation)."""
+    """Memory held for one process (supervisor.service.ledger.Reservation)."""
 
     def release(self) -> None: ...
 

@@ -5,7 +5,7 @@ Rules kept here:
 - a port something else listens on is skipped (found by binding it, as llama-server will);
 - leases go round the range, so a retry after "couldn't bind" gets another port, not the same one;
 - the probe is only a hint: another program may take the port between the probe and the child's
-  bind, which supervisor/process.py recognises in the child's output and retries.
+  bind, which supervisor/children/child.py recognises in the child's output and retries.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from __future__ import annotations
 import socket
 from collections.abc import Callable
 
-from llama_smart_proxy.supervisor.launch import CHILD_HOST
+from llama_smart_proxy.supervisor.children.launch import CHILD_HOST
 
 
 class NoFreePort(RuntimeError):

@@ -2,7 +2,7 @@
 
 Rules kept here:
 - the states are an Enum and every legal move is one row of `TRANSITIONS`; anything else raises
-  `IllegalTransition` naming the state and the event (supervisor/process.py is the only caller);
+  `IllegalTransition` naming the state and the event (supervisor/children/child.py is the only caller);
 - a crash loop is s6-permafailon's rule: `deaths` deaths within `window` seconds, where the clock
   counts only time the child was ready (serving): load time and restart delays do not count, so a
   model that takes minutes to load is judged like one that takes a second;

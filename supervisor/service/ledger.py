@@ -1,13 +1,13 @@
 """The memory ledger: every GPU byte the service's children use is one reservation here.
 
 Rules kept here (the ledger promise of DESIGN.md):
-- a child process is spawned only after its reservation is taken (supervisor/process.py asks for
+- a child process is spawned only after its reservation is taken (supervisor/children/child.py asks for
   it right before the spawn), and the reservation is released only once that process is reaped;
 - per GPU, reserved <= usable at every instant: `reserve` refuses what does not fit, whole;
 - usable is the plan's: free memory when the inventory was taken, minus the reserve (a reload
   sets new figures; reservations already held stay until their processes are reaped);
 - pure bookkeeping, no I/O and no awaits: deciding what to stop to make room is eviction's job
-  (supervisor/eviction.py), and waiting for room the runtime's.
+  (supervisor/service/eviction.py), and waiting for room the runtime's.
 """
 
 from __future__ import annotations

@@ -3,14 +3,14 @@
 `Runtime` is the proxy's `Backends`. It owns one `ModelEntry` per configured model (its plan
 entry and its supervised `Child`) plus the predecessors a reload retired that still drain, and it
 is their only writer. Each promise has one owner that every path passes through:
-- memory: the `MemoryLedger` (supervisor/ledger.py). A child asks `Runtime.reserve` right before
-  each spawn; a start that does not fit stops idle on-demand models (supervisor/eviction.py),
+- memory: the `MemoryLedger` (supervisor/service/ledger.py). A child asks `Runtime.reserve` right before
+  each spawn; a start that does not fit stops idle on-demand models (supervisor/service/eviction.py),
   waits while only models that will go away (busy on-demand, retiring, stopping) are in its way,
   and is refused with the GPUs and bytes otherwise. Decisions are made under one lock;
-- admission: one `Admission` per model name (supervisor/admission.py), kept across reloads;
+- admission: one `Admission` per model name (supervisor/service/admission.py), kept across reloads;
   `lease()` takes a queue place while it waits and a permit while it runs, both returned on
   every path; a request never waits unbounded (queue_limit, queue_timeout);
-- routing: the `RoutingTable` (supervisor/routing.py), swapped whole by a reload;
+- routing: the `RoutingTable` (supervisor/service/routing.py), swapped whole by a reload;
 - reload: `stage()` builds everything a new config needs without side effects (or raises);
   `apply()` then acts on the difference and cannot fail as a whole: a changed or removed model
   stops taking requests, finishes its in-flight ones (up to drain_timeout), then stops, and its
@@ -31,16 +31,16 @@ from anyio.abc import TaskStatus
 
 from llama_smart_proxy.schemas.config import ModelSpec
 from llama_smart_proxy.schemas.plan import ModelPlan, Plan
-from llama_smart_proxy.supervisor.admission import Admission, QueueFull
-from llama_smart_proxy.supervisor.child_state import ChildState
-from llama_smart_proxy.supervisor.children import Children
-from llama_smart_proxy.supervisor.eviction import Occupant, choose_victims
-from llama_smart_proxy.supervisor.gpu_sampler import GpuSampler
-from llama_smart_proxy.supervisor.launch import CHILD_HOST
-from llama_smart_proxy.supervisor.ledger import MemoryLedger, NoRoom, Reservation, describe_bytes
-from llama_smart_proxy.supervisor.planning import Prepared
-from llama_smart_proxy.supervisor.ports import PortPool
-from llama_smart_proxy.supervisor.process import Child, ChildError, ChildRefused, ChildStartError, ChildStopped
+from llama_smart_proxy.supervisor.service.admission import Admission, QueueFull
+from llama_smart_proxy.supervisor.children.state import ChildState
+from llama_smart_proxy.supervisor.children.supervise import Children
+from llama_smart_proxy.supervisor.service.eviction import Occupant, choose_victims
+from llama_smart_proxy.supervisor.service.gpu_sampler import GpuSampler
+from llama_smart_proxy.supervisor.children.launch import CHILD_HOST
+from llama_smart_proxy.supervisor.service.ledger import MemoryLedger, NoRoom, Reservation, describe_bytes
+from llama_smart_proxy.supervisor.planning.prepare import Prepared
+from llama_smart_proxy.supervisor.children.ports import PortPool
+from llama_smart_proxy.supervisor.children.child import Child, ChildError, ChildRefused, ChildStartError, ChildStopped
 from llama_smart_proxy.supervisor.proxy.backends import (
     ActionRefused,
     GpuStatus,
@@ -53,14 +53,14 @@ from llama_smart_proxy.supervisor.proxy.backends import (
     Upstream,
     UpstreamUnreachable,
 )
-from llama_smart_proxy.supervisor.reload import (
+from llama_smart_proxy.supervisor.service.reload_diff import (
     PlanDiff,
     ReloadRecord,
     deferred_settings,
     diff_plans,
     with_setting_changes,
 )
-from llama_smart_proxy.supervisor.routing import RoutingTable
+from llama_smart_proxy.supervisor.service.routing import RoutingTable
 
 log = logging.getLogger("llama-smart-proxy.runtime")
 
@@ -173,7 +173,7 @@ class Staged:
 
 
 class _Owner:
-    """What one entry's child asks of the runtime (supervisor.process.ChildOwner)."""
+    """What one entry's child asks of the runtime (supervisor.children.child.ChildOwner)."""
 
     def __init__(self, runtime: Runtime, entry: ModelEntry) -> None:
         self.runtime = runtime
