@@ -30,7 +30,7 @@ from llama_smart_proxy.supervisor.memory.architectures import header_int
 
 if TYPE_CHECKING:
     from llama_smart_proxy.supervisor.memory.architectures import Hyperparameters
-    from llama_smart_proxy.supervisor.memory.profile import Context, DeviceBackend
+    from llama_smart_proxy.supervisor.memory.geometry import Context, DeviceBackend
 
 MIB = 1024**2
 F32 = 4
