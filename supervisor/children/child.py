@@ -49,8 +49,8 @@ from llama_smart_proxy.supervisor.children.state import (
     next_state,
 )
 from llama_smart_proxy.supervisor.children.health_probe import probe_health
+from llama_smart_proxy.supervisor.children.hold import Hold, NoRoom
 from llama_smart_proxy.supervisor.children.launch import build_command
-from llama_smart_proxy.supervisor.service.ledger import NoRoom
 from llama_smart_proxy.supervisor.children.ports import NoFreePort, PortPool
 from llama_smart_proxy.supervisor.children.process_group import signal_group, spawn_in_group, stop_group
 
@@ -102,12 +102,6 @@ class ChildStopped(ChildError):
 class ChildRefused(ChildError):
     """The start waited for could not get its memory (`reason` names the GPUs and bytes); nothing
     was spawned, and nothing will be until someone asks again."""
-
-
-class Hold(Protocol):
-    """Memory held for one process (supervisor.service.ledger.Reservation)."""
-
-    def release(self) -> None: ...
 
 
 class ChildOwner(Protocol):

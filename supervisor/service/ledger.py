@@ -16,30 +16,12 @@ import itertools
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
-MIB = 1024**2
-
-
-def describe_bytes(count: int) -> str:
-    return f"{count / MIB:.1f} MiB"
-
-
-class NoRoom(Exception):
-    """A start that cannot get its memory; `reason` names each GPU and the bytes it lacks."""
-
-    def __init__(self, model: str, short_by_gpu: Mapping[int, int], detail: str = "") -> None:
-        self.model = model
-        self.short_by_gpu = dict(short_by_gpu)
-        short = ", ".join(f"GPU {gpu} lacks {describe_bytes(b)}" for gpu, b in sorted(self.short_by_gpu.items()))
-        if short:
-            self.reason = f"no memory for {model}: {short}" + (f" ({detail})" if detail else "")
-        else:
-            self.reason = f"{model} not started: {detail}"
-        super().__init__(self.reason)
-
+from llama_smart_proxy.supervisor.children.hold import NoRoom
 
 @dataclass(eq=False)
 class Reservation:
-    """One child process's planned bytes per GPU, held from before its spawn until it is reaped."""
+    """One child process's planned bytes per GPU, held from before its spawn until it is reaped
+    (a `children.hold.Hold`)."""
 
     id: int
     model: str

@@ -37,9 +37,10 @@ from llama_smart_proxy.supervisor.children.supervise import Children
 from llama_smart_proxy.supervisor.service.eviction import Occupant, choose_victims
 from llama_smart_proxy.supervisor.service.gpu_sampler import GpuSampler
 from llama_smart_proxy.supervisor.children.launch import CHILD_HOST
-from llama_smart_proxy.supervisor.service.ledger import MemoryLedger, NoRoom, Reservation, describe_bytes
+from llama_smart_proxy.supervisor.service.ledger import MemoryLedger, Reservation
 from llama_smart_proxy.supervisor.planning.prepare import Prepared
 from llama_smart_proxy.supervisor.children.ports import PortPool
+from llama_smart_proxy.supervisor.children.hold import NoRoom, describe_bytes
 from llama_smart_proxy.supervisor.children.child import Child, ChildError, ChildRefused, ChildStartError, ChildStopped
 from llama_smart_proxy.supervisor.proxy.backends import (
     ActionRefused,
