@@ -64,8 +64,8 @@ def cmd_schema(args: argparse.Namespace) -> int:
 
 
 def cmd_inventory(args: argparse.Namespace) -> int:
-    from llama_smart_proxy.supervisor.planning.inventory import describe_inventory, dump_inventory, take_inventory
     from llama_smart_proxy.supervisor.planning.headers import record_headers
+    from llama_smart_proxy.supervisor.planning.inventory import describe_inventory, dump_inventory, take_inventory
 
     models: dict = {}
     warnings: list[str] = []
@@ -83,8 +83,8 @@ def cmd_inventory(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from llama_smart_proxy.supervisor.planning.report import render_plan, verdict
     from llama_smart_proxy.supervisor.planning.prepare import Source, prepare
+    from llama_smart_proxy.supervisor.planning.report import render_plan, verdict
 
     prepared = prepare(Source(args.config, inventory_path=args.inventory, require_model_files=False))
     result = prepared.plan

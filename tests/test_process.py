@@ -17,9 +17,6 @@ from pathlib import Path
 import anyio
 import pytest
 
-from llama_smart_proxy.supervisor.children.state import ChildState
-from llama_smart_proxy.supervisor.children.supervise import supervise
-from llama_smart_proxy.supervisor.children.ports import PortPool
 from llama_smart_proxy.supervisor.children.child import (
     BIND_FAILURE,
     HEALTH_POLL_S,
@@ -28,6 +25,9 @@ from llama_smart_proxy.supervisor.children.child import (
     ChildStartError,
     ChildStopped,
 )
+from llama_smart_proxy.supervisor.children.ports import PortPool
+from llama_smart_proxy.supervisor.children.state import ChildState
+from llama_smart_proxy.supervisor.children.supervise import supervise
 from tests.fakes.supervision import (
     cpu_spec,
     pid_alive,

@@ -15,8 +15,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from llama_smart_proxy.supervisor.service.gpu_sampler import GpuSample, GpuSampler
 from llama_smart_proxy.supervisor.proxy.backends import ActionRefused
+from llama_smart_proxy.supervisor.service.gpu_sampler import GpuSample, GpuSampler
 from tests.fakes.supervision import pid_alive
 from tests.helpers import wait_for
 from tests.service_harness import Harness, Running

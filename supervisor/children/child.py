@@ -40,6 +40,11 @@ from anyio.abc import ByteReceiveStream, Process, TaskStatus
 
 from llama_smart_proxy.schemas.config import LlamaServerSettings
 from llama_smart_proxy.schemas.launch import LaunchSpec
+from llama_smart_proxy.supervisor.children.health_probe import probe_health
+from llama_smart_proxy.supervisor.children.hold import Hold, NoRoom
+from llama_smart_proxy.supervisor.children.launch import build_command
+from llama_smart_proxy.supervisor.children.ports import NoFreePort, PortPool
+from llama_smart_proxy.supervisor.children.process_group import signal_group, spawn_in_group, stop_group
 from llama_smart_proxy.supervisor.children.state import (
     ChildEvent,
     ChildState,
@@ -48,11 +53,6 @@ from llama_smart_proxy.supervisor.children.state import (
     LoadDeadline,
     next_state,
 )
-from llama_smart_proxy.supervisor.children.health_probe import probe_health
-from llama_smart_proxy.supervisor.children.hold import Hold, NoRoom
-from llama_smart_proxy.supervisor.children.launch import build_command
-from llama_smart_proxy.supervisor.children.ports import NoFreePort, PortPool
-from llama_smart_proxy.supervisor.children.process_group import signal_group, spawn_in_group, stop_group
 
 log = logging.getLogger("llama-smart-proxy.process")
 output_log = logging.getLogger("llama-smart-proxy.llama-server")

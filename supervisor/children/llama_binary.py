@@ -10,8 +10,8 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from llama_smart_proxy.supervisor.errors import LlamaServerError
 from llama_smart_proxy.supervisor.children.launch import FLAGS_USED
+from llama_smart_proxy.supervisor.errors import LlamaServerError
 
 INSTALL_HINT = "install it with `pip install 'llama-smart-proxy[llama]'` or set llama_server.binary"
 

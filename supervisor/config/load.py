@@ -39,8 +39,8 @@ from pydantic import BaseModel, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from llama_smart_proxy.schemas.config import Config, name_clashes, parse_listen
-from llama_smart_proxy.supervisor.errors import ConfigError, ConfigProblem, UserError
 from llama_smart_proxy.supervisor.config.owned_options import owned_option, owned_variable
+from llama_smart_proxy.supervisor.errors import ConfigError, ConfigProblem, UserError
 
 KeyPath = tuple[str | int, ...]
 ENV_PREFIX = "LLAMA_SMART_PROXY_"

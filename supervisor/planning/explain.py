@@ -25,6 +25,7 @@ from llama_smart_proxy.supervisor.memory.placement import place
 from llama_smart_proxy.supervisor.planning.footprint import NONE, Choice, Footprint, State
 from llama_smart_proxy.supervisor.planning.search import Search, SearchResult
 
+
 def mib(n: int) -> str:
     """Sizes in words as the tables show them: MiB."""
     return f"{round(n / MIB):,} MiB"

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 from llama_smart_proxy.supervisor.children.hold import NoRoom
 
+
 @dataclass(eq=False)
 class Reservation:
     """One child process's planned bytes per GPU, held from before its spawn until it is reaped

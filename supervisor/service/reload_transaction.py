@@ -24,8 +24,8 @@ from collections.abc import Callable
 import anyio
 import anyio.to_thread
 
-from llama_smart_proxy.supervisor.errors import UserError
 from llama_smart_proxy.supervisor.children.llama_binary import check_llama_server, find_llama_server
+from llama_smart_proxy.supervisor.errors import UserError
 from llama_smart_proxy.supervisor.planning.prepare import Source, prepare
 from llama_smart_proxy.supervisor.proxy.backends import ActionRefused
 from llama_smart_proxy.supervisor.proxy.server import ProxyServer, Setup

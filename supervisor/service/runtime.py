@@ -31,17 +31,13 @@ from anyio.abc import TaskStatus
 
 from llama_smart_proxy.schemas.config import ModelSpec
 from llama_smart_proxy.schemas.plan import ModelPlan, Plan
-from llama_smart_proxy.supervisor.service.admission import Admission, QueueFull
+from llama_smart_proxy.supervisor.children.child import Child, ChildError, ChildRefused, ChildStartError, ChildStopped
+from llama_smart_proxy.supervisor.children.hold import NoRoom, describe_bytes
+from llama_smart_proxy.supervisor.children.launch import CHILD_HOST
+from llama_smart_proxy.supervisor.children.ports import PortPool
 from llama_smart_proxy.supervisor.children.state import ChildState
 from llama_smart_proxy.supervisor.children.supervise import Children
-from llama_smart_proxy.supervisor.service.eviction import Occupant, choose_victims
-from llama_smart_proxy.supervisor.service.gpu_sampler import GpuSampler
-from llama_smart_proxy.supervisor.children.launch import CHILD_HOST
-from llama_smart_proxy.supervisor.service.ledger import MemoryLedger, Reservation
 from llama_smart_proxy.supervisor.planning.prepare import Prepared
-from llama_smart_proxy.supervisor.children.ports import PortPool
-from llama_smart_proxy.supervisor.children.hold import NoRoom, describe_bytes
-from llama_smart_proxy.supervisor.children.child import Child, ChildError, ChildRefused, ChildStartError, ChildStopped
 from llama_smart_proxy.supervisor.proxy.backends import (
     ActionRefused,
     GpuStatus,
@@ -54,6 +50,10 @@ from llama_smart_proxy.supervisor.proxy.backends import (
     Upstream,
     UpstreamUnreachable,
 )
+from llama_smart_proxy.supervisor.service.admission import Admission, QueueFull
+from llama_smart_proxy.supervisor.service.eviction import Occupant, choose_victims
+from llama_smart_proxy.supervisor.service.gpu_sampler import GpuSampler
+from llama_smart_proxy.supervisor.service.ledger import MemoryLedger, Reservation
 from llama_smart_proxy.supervisor.service.reload_diff import (
     PlanDiff,
     ReloadRecord,

@@ -23,13 +23,13 @@ import anyio
 from anyio.abc import TaskGroup, TaskStatus
 
 from llama_smart_proxy.schemas.config import Config, ModelConfig
+from llama_smart_proxy.supervisor.children.llama_binary import check_llama_server, find_llama_server
 from llama_smart_proxy.supervisor.children.supervise import Children, supervise
 from llama_smart_proxy.supervisor.config.load import LoadedConfig
-from llama_smart_proxy.supervisor.service.gpu_sampler import GpuSampler
-from llama_smart_proxy.supervisor.children.llama_binary import check_llama_server, find_llama_server
 from llama_smart_proxy.supervisor.planning.prepare import Prepared, Source, prepare
 from llama_smart_proxy.supervisor.proxy.backends import ActionRefused
 from llama_smart_proxy.supervisor.proxy.server import ProxyServer
+from llama_smart_proxy.supervisor.service.gpu_sampler import GpuSampler
 from llama_smart_proxy.supervisor.service.reload_transaction import ReloadTransaction
 from llama_smart_proxy.supervisor.service.runtime import Runtime
 from llama_smart_proxy.supervisor.service.systemd import Notifier
@@ -112,8 +112,8 @@ def serve(source: Source, *, watch: bool = False) -> int:
     """
     import os
 
-    from llama_smart_proxy.supervisor.errors import PlanRefused
     from llama_smart_proxy.supervisor.children.launch import ignored_llama_variables
+    from llama_smart_proxy.supervisor.errors import PlanRefused
     from llama_smart_proxy.supervisor.planning.report import verdict
 
     log.info("planning: reading the config, the GPUs and the model headers")
