@@ -90,7 +90,7 @@ def run_proxy(port: int, backend_port: int) -> None:
     import anyio
 
     from llama_smart_proxy.schemas.config import ProxySettings
-    from llama_smart_proxy.supervisor.proxy.backends import ModelState, ModelStatus, Snapshot, Upstream
+    from llama_smart_proxy.supervisor.proxy.backends import ModelState, ModelStatus, ServiceStatus, Upstream
     from llama_smart_proxy.supervisor.proxy.server import ProxyServer
 
     logging.basicConfig(level=logging.WARNING)
@@ -104,8 +104,8 @@ def run_proxy(port: int, backend_port: int) -> None:
         async def lease(self, model: str):  # type: ignore[no-untyped-def]
             yield upstream
 
-        async def snapshot(self) -> Snapshot:
-            return Snapshot(models=(ModelStatus("bench", ModelState.READY, port=backend_port),))
+        async def status(self) -> ServiceStatus:
+            return ServiceStatus(models=(ModelStatus("bench", ModelState.READY, port=backend_port),))
 
         async def load(self, model: str) -> None: ...
         async def unload(self, model: str) -> None: ...

@@ -3,11 +3,7 @@
 Each command is a `cmd_<name>(args) -> exit code` function. A `UserError` anywhere, also one
 raised inside an anyio task group (an ExceptionGroup of them), becomes one line on stderr and its
 exit code; no user mistake prints a traceback. Anything else is a bug and keeps its traceback.
-
-Exit codes (the README's tables): 0 success; 1 a runtime failure (an address that cannot be bound,
-a proxy that does not answer); 2 invalid input (config, flags, files, snapshot); 3 a model cannot
-be placed (`plan`, and `serve`, which then starts nothing); 4 `plan --strict`: a model fell back to
-partial offload or the CPU; 130 interrupted (Ctrl-C) before `serve` was serving.
+The exit codes are defined in supervisor/errors.py, with what each means.
 """
 
 from __future__ import annotations
@@ -21,16 +17,9 @@ from pathlib import Path
 
 from llama_smart_proxy.schemas.plan import Plan
 from llama_smart_proxy.supervisor.config.load import load_config
-from llama_smart_proxy.supervisor.errors import RuntimeFailure, UserError
+from llama_smart_proxy.supervisor.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_UNPLACED, RuntimeFailure, UserError
 
 log = logging.getLogger("llama-smart-proxy")
-
-EXIT_OK = 0
-EXIT_FAILURE = 1
-EXIT_INVALID = 2
-EXIT_UNPLACED = 3
-EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports it
-
 
 def cmd_validate(args: argparse.Namespace) -> int:
     loaded = load_config(args.config)

@@ -10,7 +10,7 @@ import pytest
 
 from llama_smart_proxy.schemas.config import ProxySettings
 from llama_smart_proxy.supervisor.proxy.access import ApiKeys, Cors
-from llama_smart_proxy.supervisor.proxy.backends import GpuStatus, ModelState, ModelStatus, Snapshot
+from llama_smart_proxy.supervisor.proxy.backends import GpuStatus, ModelState, ModelStatus, ServiceStatus
 from llama_smart_proxy.schemas.launch import served_model_name
 from llama_smart_proxy.supervisor.proxy.http import (
     ChunkSizeGuard,
@@ -137,13 +137,13 @@ def test_cors_allows_listed_origins_and_answers_preflights() -> None:
     assert Cors(frozenset({"*"})).allow_origin([(b"origin", b"https://any")]) == b"*"
 
 
-def snapshot(*states: ModelState) -> Snapshot:
+def snapshot(*states: ModelState) -> ServiceStatus:
     models = tuple(
         ModelStatus(name=f"m{i}", state=state, aliases=(f"a{i}",), restarts=i, load_seconds=1.5, queued=i)
         for i, state in enumerate(states)
     )
     gpus = (GpuStatus(index=0, name="RTX", uuid="GPU-1", total_bytes=24 * 2**30, planned_bytes=2**30, used_bytes=3 * 2**29),)
-    return Snapshot(models=models, gpus=gpus, plan={"models": []})
+    return ServiceStatus(models=models, gpus=gpus, plan={"models": []})
 
 
 def test_health_is_200_while_some_model_can_be_served_and_503_when_none_can() -> None:
@@ -199,7 +199,7 @@ def test_metrics_text_counts_requests_buckets_latency_and_shows_runtime_state() 
 def test_metrics_label_values_are_escaped() -> None:
     metrics = ProxyMetrics()
     metrics.observe('we"ird\\name\n', 200, 0.1)
-    text = render(metrics, Snapshot(models=()))
+    text = render(metrics, ServiceStatus(models=()))
     assert 'model="we\\"ird\\\\name\\n"' in text
 
 

@@ -106,8 +106,8 @@ async def test_a_child_that_exits_at_once_every_time_ends_in_a_crash_loop_and_is
             # nothing is spawned any more, however long we wait (here 5 times the longest delay)
             await anyio.sleep(5 * child.settings.restart_delay_max)
             assert child.log_tail.count(failure_line) == 3
-            snapshot = child.snapshot()
-            assert snapshot.state == "failed" and "crash loop" in (snapshot.last_error or "")
+            status = child.status()
+            assert status.state == "failed" and "crash loop" in (status.last_error or "")
             with pytest.raises(ChildFailed, match="crash loop"):
                 await child.ensure_ready()
 

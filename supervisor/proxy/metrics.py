@@ -3,7 +3,7 @@
 Rules kept here:
 - counting is plain dict arithmetic on the event loop (one owner, no locks): it is on every
   request's path;
-- rendering is a pure function of the counters and a runtime `Snapshot`;
+- rendering is a pure function of the counters and a `ServiceStatus`;
 - label values are escaped as the format requires (backslash, double quote, newline);
 - the model label is bounded: it is a configured model's name, or one of three fixed values
   (`NO_MODEL`, `MODEL_MISSING`, `MODEL_UNKNOWN`), never a name a client made up.
@@ -15,7 +15,7 @@ import bisect
 from collections import defaultdict
 from collections.abc import Iterable
 
-from llama_smart_proxy.supervisor.proxy.backends import ModelState, Snapshot
+from llama_smart_proxy.supervisor.proxy.backends import ModelState, ServiceStatus
 
 LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 NO_MODEL = ""  # the model label of requests for the proxy's own routes
@@ -71,7 +71,7 @@ class _Writer:
 PREFIX = "llama_smart_proxy_"
 
 
-def render(metrics: ProxyMetrics, snapshot: Snapshot) -> str:
+def render(metrics: ProxyMetrics, service: ServiceStatus) -> str:
     """The Prometheus text exposition of the proxy's counters and the runtime's state."""
     w = _Writer()
     p = PREFIX
@@ -98,7 +98,7 @@ def render(metrics: ProxyMetrics, snapshot: Snapshot) -> str:
         (("", {"model": m}, n) for m, n in sorted(metrics.in_flight.items())),
     )
     w.family(p + "client_connections", "gauge", "Client connections open now.", [("", {}, metrics.connections)])
-    models = sorted(snapshot.models, key=lambda s: s.name)
+    models = sorted(service.models, key=lambda s: s.name)
     w.family(
         p + "model_in_flight",
         "gauge",
@@ -129,7 +129,7 @@ def render(metrics: ProxyMetrics, snapshot: Snapshot) -> str:
         "How long the model's last successful load took.",
         (("", {"model": s.name}, s.load_seconds) for s in models if s.load_seconds is not None),
     )
-    gpus = sorted(snapshot.gpus, key=lambda g: g.index)
+    gpus = sorted(service.gpus, key=lambda g: g.index)
     w.family(
         p + "gpu_total_bytes",
         "gauge",
@@ -176,6 +176,6 @@ def render(metrics: ProxyMetrics, snapshot: Snapshot) -> str:
         p + "reloads_total",
         "counter",
         "Config reloads, by result (failed: refused, the running config kept).",
-        (("", {"result": result}, n) for result, n in sorted(snapshot.reloads.items())),
+        (("", {"result": result}, n) for result, n in sorted(service.reloads.items())),
     )
     return "\n".join(w.lines) + "\n"

@@ -45,7 +45,7 @@ from llama_smart_proxy.supervisor.proxy.backends import (
     ModelStatus,
     ModelUnavailable,
     Progress,
-    Snapshot,
+    ServiceStatus,
     UnknownModel,
     Upstream,
     UpstreamUnreachable,
@@ -395,9 +395,9 @@ class Runtime:
         """Current entries and retiring predecessors (they may still hold memory)."""
         return [*self._entries.values(), *self._retiring]
 
-    # ---- Backends: snapshot and admin
+    # ---- Backends: status and admin
 
-    def statuses(self) -> list[ModelStatus]:
+    def model_statuses(self) -> list[ModelStatus]:
         return [e.status() for e in sorted(self._entries.values(), key=lambda e: e.name)]
 
     def holders(self) -> list[str]:
@@ -429,7 +429,7 @@ class Runtime:
             for g in self.prepared.plan.gpus
         )
 
-    async def snapshot(self) -> Snapshot:
+    async def status(self) -> ServiceStatus:
         notes = list(self.prepared.plan.notes)
         if self.last_reload is not None and not self.last_reload.ok:
             notes.append(f"last reload failed: {self.last_reload.summary}")
@@ -439,7 +439,7 @@ class Runtime:
             "last_reload": None if self.last_reload is None else self.last_reload.as_json(),
             "reloads": dict(self.reloads),
             "children": {
-                e.name: {"log_tail": list(e.child.snapshot(tail_lines=10).log_tail)}
+                e.name: {"log_tail": list(e.child.status(tail_lines=10).log_tail)}
                 for e in self._entries.values()
                 if e.child is not None
             },
@@ -448,8 +448,8 @@ class Runtime:
                 for r in self.ledger.reservations()
             ],
         }
-        return Snapshot(
-            models=tuple(self.statuses()),
+        return ServiceStatus(
+            models=tuple(self.model_statuses()),
             gpus=self.gpu_statuses(),
             plan=self.prepared.plan.model_dump(mode="json"),
             notes=tuple(notes),
@@ -494,7 +494,7 @@ class Runtime:
         entry = self._admin_entry(model)
         entry.stopping = True  # new requests wait from now on
         try:
-            await self._drain(entry, self.prepared.loaded.config.proxy.drain_timeout)
+            await self._drain_model(entry, self.prepared.loaded.config.proxy.drain_timeout)
         finally:
             entry.stopping = False
         await self._stop_entries([entry], reason="unloaded by an admin")
@@ -625,14 +625,14 @@ class Runtime:
 
     async def _retire(self, entry: ModelEntry, drain_s: float) -> None:
         try:
-            await self._drain(entry, drain_s)
+            await self._drain_model(entry, drain_s)
             if entry.child is not None and entry.child.name in self._children and self._children[entry.child.name] is entry.child:
                 await self._children.remove(entry.child.name)
         finally:
             self._retiring.remove(entry)
             self._wake()
 
-    async def _drain(self, entry: ModelEntry, deadline_s: float) -> None:
+    async def _drain_model(self, entry: ModelEntry, deadline_s: float) -> None:
         """Wait until `entry` has no request in flight, at most deadline_s."""
         with anyio.move_on_after(deadline_s) as scope:
             while entry.in_flight:

@@ -26,6 +26,7 @@ from llama_smart_proxy.schemas.config import Config, ModelConfig
 from llama_smart_proxy.supervisor.children.llama_binary import check_llama_server, find_llama_server
 from llama_smart_proxy.supervisor.children.supervise import Children, supervise
 from llama_smart_proxy.supervisor.config.load import LoadedConfig
+from llama_smart_proxy.supervisor.errors import EXIT_OK, PlanRefused
 from llama_smart_proxy.supervisor.planning.prepare import Prepared, Source, prepare
 from llama_smart_proxy.supervisor.proxy.backends import ActionRefused
 from llama_smart_proxy.supervisor.proxy.server import ProxyServer
@@ -85,7 +86,7 @@ class Service:
 
     def status_line(self) -> str:
         models = self.runtime.prepared.plan.models
-        states = [status.state.value for status in self.runtime.statuses()]
+        states = [status.state.value for status in self.runtime.model_statuses()]
         counts = ", ".join(f"{states.count(s)} {s}" for s in sorted(set(states)))
         host, port = self.proxy.address or ("?", 0)
         return f"{len(models)} models ({counts}) on {host}:{port}"
@@ -113,7 +114,6 @@ def serve(source: Source, *, watch: bool = False) -> int:
     import os
 
     from llama_smart_proxy.supervisor.children.launch import ignored_llama_variables
-    from llama_smart_proxy.supervisor.errors import PlanRefused
     from llama_smart_proxy.supervisor.planning.report import verdict
 
     log.info("planning: reading the config, the GPUs and the model headers")
@@ -137,7 +137,7 @@ def serve(source: Source, *, watch: bool = False) -> int:
     info = check_llama_server(binary)
     log.info("llama-server: %s (%s)", info.path, info.version)
     anyio.run(_main, source, prepared, binary, watch)
-    return 0
+    return EXIT_OK
 
 
 async def _main(source: Source, prepared: Prepared, binary: Path, watch: bool) -> None:
@@ -196,7 +196,7 @@ async def run_service(
             tg.start_soon(start_residents)
             await service.stop_requested.wait()
             notifier.stopping(f"stopping: {service.status_line()}")
-            await _drain(service)
+            await _drain_service(service)
             tg.cancel_scope.cancel()
 
 
@@ -225,7 +225,7 @@ async def _signals(service: Service, tg: TaskGroup) -> None:
                 service.stop_requested.set()
 
 
-async def _drain(service: Service) -> None:
+async def _drain_service(service: Service) -> None:
     """Stop accepting, close idle connections and close the others after their current response,
     then wait for in-flight requests, at most drain_timeout."""
     service.proxy.begin_drain()
