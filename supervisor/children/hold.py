@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Protocol
 
-MIB = 1024**2
+from llama_smart_proxy.schemas.units import MIB
 
 
 def describe_bytes(count: int) -> str:

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from llama_smart_proxy.schemas.config import ModelSpec
 from llama_smart_proxy.schemas.estimate import EstimateSettings, LayerMemory, MemoryProfile
 from llama_smart_proxy.schemas.header import ModelHeader, TensorInfo
+from llama_smart_proxy.schemas.units import MIB
 from llama_smart_proxy.supervisor.memory import compute, flash_attention
 from llama_smart_proxy.supervisor.memory.architectures import (
     MTP_NEVER_LOADED_ARCHITECTURES,
@@ -44,7 +45,6 @@ from llama_smart_proxy.supervisor.memory.architectures import (
 )
 from llama_smart_proxy.supervisor.memory.geometry import Context, DeviceBackend, pad, resolve_context
 
-MIB = 1024**2
 CPU_ALIGNMENT = 32  # ggml/src/ggml-impl.h TENSOR_ALIGNMENT: the CPU (and RPC-over-CPU) buffer
 CUDA_ALIGNMENT = 128  # ggml/src/ggml-cuda/ggml-cuda.cu: ggml_backend_cuda_buffer_type_get_alignment
 CUDA_MATRIX_ROW_PADDING = 512  # ggml/src/ggml-cuda/common.cuh MATRIX_ROW_PADDING
