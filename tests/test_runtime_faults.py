@@ -14,6 +14,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from llama_smart_proxy.supervisor.proxy.backends import ActionRefused
 from llama_smart_proxy.supervisor.service.gpu_sampler import GpuSample, GpuSampler
@@ -295,10 +296,15 @@ def test_gpu_status_shows_usable_reserved_by_model_and_the_nvml_sample_with_its_
         assert gpu["usable_bytes"] >= gpu["planned_bytes"] and gpu["free_bytes"] == 6 * 1024**3
         assert 0 <= gpu["measured_age_s"] < 5
         metrics = httpx.get(f"{running.base}/metrics", timeout=10).text
-        assert f'llama_smart_proxy_gpu_reserved_bytes{{gpu="0",model="a"}} {gpu["planned_bytes"]}' in metrics
-        assert f'llama_smart_proxy_gpu_usable_bytes{{gpu="0"}} {gpu["usable_bytes"]}' in metrics
-        assert f'llama_smart_proxy_gpu_free_bytes{{gpu="0"}} {6 * 1024**3}' in metrics
-        assert 'llama_smart_proxy_gpu_sample_age_seconds{gpu="0"} ' in metrics
+        samples = {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(metrics)
+            for s in family.samples
+        }
+        assert samples[("llama_smart_proxy_gpu_reserved_bytes", (("gpu", "0"), ("model", "a")))] == gpu["planned_bytes"]
+        assert samples[("llama_smart_proxy_gpu_usable_bytes", (("gpu", "0"),))] == gpu["usable_bytes"]
+        assert samples[("llama_smart_proxy_gpu_free_bytes", (("gpu", "0"),))] == 6 * 1024**3
+        assert ("llama_smart_proxy_gpu_sample_age_seconds", (("gpu", "0"),)) in samples
 
 
 def test_nvml_is_read_off_the_event_loop(harness: Harness) -> None:

@@ -16,7 +16,7 @@ from typing import Any
 
 from llama_smart_proxy.supervisor.proxy.backends import GpuStatus, ModelStatus, ServiceStatus
 from llama_smart_proxy.supervisor.proxy.http import HttpError, Reply, json_reply, unknown_model_error
-from llama_smart_proxy.supervisor.proxy.metrics import ProxyMetrics, render
+from llama_smart_proxy.supervisor.proxy.metrics import CONTENT_TYPE, ProxyMetrics, render
 
 OWNED_BY = "llama-smart-proxy"
 ADMIN_PREFIX = b"/admin/"
@@ -106,7 +106,8 @@ def status_reply(service: ServiceStatus, proxy: dict[str, Any]) -> Reply:
 
 
 def metrics_reply(metrics: ProxyMetrics, service: ServiceStatus) -> Reply:
-    return Reply(200, render(metrics, service).encode(), content_type=b"text/plain; version=0.0.4; charset=utf-8")
+    """/metrics; it reads /proc (the process_* metrics): call it in a worker thread."""
+    return Reply(200, render(metrics, service).encode(), content_type=CONTENT_TYPE)
 
 
 def admin_target(path: bytes) -> tuple[str, str | None] | None:

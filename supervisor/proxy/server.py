@@ -509,7 +509,9 @@ class ProxyServer:
         if path == b"/metrics":
             if method not in READ_METHODS:
                 raise routes.method_not_allowed(routes.READ_ALLOW)
-            return routes.metrics_reply(self.metrics, await backends.status())
+            service = await backends.status()
+            # rendered from a copy, in a worker thread: the process_* metrics read /proc
+            return await anyio.to_thread.run_sync(routes.metrics_reply, self.metrics.copy(), service)
         if path.startswith(routes.ADMIN_PREFIX):
             refusal = setup.keys.admin_refusal(request.headers, client.peer)
             if refusal is not None:
