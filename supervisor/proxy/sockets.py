@@ -4,7 +4,8 @@ Why not anyio's SocketStream: its send always yields to the loop and each receiv
 transport's reading; here a syscall is tried first and the task waits only when the kernel has
 nothing to give or no room. Measured (benchmarks/relay_sockets.py, results in
 benchmarks/results/relay-sockets.md): the socket layer costs about 10 % less CPU per call than on
-SocketStream, the whole proxy 1-5 % less per request and 5-11 % less per relayed stream chunk.
+SocketStream; the whole proxy 5-8 % less per sequential request (no difference beyond noise in a
+closed loop) and 5-11 % less per relayed stream chunk.
 Small, but the pool also needs what SocketStream does not offer without its private transport: a
 close that never awaits (a cancelled relay closes at once) and a peek at an idle connection.
 
