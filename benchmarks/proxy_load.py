@@ -230,6 +230,18 @@ def _spawn(name: str, argv: list[str], port: int, cpu: int, ready: str | None = 
     return service
 
 
+def stop_all(services: list[Service]) -> None:
+    """SIGTERM to every service, then SIGKILL to any still running 5 s later; each one reaped."""
+    for service in services:
+        service.process.terminate()
+    for service in services:
+        try:
+            service.process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            service.process.kill()
+            service.process.wait()
+
+
 def wait_listening(port: int, timeout: float = 20) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -548,14 +560,7 @@ def run(plan: Plan, quiet_wait_s: float = 0.0) -> dict[str, Any]:
             results["arms"] = list(arms)
             results.update(measure(plan, arms, backend))
         finally:
-            for service in services:
-                service.process.terminate()
-            for service in services:
-                try:
-                    service.process.wait(timeout=5)
-                except subprocess.TimeoutExpired:
-                    service.process.kill()
-                    service.process.wait()
+            stop_all(services)
     results["load_after"] = loadavg()
     return results
 

@@ -24,7 +24,6 @@ import json
 import os
 import socket
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -43,6 +42,7 @@ from benchmarks.proxy_load import (
     pin,
     run_streams,
     sequential_ms,
+    stop_all,
 )
 
 ARMS = ("sockets", "streams")
@@ -52,6 +52,8 @@ def stream_socket_class() -> type:
     """sockets.Socket's interface over an anyio SocketStream (the `streams` arm)."""
     import anyio
     from anyio.abc import SocketStream
+
+    from llama_smart_proxy.supervisor.proxy.sockets import Socket
 
     class StreamSocket:
         """sockets.Socket's interface over an anyio SocketStream; an accepted socket is wrapped on
@@ -94,20 +96,9 @@ def stream_socket_class() -> type:
             except anyio.BrokenResourceError as exc:
                 raise BrokenPipeError(str(exc)) from None
 
-        def shutdown_write(self) -> None:
-            try:
-                self.sock.shutdown(socket.SHUT_WR)
-            except OSError:
-                pass
-
-        def is_readable(self) -> bool:
-            try:
-                self.sock.recv(1, socket.MSG_PEEK)
-            except BlockingIOError:
-                return False
-            except OSError:
-                return True
-            return True
+        # on the raw socket, as sockets.Socket does
+        shutdown_write = Socket.shutdown_write
+        is_readable = Socket.is_readable
 
         def close(self) -> None:
             # sockets.Socket closes without awaiting; so must this (a cancelled relay closes at once)
@@ -248,13 +239,7 @@ def measure(rounds: int, sequential: int, closed_s: float) -> dict[str, Any]:
         results["per_round"] = per
         results["median"] = {arm: {key: statistics.median(values) for key, values in row.items()} for arm, row in per.items()}
     finally:
-        for service in services:
-            service.process.terminate()
-        for service in services:
-            try:
-                service.process.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                service.process.kill()
+        stop_all(services)
     results["load_after"] = loadavg()
     return results
 
