@@ -51,7 +51,7 @@ def model_plan(
         host = m.host_bytes(choice.ngl, len(choice.gpus))[0]
         if totals != choice.need or host != estimate.host.total_bytes:
             raise AssertionError(
-                f"{m.name}: search bytes {choice.need}, host {host} differ from place() {totals}, "
+                f"{m.name}: planner bytes {choice.need}, host {host} differ from place() {totals}, "
                 f"host {estimate.host.total_bytes}"
             )
         launch = launch_spec(m, choice, search, config)

@@ -1,7 +1,7 @@
 """What one model takes on each device, for any layer count and split; pure, no I/O.
 
 The search (planning/search.py) only ever asks these questions, so their arithmetic must be
-memory.placement.place()'s to the byte: planner.plan() checks every placed model against place().
+memory.placement.place()'s to the byte: explain.model_plan() checks every placed model against place().
 
 - a `State` is the room left on each GPU (by its position in the plan's GPU list), then the host's;
 - a `Choice` is one place for one model: its kind, its GPUs in split order, the layers on each,
