@@ -71,7 +71,7 @@ def _http(method: str, url: str, body: dict[str, Any] | None = None, timeout: fl
 
 def write_config(work: Path, inventory: Any, llama_server: Path | None, cpu_smoke: bool, listen: str) -> Path:
     """Models and a config sized to GPU 0: whole, partly offloaded, CPU."""
-    from llama_smart_proxy.supervisor.tinymodel import write_tiny_model
+    from llama_smart_proxy.supervisor.service.tinymodel import write_tiny_model
 
     models = work / "models"
     models.mkdir(parents=True, exist_ok=True)
@@ -142,8 +142,8 @@ def is_alive(pid: int) -> bool:
 
 
 def run(args: argparse.Namespace) -> int:
-    from llama_smart_proxy.supervisor.inventory import take_inventory
-    from llama_smart_proxy.supervisor.planning import Source, prepare
+    from llama_smart_proxy.supervisor.planning.inventory import take_inventory
+    from llama_smart_proxy.supervisor.planning.prepare import Source, prepare
 
     report = Report()
     work = Path(args.out)

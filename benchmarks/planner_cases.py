@@ -12,7 +12,7 @@ from benchmarks.accuracy.shapes import SHAPES
 from llama_smart_proxy.schemas.config import Config
 from llama_smart_proxy.schemas.estimate import MemoryProfile
 from llama_smart_proxy.schemas.inventory import Gpu, Host, Inventory
-from llama_smart_proxy.supervisor.inventory import dump_inventory
+from llama_smart_proxy.supervisor.planning.inventory import dump_inventory
 from tests.planning import GIB, MIB, make_config, make_inventory, make_profile
 
 Instance = tuple[Config, Inventory, dict[str, MemoryProfile]]

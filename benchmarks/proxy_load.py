@@ -90,7 +90,7 @@ def run_proxy(port: int, backend_port: int) -> None:
     import anyio
 
     from llama_smart_proxy.schemas.config import ProxySettings
-    from llama_smart_proxy.supervisor.proxy.backends import ModelState, ModelStatus, Snapshot, Upstream
+    from llama_smart_proxy.supervisor.proxy.backends import ModelState, ModelStatus, ServiceStatus, Upstream
     from llama_smart_proxy.supervisor.proxy.server import ProxyServer
 
     logging.basicConfig(level=logging.WARNING)
@@ -104,8 +104,8 @@ def run_proxy(port: int, backend_port: int) -> None:
         async def lease(self, model: str):  # type: ignore[no-untyped-def]
             yield upstream
 
-        async def snapshot(self) -> Snapshot:
-            return Snapshot(models=(ModelStatus("bench", ModelState.READY, port=backend_port),))
+        async def status(self) -> ServiceStatus:
+            return ServiceStatus(models=(ModelStatus("bench", ModelState.READY, port=backend_port),))
 
         async def load(self, model: str) -> None: ...
         async def unload(self, model: str) -> None: ...
@@ -228,6 +228,18 @@ def _spawn(name: str, argv: list[str], port: int, cpu: int, ready: str | None = 
     else:
         wait_listening(port)
     return service
+
+
+def stop_all(services: list[Service]) -> None:
+    """SIGTERM to every service, then SIGKILL to any still running 5 s later; each one reaped."""
+    for service in services:
+        service.process.terminate()
+    for service in services:
+        try:
+            service.process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            service.process.kill()
+            service.process.wait()
 
 
 def wait_listening(port: int, timeout: float = 20) -> None:
@@ -548,14 +560,7 @@ def run(plan: Plan, quiet_wait_s: float = 0.0) -> dict[str, Any]:
             results["arms"] = list(arms)
             results.update(measure(plan, arms, backend))
         finally:
-            for service in services:
-                service.process.terminate()
-            for service in services:
-                try:
-                    service.process.wait(timeout=5)
-                except subprocess.TimeoutExpired:
-                    service.process.kill()
-                    service.process.wait()
+            stop_all(services)
     results["load_after"] = loadavg()
     return results
 

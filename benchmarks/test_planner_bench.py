@@ -23,7 +23,7 @@ import pytest
 
 from benchmarks.planner_cases import ADVERSARIAL, sixty_four_models, write_ci_dry_run
 from benchmarks.timing import median_seconds
-from llama_smart_proxy.supervisor.planner import plan
+from llama_smart_proxy.supervisor.planning.planner import plan
 from tests.planning import GIB, make_config, make_inventory, make_profile
 
 ROOT = Path(__file__).parent.parent

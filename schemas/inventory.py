@@ -1,6 +1,6 @@
 """The machine as the planner sees it: GPUs through NVML, host RAM and CPUs.
 
-An inventory is taken live (supervisor/inventory.py) or loaded from a JSON snapshot taken on
+An inventory is taken live (supervisor/planning/inventory.py) or loaded from a JSON snapshot taken on
 another machine, so a CI job without a GPU can plan against production. A snapshot may also carry
 the GGUF headers of the config's models (`models`), since the files themselves stay behind.
 """

@@ -1,7 +1,7 @@
 """Everything that decides how a model's llama-server child is started.
 
 Two equal `LaunchSpec`s start identical children: a reload keeps a child whose spec is unchanged
-and restarts one whose spec changed (supervisor/reload.py). The port is not part of it: the
+and restarts one whose spec changed (supervisor/service/reload_diff.py). The port is not part of it: the
 supervisor picks one per start.
 """
 
@@ -44,7 +44,7 @@ class LaunchSpec(Contract):
 
 def served_model_name(model: str) -> str:
     """The name a child reports as its responses' `"model"`: it is started with `--alias` and this
-    name (supervisor/launch.py). llama-server splits `--alias` at commas and strips each part
+    name (supervisor/children/launch.py). llama-server splits `--alias` at commas and strips each part
     (common/arg.cpp, build 11434), so a comma becomes `_` and surrounding whitespace goes; the proxy
     renames it back to the name the client asked for (supervisor/proxy/http.py `ModelRename`)."""
     return model.replace(",", "_").strip() or "model"

@@ -3,11 +3,7 @@
 Each command is a `cmd_<name>(args) -> exit code` function. A `UserError` anywhere, also one
 raised inside an anyio task group (an ExceptionGroup of them), becomes one line on stderr and its
 exit code; no user mistake prints a traceback. Anything else is a bug and keeps its traceback.
-
-Exit codes (the README's tables): 0 success; 1 a runtime failure (an address that cannot be bound,
-a proxy that does not answer); 2 invalid input (config, flags, files, snapshot); 3 a model cannot
-be placed (`plan`, and `serve`, which then starts nothing); 4 `plan --strict`: a model fell back to
-partial offload or the CPU; 130 interrupted (Ctrl-C) before `serve` was serving.
+The exit codes are defined in supervisor/errors.py, with what each means.
 """
 
 from __future__ import annotations
@@ -20,17 +16,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from llama_smart_proxy.schemas.plan import Plan
-from llama_smart_proxy.supervisor.config import load_config
-from llama_smart_proxy.supervisor.errors import RuntimeFailure, UserError
+from llama_smart_proxy.supervisor.config.load import load_config
+from llama_smart_proxy.supervisor.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_UNPLACED, RuntimeFailure, UserError
 
 log = logging.getLogger("llama-smart-proxy")
-
-EXIT_OK = 0
-EXIT_FAILURE = 1
-EXIT_INVALID = 2
-EXIT_UNPLACED = 3
-EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports it
-
 
 def cmd_validate(args: argparse.Namespace) -> int:
     loaded = load_config(args.config)
@@ -44,7 +33,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_tiny_model(args: argparse.Namespace) -> int:
-    from llama_smart_proxy.supervisor.tinymodel import write_tiny_model
+    from llama_smart_proxy.supervisor.service.tinymodel import write_tiny_model
 
     try:
         path = write_tiny_model(args.path)
@@ -64,8 +53,8 @@ def cmd_schema(args: argparse.Namespace) -> int:
 
 
 def cmd_inventory(args: argparse.Namespace) -> int:
-    from llama_smart_proxy.supervisor.inventory import describe_inventory, dump_inventory, take_inventory
-    from llama_smart_proxy.supervisor.snapshot import record_headers
+    from llama_smart_proxy.supervisor.planning.headers import record_headers
+    from llama_smart_proxy.supervisor.planning.inventory import describe_inventory, dump_inventory, take_inventory
 
     models: dict = {}
     warnings: list[str] = []
@@ -83,14 +72,14 @@ def cmd_inventory(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from llama_smart_proxy.supervisor.plan_report import render_plan, verdict
-    from llama_smart_proxy.supervisor.planning import Source, prepare
+    from llama_smart_proxy.supervisor.planning.prepare import Source, prepare
+    from llama_smart_proxy.supervisor.planning.report import render_plan, verdict
 
     prepared = prepare(Source(args.config, inventory_path=args.inventory, require_model_files=False))
     result = prepared.plan
     outcome = verdict(result, strict=args.strict)
     if args.against is not None:
-        from llama_smart_proxy.supervisor.reload import diff_plans, refusal
+        from llama_smart_proxy.supervisor.service.reload_diff import diff_plans, refusal
 
         running = read_running_plan(args.against)
         why = refusal(running, result)
@@ -138,8 +127,8 @@ def read_running_plan(where: str) -> Plan:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from llama_smart_proxy.supervisor.planning import Source
-    from llama_smart_proxy.supervisor.serve import demo_config, serve
+    from llama_smart_proxy.supervisor.planning.prepare import Source
+    from llama_smart_proxy.supervisor.service.serve import demo_config, serve
 
     overrides = {"proxy.listen": args.listen} if args.listen else None
     if args.demo:

@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pytest
 
+from llama_smart_proxy.supervisor.children.llama_binary import find_llama_server
 from llama_smart_proxy.supervisor.errors import LlamaServerError
-from llama_smart_proxy.supervisor.llama_binary import find_llama_server
-from llama_smart_proxy.supervisor.tinymodel import write_tiny_model
+from llama_smart_proxy.supervisor.service.tinymodel import write_tiny_model
 from tests.helpers import free_port, llama_server_process
 
 

@@ -14,9 +14,9 @@ from pathlib import Path
 from benchmarks.accuracy.shapes import Q, Shape, Tensor, _t, llama_like
 from llama_smart_proxy.schemas.header import ModelHeader
 from llama_smart_proxy.schemas.inventory import Gpu, Host, Inventory
-from llama_smart_proxy.supervisor.inventory import dump_inventory
 from llama_smart_proxy.supervisor.memory.reader import read_header
-from llama_smart_proxy.supervisor.tinymodel import write_tiny_model
+from llama_smart_proxy.supervisor.planning.inventory import dump_inventory
+from llama_smart_proxy.supervisor.service.tinymodel import write_tiny_model
 
 EXAMPLES = Path(__file__).parent.parent / "examples"
 MODELS_DIR = "/srv/llama/models"

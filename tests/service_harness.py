@@ -17,10 +17,10 @@ import anyio
 import anyio.from_thread
 import httpx
 
-from llama_smart_proxy.supervisor.gpu_sampler import GpuSample, GpuSampler
-from llama_smart_proxy.supervisor.inventory import dump_inventory
-from llama_smart_proxy.supervisor.planning import Source, prepare
-from llama_smart_proxy.supervisor.serve import Service, run_service
+from llama_smart_proxy.supervisor.planning.inventory import dump_inventory
+from llama_smart_proxy.supervisor.planning.prepare import Source, prepare
+from llama_smart_proxy.supervisor.service.gpu_sampler import GpuSample, GpuSampler
+from llama_smart_proxy.supervisor.service.serve import Service, run_service
 from tests.fakes.supervision import TEST_PORT_RANGE, write_fake_llama_server
 from tests.helpers import free_port, wait_for
 from tests.planning import make_inventory

@@ -12,9 +12,9 @@ import pytest
 
 from llama_smart_proxy.schemas.config import Config
 from llama_smart_proxy.supervisor.cli import main
-from llama_smart_proxy.supervisor.config import load_config, locate_keys
+from llama_smart_proxy.supervisor.config.load import load_config, locate_keys
+from llama_smart_proxy.supervisor.config.owned_options import OWNED_OPTIONS, OwnedOption
 from llama_smart_proxy.supervisor.errors import ConfigError
-from llama_smart_proxy.supervisor.launch import OWNED_OPTIONS, OwnedOption
 
 
 def write(path: Path, text: str) -> Path:

@@ -15,7 +15,7 @@ from types import ModuleType
 
 ROOT = Path(__file__).resolve().parents[1]
 # the runtime dependencies, by import name (nvidia-ml-py is imported as pynvml)
-LIBRARIES = {"anyio", "h11", "pydantic", "pydantic_settings", "gguf", "pynvml", "numpy"}
+LIBRARIES = {"anyio", "h11", "pydantic", "pydantic_settings", "gguf", "pynvml", "numpy", "prometheus_client"}
 
 
 def used_names(path: Path) -> set[str]:

@@ -16,8 +16,8 @@ from llama_smart_proxy.schemas.estimate import Estimate
 from llama_smart_proxy.supervisor.cli import main
 from llama_smart_proxy.supervisor.memory.profile import DEVICE_OVERHEAD_BYTES
 from llama_smart_proxy.supervisor.memory.server_args import AUTO_PARALLEL, FLAGS, parse_server_args
-from llama_smart_proxy.supervisor.planner import plan
-from llama_smart_proxy.supervisor.snapshot import build_profiles
+from llama_smart_proxy.supervisor.planning.headers import build_profiles
+from llama_smart_proxy.supervisor.planning.planner import plan
 from tests.planning import GIB, make_config, make_inventory
 
 _ENTRY = re.compile(r"^-")  # an option's first line starts at column 0; its description is indented

@@ -6,7 +6,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from llama_smart_proxy.supervisor.eviction import Occupant, choose_victims
+from llama_smart_proxy.supervisor.service.eviction import Occupant, choose_victims
 
 GIB = 1024**3
 

@@ -7,10 +7,11 @@ import json
 
 import h11
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from llama_smart_proxy.schemas.config import ProxySettings
 from llama_smart_proxy.supervisor.proxy.access import ApiKeys, Cors
-from llama_smart_proxy.supervisor.proxy.backends import GpuStatus, ModelState, ModelStatus, Snapshot
+from llama_smart_proxy.supervisor.proxy.backends import GpuStatus, ModelState, ModelStatus, ServiceStatus
 from llama_smart_proxy.schemas.launch import served_model_name
 from llama_smart_proxy.supervisor.proxy.http import (
     ChunkSizeGuard,
@@ -137,13 +138,13 @@ def test_cors_allows_listed_origins_and_answers_preflights() -> None:
     assert Cors(frozenset({"*"})).allow_origin([(b"origin", b"https://any")]) == b"*"
 
 
-def snapshot(*states: ModelState) -> Snapshot:
+def snapshot(*states: ModelState) -> ServiceStatus:
     models = tuple(
         ModelStatus(name=f"m{i}", state=state, aliases=(f"a{i}",), restarts=i, load_seconds=1.5, queued=i)
         for i, state in enumerate(states)
     )
     gpus = (GpuStatus(index=0, name="RTX", uuid="GPU-1", total_bytes=24 * 2**30, planned_bytes=2**30, used_bytes=3 * 2**29),)
-    return Snapshot(models=models, gpus=gpus, plan={"models": []})
+    return ServiceStatus(models=models, gpus=gpus, plan={"models": []})
 
 
 def test_health_is_200_while_some_model_can_be_served_and_503_when_none_can() -> None:
@@ -179,15 +180,18 @@ def test_metrics_text_counts_requests_buckets_latency_and_shows_runtime_state() 
     metrics.observe("m0", 503, 0.001)
     text = render(metrics, snapshot(ModelState.READY, ModelState.FAILED))
     lines = set(text.splitlines())
-    assert 'llama_smart_proxy_requests_total{model="m0",status="200"} 2' in lines
-    assert 'llama_smart_proxy_request_duration_seconds_bucket{model="m0",le="0.005"} 2' in lines
-    assert 'llama_smart_proxy_request_duration_seconds_bucket{model="m0",le="+Inf"} 3' in lines
-    assert 'llama_smart_proxy_model_state{model="m1",state="failed"} 1' in lines
-    assert 'llama_smart_proxy_model_state{model="m1",state="ready"} 0' in lines
-    assert 'llama_smart_proxy_model_queue_length{model="m1"} 1' in lines
-    assert 'llama_smart_proxy_model_restarts_total{model="m1"} 1' in lines
-    assert 'llama_smart_proxy_gpu_used_bytes{gpu="0"} 1610612736' in lines
-    assert 'llama_smart_proxy_gpu_planned_bytes{gpu="0"} 1073741824' in lines
+    # prometheus_client writes every value as a float (2.0, 1.610612736e+09): compare them parsed
+    samples = {(s.name, *sorted(s.labels.items())): s.value for f in text_string_to_metric_families(text) for s in f.samples}
+    assert samples[("llama_smart_proxy_requests_total", ("model", "m0"), ("status", "200"))] == 2
+    assert samples[("llama_smart_proxy_request_duration_seconds_bucket", ("le", "0.005"), ("model", "m0"))] == 2
+    assert samples[("llama_smart_proxy_request_duration_seconds_bucket", ("le", "+Inf"), ("model", "m0"))] == 3
+    assert samples[("llama_smart_proxy_model_state", ("model", "m1"), ("state", "failed"))] == 1
+    assert samples[("llama_smart_proxy_model_state", ("model", "m1"), ("state", "ready"))] == 0
+    assert samples[("llama_smart_proxy_model_queue_length", ("model", "m1"))] == 1
+    assert samples[("llama_smart_proxy_model_restarts_total", ("model", "m1"))] == 1
+    assert samples[("llama_smart_proxy_gpu_used_bytes", ("gpu", "0"))] == 1610612736
+    assert samples[("llama_smart_proxy_gpu_planned_bytes", ("gpu", "0"))] == 1073741824
+    assert ("process_resident_memory_bytes",) in samples  # the standard process metrics come along
     # every sample line belongs to a declared family
     families = {line.split()[2] for line in lines if line.startswith("# TYPE")}
     for line in lines:
@@ -199,7 +203,7 @@ def test_metrics_text_counts_requests_buckets_latency_and_shows_runtime_state() 
 def test_metrics_label_values_are_escaped() -> None:
     metrics = ProxyMetrics()
     metrics.observe('we"ird\\name\n', 200, 0.1)
-    text = render(metrics, Snapshot(models=()))
+    text = render(metrics, ServiceStatus(models=()))
     assert 'model="we\\"ird\\\\name\\n"' in text
 
 

@@ -11,7 +11,7 @@ import pytest
 
 from llama_smart_proxy.schemas.inventory import Host, Inventory
 from llama_smart_proxy.supervisor.errors import InventoryError
-from llama_smart_proxy.supervisor.inventory import dump_inventory, load_inventory, read_host, take_inventory
+from llama_smart_proxy.supervisor.planning.inventory import dump_inventory, load_inventory, read_host, take_inventory
 from tests.fakes import fake_pynvml as fake
 from tests.fakes.fake_pynvml import FakeNvml, gpu
 

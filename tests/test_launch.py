@@ -12,17 +12,17 @@ import pytest
 
 from llama_smart_proxy.schemas.config import LlamaServerSettings
 from llama_smart_proxy.schemas.launch import LaunchSpec
-from llama_smart_proxy.supervisor.errors import LlamaServerError
-from llama_smart_proxy.supervisor.launch import (
+from llama_smart_proxy.supervisor.children.launch import (
     FLAGS_USED,
-    OWNED_OPTIONS,
     Command,
     build_command,
     child_environment,
     ignored_llama_variables,
 )
-from llama_smart_proxy.supervisor.llama_binary import check_llama_server, help_flags
-from llama_smart_proxy.supervisor.process_group import spawn_in_group
+from llama_smart_proxy.supervisor.children.llama_binary import check_llama_server, help_flags
+from llama_smart_proxy.supervisor.children.process_group import spawn_in_group
+from llama_smart_proxy.supervisor.config.owned_options import OWNED_OPTIONS
+from llama_smart_proxy.supervisor.errors import LlamaServerError
 from tests.fakes.supervision import write_fake_llama_server
 
 BINARY = Path("/opt/llama/llama-server")

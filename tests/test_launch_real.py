@@ -18,11 +18,11 @@ from pathlib import Path
 import anyio
 import pytest
 
-from llama_smart_proxy.supervisor.children import supervise
+from llama_smart_proxy.supervisor.children.child import Child
+from llama_smart_proxy.supervisor.children.ports import PortPool
+from llama_smart_proxy.supervisor.children.supervise import supervise
 from llama_smart_proxy.supervisor.memory.placement import layer_devices
-from llama_smart_proxy.supervisor.ports import PortPool
-from llama_smart_proxy.supervisor.process import Child
-from llama_smart_proxy.supervisor.tinymodel import TinyShape, write_tiny_model
+from llama_smart_proxy.supervisor.service.tinymodel import TinyShape, write_tiny_model
 from tests.fakes.supervision import cpu_spec, quick_settings
 from tests.helpers import free_port, wait_for
 

@@ -7,8 +7,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from llama_smart_proxy.supervisor.admission import Admission, QueueFull
-from llama_smart_proxy.supervisor.ledger import MemoryLedger, NoRoom
+from llama_smart_proxy.supervisor.service.admission import Admission, QueueFull
+from llama_smart_proxy.supervisor.service.ledger import MemoryLedger, NoRoom
 
 GIB = 1024**3
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import socket
 
-from llama_smart_proxy.supervisor.listener import group_listens_on, listening_inodes
+from llama_smart_proxy.supervisor.children.listener import group_listens_on, listening_inodes
 
 
 def test_a_listening_socket_belongs_to_its_process_group_and_no_other() -> None:

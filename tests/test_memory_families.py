@@ -16,7 +16,7 @@ from llama_smart_proxy.schemas.config import Config
 from llama_smart_proxy.schemas.header import ModelHeader
 from llama_smart_proxy.supervisor.memory.placement import place
 from llama_smart_proxy.supervisor.memory.profile import memory_profile, pad
-from llama_smart_proxy.supervisor.snapshot import build_profiles
+from llama_smart_proxy.supervisor.planning.headers import build_profiles
 from tests.test_memory_profile import spec
 
 MIB = 1024**2

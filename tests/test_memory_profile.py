@@ -185,7 +185,7 @@ def test_planning_from_a_snapshot_imports_neither_gguf_nor_numpy() -> None:
 
     code = (
         "import sys\n"
-        "from llama_smart_proxy.supervisor import planning, planner, snapshot\n"
+        "from llama_smart_proxy.supervisor.planning import headers, planner, prepare\n"
         "from llama_smart_proxy.supervisor.memory import profile, placement\n"
         "print(sorted(m for m in ('gguf', 'numpy') if m in sys.modules))\n"
     )

@@ -16,9 +16,9 @@ from pathlib import Path
 import anyio
 import pytest
 
-from llama_smart_proxy.supervisor.children import supervise
-from llama_smart_proxy.supervisor.ports import PortPool
-from llama_smart_proxy.supervisor.process import Child
+from llama_smart_proxy.supervisor.children.child import Child
+from llama_smart_proxy.supervisor.children.ports import PortPool
+from llama_smart_proxy.supervisor.children.supervise import supervise
 from tests.fakes.supervision import (
     cpu_spec,
     open_fds,

@@ -14,7 +14,7 @@ import pytest
 
 from llama_smart_proxy.schemas.inventory import Inventory
 from llama_smart_proxy.supervisor.cli import main
-from llama_smart_proxy.supervisor.inventory import dump_inventory, load_inventory
+from llama_smart_proxy.supervisor.planning.inventory import dump_inventory, load_inventory
 from tests.fakes.fake_pynvml import FakeNvml, gpu
 from tests.json_schema import validate
 

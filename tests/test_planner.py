@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from llama_smart_proxy.schemas.plan import Plan
 from llama_smart_proxy.supervisor.memory.placement import place
-from llama_smart_proxy.supervisor.planner import HeaderInfo, plan
+from llama_smart_proxy.supervisor.planning.headers import HeaderInfo
+from llama_smart_proxy.supervisor.planning.planner import plan
 from tests.planning import GIB, MIB, make_config, make_inventory, make_profile
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from benchmarks.planner_cases import packing_seven_on_three
 from llama_smart_proxy.supervisor.memory.placement import place
-from llama_smart_proxy.supervisor.plan_report import verdict
-from llama_smart_proxy.supervisor.planner import plan
+from llama_smart_proxy.supervisor.planning.planner import plan
+from llama_smart_proxy.supervisor.planning.report import verdict
 from tests.planning import GIB, MIB, make_config, make_inventory, make_profile
 
 CPU_ONLY = {"gpus": []}

@@ -20,7 +20,7 @@ from llama_smart_proxy.schemas.estimate import MemoryProfile
 from llama_smart_proxy.schemas.inventory import Inventory
 from llama_smart_proxy.schemas.plan import Plan
 from llama_smart_proxy.supervisor.memory.placement import place
-from llama_smart_proxy.supervisor.planner import plan
+from llama_smart_proxy.supervisor.planning.planner import plan
 from tests.plan_oracle import HOST, best_score, greedy_score, host_charge, plan_score, rooms
 from tests.planning import GIB, MIB, make_config, make_inventory, make_profile
 

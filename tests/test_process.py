@@ -21,11 +21,7 @@ from pathlib import Path
 import anyio
 import pytest
 
-from llama_smart_proxy.supervisor.child_state import ChildState
-from llama_smart_proxy.supervisor.children import supervise
-from llama_smart_proxy.supervisor.listener import group_listens_on
-from llama_smart_proxy.supervisor.ports import PortPool, is_port_free
-from llama_smart_proxy.supervisor.process import (
+from llama_smart_proxy.supervisor.children.child import (
     BIND_FAILURE,
     HEALTH_POLL_S,
     Child,
@@ -33,6 +29,10 @@ from llama_smart_proxy.supervisor.process import (
     ChildStartError,
     ChildStopped,
 )
+from llama_smart_proxy.supervisor.children.listener import group_listens_on
+from llama_smart_proxy.supervisor.children.ports import PortPool, is_port_free
+from llama_smart_proxy.supervisor.children.state import ChildState
+from llama_smart_proxy.supervisor.children.supervise import supervise
 from tests.fakes.supervision import (
     TEST_PORT_RANGE,
     cpu_spec,
@@ -141,8 +141,8 @@ async def test_a_child_that_exits_at_once_every_time_ends_in_a_crash_loop_and_is
             # nothing is spawned any more, however long we wait (here 5 times the longest delay)
             await anyio.sleep(5 * child.settings.restart_delay_max)
             assert child.log_tail.count(failure_line) == 3
-            snapshot = child.snapshot()
-            assert snapshot.state == "failed" and "crash loop" in (snapshot.last_error or "")
+            status = child.status()
+            assert status.state == "failed" and "crash loop" in (status.last_error or "")
             with pytest.raises(ChildFailed, match="crash loop"):
                 await child.ensure_ready()
 

@@ -8,10 +8,10 @@ from pathlib import Path
 import anyio
 import pytest
 
-from llama_smart_proxy.supervisor.child_state import ChildState
-from llama_smart_proxy.supervisor.children import supervise
-from llama_smart_proxy.supervisor.ports import PortPool
-from llama_smart_proxy.supervisor.process import Child, ChildStartError
+from llama_smart_proxy.supervisor.children.child import Child, ChildStartError
+from llama_smart_proxy.supervisor.children.ports import PortPool
+from llama_smart_proxy.supervisor.children.state import ChildState
+from llama_smart_proxy.supervisor.children.supervise import supervise
 from tests.fakes.supervision import cpu_spec, pid_alive, quick_settings, write_fake_llama_server
 
 pytestmark = pytest.mark.anyio

@@ -6,7 +6,7 @@ import socket
 
 import pytest
 
-from llama_smart_proxy.supervisor.ports import NoFreePort, PortPool, is_port_free
+from llama_smart_proxy.supervisor.children.ports import NoFreePort, PortPool, is_port_free
 
 
 def test_leases_go_round_the_range_and_skip_leased_and_busy_ports() -> None:

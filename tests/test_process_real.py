@@ -10,11 +10,11 @@ import anyio
 import httpx
 import pytest
 
-from llama_smart_proxy.supervisor.child_state import ChildState
-from llama_smart_proxy.supervisor.children import supervise
-from llama_smart_proxy.supervisor.ports import PortPool
-from llama_smart_proxy.supervisor.process import BIND_FAILURE, Child
-from llama_smart_proxy.supervisor.process_group import group_has_live_members
+from llama_smart_proxy.supervisor.children.child import BIND_FAILURE, Child
+from llama_smart_proxy.supervisor.children.ports import PortPool
+from llama_smart_proxy.supervisor.children.process_group import group_has_live_members
+from llama_smart_proxy.supervisor.children.state import ChildState
+from llama_smart_proxy.supervisor.children.supervise import supervise
 from tests.fakes.supervision import (
     cpu_spec,
     live_children,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from llama_smart_proxy.supervisor.child_state import (
+from llama_smart_proxy.supervisor.children.state import (
     JITTER,
     TRANSITIONS,
     ChildEvent,
@@ -158,3 +158,11 @@ def test_a_busy_child_with_no_data_and_no_answer_is_hung_after_the_stall_time() 
 
 def test_refused_start_goes_back_to_stopped() -> None:
     assert next_state(S.STARTING, E.REFUSED) is S.STOPPED
+
+
+def test_every_child_state_is_a_state_clients_can_be_shown() -> None:
+    # proxy.backends.ModelState is kept apart from ChildState on purpose (its docstring says why);
+    # the runtime converts by value, so every child state needs its counterpart there
+    from llama_smart_proxy.supervisor.proxy.backends import ModelState
+
+    assert {state.value for state in ChildState} <= {state.value for state in ModelState}

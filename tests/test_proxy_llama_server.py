@@ -12,7 +12,7 @@ import pytest
 
 from llama_smart_proxy.schemas.config import LlamaServerSettings
 from llama_smart_proxy.schemas.launch import served_model_name
-from llama_smart_proxy.supervisor.launch import build_command
+from llama_smart_proxy.supervisor.children.launch import build_command
 from llama_smart_proxy.supervisor.proxy.backends import Upstream
 from tests.fakes.static_backends import StaticBackends, running_proxy
 from tests.fakes.supervision import cpu_spec

@@ -289,7 +289,7 @@ def test_admin_routes_call_the_runtime(proxy, backends: StaticBackends) -> None:
 
 
 class ExplodingBackends(StaticBackends):
-    async def snapshot(self):  # type: ignore[override]
+    async def status(self):  # type: ignore[override]
         raise RuntimeError("a bug in one request's path")
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from llama_smart_proxy.schemas.launch import LaunchSpec
 from llama_smart_proxy.schemas.plan import ModelPlan, Plan
-from llama_smart_proxy.supervisor.reload import diff_plans, refusal
+from llama_smart_proxy.supervisor.service.reload_diff import diff_plans, refusal
 
 
 def entry(name: str, ctx: int = 4096, aliases: tuple[str, ...] = (), placed: bool = True) -> ModelPlan:

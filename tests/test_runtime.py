@@ -95,7 +95,7 @@ def gpu_config(harness: Harness, **models_extra) -> tuple[Path, Path, int]:
     models = {name: {"mode": "on-demand", **models_extra.get(name, {})} for name in ("a", "b")}
     config = harness.write_config(models)
     probe = harness.write_inventory([80 * 1024**3], name="probe.json")
-    from llama_smart_proxy.supervisor.planning import Source, prepare
+    from llama_smart_proxy.supervisor.planning.prepare import Source, prepare
 
     estimate = prepare(Source(config, inventory_path=probe)).plan.model("a").estimate
     assert estimate is not None and estimate.gpus

@@ -14,9 +14,10 @@ from pathlib import Path
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
-from llama_smart_proxy.supervisor.gpu_sampler import GpuSample, GpuSampler
 from llama_smart_proxy.supervisor.proxy.backends import ActionRefused
+from llama_smart_proxy.supervisor.service.gpu_sampler import GpuSample, GpuSampler
 from tests.fakes.supervision import pid_alive
 from tests.helpers import wait_for
 from tests.service_harness import Harness, Running
@@ -179,7 +180,7 @@ def test_a_reload_with_an_unreadable_api_keys_file_changes_nothing(harness: Harn
 def test_an_unexpected_error_while_preparing_a_reload_is_a_refused_reload(harness: Harness, monkeypatch) -> None:
     # bug: a reload meeting an unexpected error (a header field of the wrong type) escaped its
     # task group: under --watch or SIGHUP the whole service stopped; POST /admin/reload hung up
-    from llama_smart_proxy.supervisor import reload_transaction
+    from llama_smart_proxy.supervisor.service import reload_transaction
 
     config = harness.write_config({"a": {}})
     with harness.serving(config) as running:
@@ -232,7 +233,7 @@ def two_on_demand_that_fit_one_at_a_time(harness: Harness, **a_extra) -> tuple[P
     models = {"a": {"mode": "on-demand", **a_extra}, "b": {"mode": "on-demand"}}
     config = harness.write_config(models)
     probe = harness.write_inventory([80 * 1024**3], name="probe.json")
-    from llama_smart_proxy.supervisor.planning import Source, prepare
+    from llama_smart_proxy.supervisor.planning.prepare import Source, prepare
 
     need = prepare(Source(config, inventory_path=probe)).plan.model("a").estimate.gpus[0].total_bytes
     return config, harness.write_inventory([need * 3 // 2])
@@ -295,10 +296,15 @@ def test_gpu_status_shows_usable_reserved_by_model_and_the_nvml_sample_with_its_
         assert gpu["usable_bytes"] >= gpu["planned_bytes"] and gpu["free_bytes"] == 6 * 1024**3
         assert 0 <= gpu["measured_age_s"] < 5
         metrics = httpx.get(f"{running.base}/metrics", timeout=10).text
-        assert f'llama_smart_proxy_gpu_reserved_bytes{{gpu="0",model="a"}} {gpu["planned_bytes"]}' in metrics
-        assert f'llama_smart_proxy_gpu_usable_bytes{{gpu="0"}} {gpu["usable_bytes"]}' in metrics
-        assert f'llama_smart_proxy_gpu_free_bytes{{gpu="0"}} {6 * 1024**3}' in metrics
-        assert 'llama_smart_proxy_gpu_sample_age_seconds{gpu="0"} ' in metrics
+        samples = {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(metrics)
+            for s in family.samples
+        }
+        assert samples[("llama_smart_proxy_gpu_reserved_bytes", (("gpu", "0"), ("model", "a")))] == gpu["planned_bytes"]
+        assert samples[("llama_smart_proxy_gpu_usable_bytes", (("gpu", "0"),))] == gpu["usable_bytes"]
+        assert samples[("llama_smart_proxy_gpu_free_bytes", (("gpu", "0"),))] == 6 * 1024**3
+        assert ("llama_smart_proxy_gpu_sample_age_seconds", (("gpu", "0"),)) in samples
 
 
 def test_nvml_is_read_off_the_event_loop(harness: Harness) -> None:

@@ -44,7 +44,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from llama_smart_proxy.schemas.config import LlamaServerSettings
-from llama_smart_proxy.supervisor.tinymodel import write_tiny_model
+from llama_smart_proxy.supervisor.service.tinymodel import write_tiny_model
 from tests.fakes.fake_pynvml import FakeNvml, gpu
 from tests.fakes.supervision import pid_alive
 from tests.service_harness import Harness, Running
@@ -176,7 +176,7 @@ class RuntimeMachine(RuleBasedStateMachine):
     # ---- config
 
     def gpu_need(self) -> int:
-        from llama_smart_proxy.supervisor.planning import Source, prepare
+        from llama_smart_proxy.supervisor.planning.prepare import Source, prepare
 
         probe = self.harness.write_inventory([80 * 1024**3], name="probe.json")
         plan = prepare(Source(self.config, inventory_path=probe)).plan

@@ -11,7 +11,7 @@ import pytest
 
 from llama_smart_proxy.schemas.config import Config, GpuSettings, HostSettings, LlamaServerSettings, ModelSettings, ProxySettings
 from llama_smart_proxy.schemas.generate import HERE, schema_texts
-from llama_smart_proxy.supervisor.config import load_config
+from llama_smart_proxy.supervisor.config.load import load_config
 from llama_smart_proxy.supervisor.memory.reader import split_parts
 
 EXAMPLES = Path(__file__).parent.parent / "examples"

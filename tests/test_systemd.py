@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from llama_smart_proxy.supervisor.systemd import Notifier
+from llama_smart_proxy.supervisor.service.systemd import Notifier
 
 
 def receive(sock: socket.socket) -> dict[str, str]:

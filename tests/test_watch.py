@@ -11,8 +11,8 @@ from pathlib import Path
 import anyio
 import pytest
 
-from llama_smart_proxy.supervisor.config import files_digest
-from llama_smart_proxy.supervisor.watch import watch_config
+from llama_smart_proxy.supervisor.config.load import files_digest
+from llama_smart_proxy.supervisor.service.watch import watch_config
 
 pytestmark = pytest.mark.anyio
 

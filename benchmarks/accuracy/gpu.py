@@ -36,8 +36,9 @@ from benchmarks.accuracy.cases import Case
 from benchmarks.accuracy.oracle import free_port, parse_server_log
 from benchmarks.accuracy.shapes import SHAPES
 from llama_smart_proxy.schemas.estimate import Estimate
+from llama_smart_proxy.supervisor.memory.geometry import DeviceBackend
 from llama_smart_proxy.supervisor.memory.placement import place
-from llama_smart_proxy.supervisor.memory.profile import DeviceBackend, memory_profile
+from llama_smart_proxy.supervisor.memory.profile import memory_profile
 
 MIB = 1024**2
 LOAD_TIMEOUT_S = 300.0

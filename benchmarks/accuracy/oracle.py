@@ -70,7 +70,7 @@ class Measurement:
 
 
 def find_llama_bin() -> Path:
-    from llama_smart_proxy.supervisor.llama_binary import find_llama_server
+    from llama_smart_proxy.supervisor.children.llama_binary import find_llama_server
 
     return find_llama_server().parent
 

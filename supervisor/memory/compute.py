@@ -26,13 +26,13 @@ from typing import TYPE_CHECKING
 
 from llama_smart_proxy.schemas.estimate import ComputeProfile
 from llama_smart_proxy.schemas.header import ModelHeader
+from llama_smart_proxy.schemas.units import MIB
 from llama_smart_proxy.supervisor.memory.architectures import header_int
 
 if TYPE_CHECKING:
     from llama_smart_proxy.supervisor.memory.architectures import Hyperparameters
-    from llama_smart_proxy.supervisor.memory.profile import Context, DeviceBackend
+    from llama_smart_proxy.supervisor.memory.geometry import Context, DeviceBackend
 
-MIB = 1024**2
 F32 = 4
 F16 = 2
 # Small graph inputs (positions, token ids, output ids, slot indices) and allocator slack:

@@ -85,7 +85,7 @@ def place(profile: MemoryProfile, gpu_layers: int, tensor_split: Sequence[float]
     compute = [0] * n_gpus
     used = sorted({d for d in where if d is not None})
     partial = gpu_layers < n + 1
-    # The planner mirrors these roles in its search (supervisor/planner.py _Model.fixed): keep
+    # The planner mirrors these roles in its search (supervisor/planning/footprint.py Footprint.fixed): keep
     # the two in step. A partial offload charges every device the same (gpu_partial_bytes).
     for d in used:
         if partial:

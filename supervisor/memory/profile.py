@@ -1,9 +1,7 @@
 """The memory model of one model at given settings: `memory_profile(header, spec) -> MemoryProfile`.
 
 Pure: no I/O, no clock. It mirrors how llama.cpp build 11434 sizes each buffer:
-- context: `n_ctx = pad(ctx or n_ctx_train, 256)`; one stream of n_ctx cells when the cache is
-  unified, else `pad(n_ctx / parallel, 256)` cells in each of `parallel` streams
-  (src/llama-context.cpp, llama_context ctor; the 256 padding is PR #17046);
+- context: cells and streams as supervisor/memory/geometry.py resolves them;
 - KV per layer: `cells * streams * (row(type_k, n_embd_k_gqa) + row(type_v, v_width))`, where
   v_width is the layer's own with flash attention; without it V is stored transposed and padded
   to the widest layer (src/llama-kv-cache.cpp, [TAG_V_CACHE_VARIABLE]);
@@ -32,11 +30,11 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Literal
 
 from llama_smart_proxy.schemas.config import ModelSpec
 from llama_smart_proxy.schemas.estimate import EstimateSettings, LayerMemory, MemoryProfile
 from llama_smart_proxy.schemas.header import ModelHeader, TensorInfo
+from llama_smart_proxy.schemas.units import MIB
 from llama_smart_proxy.supervisor.memory import compute, flash_attention
 from llama_smart_proxy.supervisor.memory.architectures import (
     MTP_NEVER_LOADED_ARCHITECTURES,
@@ -45,10 +43,8 @@ from llama_smart_proxy.supervisor.memory.architectures import (
     Hyperparameters,
     hyperparameters,
 )
+from llama_smart_proxy.supervisor.memory.geometry import Context, DeviceBackend, pad, resolve_context
 
-MIB = 1024**2
-CONTEXT_PADDING = 256  # src/llama-context.cpp: n_ctx = GGML_PAD(n_ctx, 256)
-SWA_PADDING = 256  # src/llama-kv-cache-iswa.cpp: "the SWA cache is always padded to 256"
 CPU_ALIGNMENT = 32  # ggml/src/ggml-impl.h TENSOR_ALIGNMENT: the CPU (and RPC-over-CPU) buffer
 CUDA_ALIGNMENT = 128  # ggml/src/ggml-cuda/ggml-cuda.cu: ggml_backend_cuda_buffer_type_get_alignment
 CUDA_MATRIX_ROW_PADDING = 512  # ggml/src/ggml-cuda/common.cuh MATRIX_ROW_PADDING
@@ -59,11 +55,7 @@ CUDA_MATRIX_ROW_PADDING = 512  # ggml/src/ggml-cuda/common.cuh MATRIX_ROW_PADDIN
 # (compute.cuda_pool_bytes). Smaller GPUs need less: 451-456 MiB measured per RTX 4090 (llama.cpp
 # PR #15860); Ollama budgets 457 MiB, gguf-parser 250 MiB.
 DEVICE_OVERHEAD_BYTES = 768 * MIB
-DEFAULT_CONTEXT = 4096  # when neither the config nor the model gives one
 
-DeviceBackend = Literal["cuda", "cpu"]
-"""How a model's offload devices allocate: "cuda", or "cpu" for llama.cpp's CPU backend and RPC
-devices serving it (32-byte alignment, no CUDA context, flash attention for every head size)."""
 # common/arg.cpp --load-mode: these modes do not map the file
 _NO_MMAP_MODES = ("none", "dio")
 
@@ -97,10 +89,6 @@ _INPUT_TENSORS = ("token_embd.", "position_embd.", "token_types.", "per_layer_to
 _LAYER_ZERO_TENSORS = ("token_embd_norm.", "rope_freqs.", "rope_factors_long.", "rope_factors_short.")
 
 
-def pad(value: int, multiple: int) -> int:
-    return -(-value // multiple) * multiple
-
-
 def row_bytes(cache_type: str, width: int) -> int:
     """ggml_row_size: bytes of `width` values of the given cache type."""
     block, size = quant_size(cache_type.upper())
@@ -109,37 +97,6 @@ def row_bytes(cache_type: str, width: int) -> int:
 
 def is_quantized_cache(cache_type: str) -> bool:
     return cache_type not in ("f32", "f16", "bf16")
-
-
-@dataclass(frozen=True)
-class Context:
-    """The resolved context geometry (src/llama-context.cpp and src/llama-kv-cache-iswa.cpp)."""
-
-    n_ctx: int
-    cells: int  # per stream
-    streams: int
-    swa_cells: int  # per stream, for sliding-window layers
-    n_batch: int
-    n_ubatch: int
-    n_seq: int
-
-
-def resolve_context(hp: Hyperparameters, spec: ModelSpec) -> Context:
-    n_seq = max(1, spec.parallel)
-    requested = spec.ctx or hp.n_ctx_train or DEFAULT_CONTEXT
-    n_ctx = pad(requested, CONTEXT_PADDING)
-    if spec.kv_unified:
-        cells, streams = n_ctx, 1
-    else:
-        cells, streams = pad(n_ctx // n_seq, CONTEXT_PADDING), n_seq
-        n_ctx = cells * n_seq
-    n_batch = min(n_ctx, spec.batch) if hp.causal else spec.batch
-    n_ubatch = min(n_batch, spec.ubatch)
-    swa_cells = 0
-    if hp.n_swa:
-        window = hp.n_swa * (n_seq if spec.kv_unified else 1) + n_ubatch
-        swa_cells = pad(min(cells, window), SWA_PADDING)
-    return Context(n_ctx, cells, streams, swa_cells, n_batch, n_ubatch, n_seq)
 
 
 def kv_bytes_per_layer(hp: Hyperparameters, ctx: Context, spec: ModelSpec, flash_attn: bool) -> list[int]:

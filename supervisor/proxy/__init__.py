@@ -1,1 +1,14 @@
-"""The HTTP side: an OpenAI-compatible server and upstream client on anyio + h11."""
+"""Proxy: the OpenAI-compatible HTTP/1.1 front on anyio + h11. It knows the running service
+only through the `Backends` protocol (`backends`), so it imports no other stage.
+
+- `server`: the listener, one loop per client connection, the relay to a child;
+- `backends`: what the proxy asks of the service, and the status it renders;
+- `http`: HTTP framing and the request and response rules (pure);
+- `upstream`: pooled keep-alive connections to the children;
+- `sockets`: non-blocking sockets driven by anyio's wait_readable/wait_writable;
+- `access`: API keys and CORS;
+- `routes`: the proxy's own routes (/health, /status, /v1/models, /metrics, admin) (pure);
+- `metrics`: request counters and the Prometheus exposition.
+
+May import: schemas, errors.
+"""

@@ -1,7 +1,7 @@
 """The interface between the HTTP proxy and the runtime that owns the llama-server children.
 
 The proxy knows models only through a `Backends`: it resolves names, holds a lease on a ready
-child for the whole of each forwarded request (stream included), reads status snapshots for its
+child for the whole of each forwarded request (stream included), reads the service's status for its
 own routes, and passes admin actions through. On-demand starts, queueing while a model loads,
 per-model concurrency, eviction and TTL all live behind `lease()`.
 
@@ -50,6 +50,16 @@ class Upstream:
 
 
 class ModelState(str, enum.Enum):
+    """A model's state as clients see it in /status, /health, /metrics and /v1/models.
+
+    It mirrors the supervised child's states (supervisor/children/state.py `ChildState`) and adds
+    UNPLACED, which no child has: a model the plan gave no place has no child at all. The two are
+    kept apart on purpose. The proxy imports no other stage, and these values are part of the HTTP
+    contract, so a new child state must be a decision about what clients see, not a side effect of
+    a change in the supervisor; the runtime converts with `ModelState(child.state.value)`, which
+    fails at once if a child state has no counterpart here (a test checks every one).
+    """
+
     STOPPED = "stopped"
     STARTING = "starting"
     READY = "ready"
@@ -109,7 +119,7 @@ class GpuStatus:
 
 
 @dataclass(frozen=True)
-class Snapshot:
+class ServiceStatus:
     """Everything the proxy's own routes show, taken at one moment."""
 
     models: tuple[ModelStatus, ...]
@@ -200,7 +210,7 @@ class Backends(Protocol):
         The caller may be cancelled at any point while waiting or holding."""
         ...
 
-    async def snapshot(self) -> Snapshot:
+    async def status(self) -> ServiceStatus:
         """The state of every configured model and GPU now."""
         ...
 

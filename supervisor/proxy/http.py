@@ -403,7 +403,7 @@ class ChunkSizeGuard:
 
 class ModelRename:
     """Rewrites the `"model"` a child reports into the name the client asked for, in a response
-    body as it streams. The child is started with `--alias <served name>` (supervisor/launch.py),
+    body as it streams. The child is started with `--alias <served name>` (supervisor/children/launch.py),
     so the exact bytes to look for are known; a pattern split across two reads is held back (a
     few bytes of an unfinished JSON line) until the next read completes or refutes it."""
 

@@ -1,8 +1,8 @@
-"""The proxy's own routes, rendered from a runtime `Snapshot`: /v1/models, /health, /status,
+"""The proxy's own routes, rendered from a `ServiceStatus`: /v1/models, /health, /status,
 /metrics, and the admin actions' answers.
 
 Rules kept here:
-- pure: a snapshot (and the proxy's counters) in, a `Reply` out; the server does the I/O;
+- pure: the service's status (and the proxy's counters) in, a `Reply` out; the server does the I/O;
 - /health is 200 while the proxy can serve some model (a model that is stopped, loading or
   restarting can still be served; failed and unplaced ones cannot), else 503;
 - /v1/models lists every configured name and alias in OpenAI's format, each with its state.
@@ -14,9 +14,9 @@ import time
 from dataclasses import asdict
 from typing import Any
 
-from llama_smart_proxy.supervisor.proxy.backends import GpuStatus, ModelStatus, Snapshot
+from llama_smart_proxy.supervisor.proxy.backends import GpuStatus, ModelStatus, ServiceStatus
 from llama_smart_proxy.supervisor.proxy.http import HttpError, Reply, json_reply, unknown_model_error
-from llama_smart_proxy.supervisor.proxy.metrics import ProxyMetrics, render
+from llama_smart_proxy.supervisor.proxy.metrics import CONTENT_TYPE, ProxyMetrics, render
 
 OWNED_BY = "llama-smart-proxy"
 ADMIN_PREFIX = b"/admin/"
@@ -39,47 +39,47 @@ def _model_entry(id_: str, status: ModelStatus, alias_of: str | None) -> dict[st
     return entry
 
 
-def models_reply(snapshot: Snapshot) -> Reply:
+def models_reply(service: ServiceStatus) -> Reply:
     data = []
-    for status in sorted(snapshot.models, key=lambda s: s.name):
+    for status in sorted(service.models, key=lambda s: s.name):
         data.append(_model_entry(status.name, status, None))
         data.extend(_model_entry(alias, status, status.name) for alias in status.aliases)
     return json_reply(200, {"object": "list", "data": data})
 
 
-def model_reply(snapshot: Snapshot, name: str) -> Reply:
-    for status in snapshot.models:
+def model_reply(service: ServiceStatus, name: str) -> Reply:
+    for status in service.models:
         if name == status.name:
             return json_reply(200, _model_entry(name, status, None))
         if name in status.aliases:
             return json_reply(200, _model_entry(name, status, status.name))
-    raise unknown_model_error(name, snapshot.known_names())
+    raise unknown_model_error(name, service.known_names())
 
 
-def overall_health(snapshot: Snapshot) -> str:
+def overall_health(service: ServiceStatus) -> str:
     """ok: every model servable; degraded: some are not; unavailable: none is (or none configured)."""
-    servable = [s for s in snapshot.models if s.is_servable]
+    servable = [s for s in service.models if s.is_servable]
     if not servable:
         return "unavailable"
-    return "ok" if len(servable) == len(snapshot.models) else "degraded"
+    return "ok" if len(servable) == len(service.models) else "degraded"
 
 
 def _gpu_json(gpu: GpuStatus) -> dict[str, Any]:
     return asdict(gpu)
 
 
-def health_reply(snapshot: Snapshot) -> Reply:
-    overall = overall_health(snapshot)
+def health_reply(service: ServiceStatus) -> Reply:
+    overall = overall_health(service)
     body = {
         "status": overall,
         "models": {
             s.name: {"state": s.state.value, **({"error": s.last_error} if s.last_error else {})}
-            for s in sorted(snapshot.models, key=lambda s: s.name)
+            for s in sorted(service.models, key=lambda s: s.name)
         },
-        "gpus": [_gpu_json(g) for g in sorted(snapshot.gpus, key=lambda g: g.index)],
+        "gpus": [_gpu_json(g) for g in sorted(service.gpus, key=lambda g: g.index)],
     }
-    if snapshot.notes:
-        body["notes"] = list(snapshot.notes)
+    if service.notes:
+        body["notes"] = list(service.notes)
     return json_reply(503 if overall == "unavailable" else 200, body)
 
 
@@ -91,22 +91,23 @@ def _status_json(status: ModelStatus) -> dict[str, Any]:
     return data
 
 
-def status_reply(snapshot: Snapshot, proxy: dict[str, Any]) -> Reply:
+def status_reply(service: ServiceStatus, proxy: dict[str, Any]) -> Reply:
     body = {
-        "status": overall_health(snapshot),
+        "status": overall_health(service),
         "time": time.time(),
         "proxy": proxy,
-        "models": [_status_json(s) for s in sorted(snapshot.models, key=lambda s: s.name)],
-        "gpus": [_gpu_json(g) for g in sorted(snapshot.gpus, key=lambda g: g.index)],
-        "plan": snapshot.plan,
-        "notes": list(snapshot.notes),
-        **dict(snapshot.extra),
+        "models": [_status_json(s) for s in sorted(service.models, key=lambda s: s.name)],
+        "gpus": [_gpu_json(g) for g in sorted(service.gpus, key=lambda g: g.index)],
+        "plan": service.plan,
+        "notes": list(service.notes),
+        **dict(service.extra),
     }
     return json_reply(200, body)
 
 
-def metrics_reply(metrics: ProxyMetrics, snapshot: Snapshot) -> Reply:
-    return Reply(200, render(metrics, snapshot).encode(), content_type=b"text/plain; version=0.0.4; charset=utf-8")
+def metrics_reply(metrics: ProxyMetrics, service: ServiceStatus) -> Reply:
+    """/metrics; it reads /proc (the process_* metrics): call it in a worker thread."""
+    return Reply(200, render(metrics, service).encode(), content_type=CONTENT_TYPE)
 
 
 def admin_target(path: bytes) -> tuple[str, str | None] | None:
@@ -123,10 +124,10 @@ def admin_target(path: bytes) -> tuple[str, str | None] | None:
     return None
 
 
-def admin_done_reply(action: str, model: str | None, snapshot: Snapshot, summary: str | None = None) -> Reply:
+def admin_done_reply(action: str, model: str | None, service: ServiceStatus, summary: str | None = None) -> Reply:
     body: dict[str, Any] = {"action": action, "ok": True}
     if model is not None:
-        status = snapshot.model(model)
+        status = service.model(model)
         body["model"] = _status_json(status) if status else {"name": model}
     if summary is not None:
         body["summary"] = summary

@@ -446,7 +446,7 @@ class ProxyServer:
             if path == b"/health":
                 if method not in READ_METHODS:
                     raise routes.method_not_allowed(routes.READ_ALLOW)
-                reply = routes.health_reply(await setup.backends.snapshot())
+                reply = routes.health_reply(await setup.backends.status())
                 await self._reply(conn, client, reply, cors)
                 self._observe(model, reply.status, started)
                 return
@@ -488,7 +488,7 @@ class ProxyServer:
             self._observe(model, error.status, started)
 
     async def _resolve_failed(self, setup: Setup, name: str | None) -> HttpError:
-        known = (await setup.backends.snapshot()).known_names()
+        known = (await setup.backends.status()).known_names()
         return missing_model_error(known) if name is None else unknown_model_error(name, known)
 
     async def _own_route(
@@ -498,18 +498,20 @@ class ProxyServer:
         if path == b"/v1/models" or path.startswith(b"/v1/models/"):
             if method not in READ_METHODS:
                 raise routes.method_not_allowed(routes.READ_ALLOW)
-            snapshot = await backends.snapshot()
+            service = await backends.status()
             if path == b"/v1/models":
-                return routes.models_reply(snapshot)
-            return routes.model_reply(snapshot, path[len(b"/v1/models/") :].decode("utf-8", "replace"))
+                return routes.models_reply(service)
+            return routes.model_reply(service, path[len(b"/v1/models/") :].decode("utf-8", "replace"))
         if path == b"/status":
             if method not in READ_METHODS:
                 raise routes.method_not_allowed(routes.READ_ALLOW)
-            return routes.status_reply(await backends.snapshot(), self._proxy_status())
+            return routes.status_reply(await backends.status(), self._proxy_status())
         if path == b"/metrics":
             if method not in READ_METHODS:
                 raise routes.method_not_allowed(routes.READ_ALLOW)
-            return routes.metrics_reply(self.metrics, await backends.snapshot())
+            service = await backends.status()
+            # rendered from a copy, in a worker thread: the process_* metrics read /proc
+            return await anyio.to_thread.run_sync(routes.metrics_reply, self.metrics.copy(), service)
         if path.startswith(routes.ADMIN_PREFIX):
             refusal = setup.keys.admin_refusal(request.headers, client.peer)
             if refusal is not None:
@@ -525,7 +527,7 @@ class ProxyServer:
             if name is not None:
                 model = backends.resolve(name)
                 if model is None:
-                    raise unknown_model_error(name, (await backends.snapshot()).known_names())
+                    raise unknown_model_error(name, (await backends.status()).known_names())
                 name = model
                 log.info("admin: %s %s", action, model)
                 if action == "load":
@@ -537,7 +539,7 @@ class ProxyServer:
             else:
                 log.info("admin: reload")
                 summary = await backends.reload()
-            return routes.admin_done_reply(action, name, await backends.snapshot(), summary)
+            return routes.admin_done_reply(action, name, await backends.status(), summary)
         raise routes.not_found(path)
 
     def _proxy_status(self) -> dict[str, Any]:

@@ -1,10 +1,13 @@
 """Non-blocking TCP sockets for the proxy, driven by anyio's wait_readable/wait_writable.
 
 Why not anyio's SocketStream: its send always yields to the loop and each receive re-arms the
-transport's reading. Measured on this 2-core machine, a bare byte relay served about 10-15 k
-requests/s on SocketStream and 13-20 k on these; for the whole proxy the gain is smaller, about
-4 % (242 against 250 CPU-microseconds per proxied request, quiet machine, same run). Here a
-syscall is tried first and the task waits only when the kernel has nothing to give or no room.
+transport's reading; here a syscall is tried first and the task waits only when the kernel has
+nothing to give or no room. Measured (benchmarks/relay_sockets.py, results in
+benchmarks/results/relay-sockets.md): the socket layer costs about 10 % less CPU per call than on
+SocketStream; the whole proxy 5-8 % less per sequential request (no difference beyond noise in a
+closed loop) and 5-11 % less per relayed stream chunk.
+Small, but the pool also needs what SocketStream does not offer without its private transport: a
+close that never awaits (a cancelled relay closes at once) and a peek at an idle connection.
 
 Rules kept here:
 - each socket has one reader task and one writer task at a time (anyio raises BusyResourceError

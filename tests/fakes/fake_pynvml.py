@@ -1,7 +1,7 @@
 """A fake of the pynvml module (nvidia-ml-py) for fault injection: NVML states no real machine
 gives on demand (library missing, driver not loaded, no device, one device erroring).
 
-It offers the functions and constants supervisor/inventory.py uses, with pynvml's calling
+It offers the functions and constants supervisor/planning/inventory.py uses, with pynvml's calling
 conventions: errors are `NVMLError` with an NVML code in `.value`, strings come back as str, and
 the PCI bus id as bytes (the raw ctypes field, older pynvml) or str (nvidia-ml-py 13 on a real
 H200 returned str). Build one per test:

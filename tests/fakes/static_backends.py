@@ -21,7 +21,7 @@ import anyio.from_thread
 import httpx
 
 from llama_smart_proxy.schemas.config import ProxySettings
-from llama_smart_proxy.supervisor.proxy.backends import ModelState, ModelStatus, ModelUnavailable, Snapshot, UnknownModel, Upstream
+from llama_smart_proxy.supervisor.proxy.backends import ModelState, ModelStatus, ModelUnavailable, ServiceStatus, UnknownModel, Upstream
 from llama_smart_proxy.supervisor.proxy.server import ProxyServer
 from tests.helpers import free_port, wait_for
 
@@ -55,7 +55,7 @@ class StaticBackends:
         finally:
             self.in_flight[model] -= 1
 
-    async def snapshot(self) -> Snapshot:
+    async def status(self) -> ServiceStatus:
         models = []
         for name, upstream in sorted(self.upstreams.items()):
             state = ModelState.FAILED if name in self.refuse and self.refuse[name].kind == "failed" else ModelState.READY
@@ -69,7 +69,7 @@ class StaticBackends:
                     last_error=self.refuse[name].reason if name in self.refuse else None,
                 )
             )
-        return Snapshot(models=tuple(models))
+        return ServiceStatus(models=tuple(models))
 
     async def _act(self, action: str, model: str | None) -> None:
         if model is not None and model not in self.upstreams:

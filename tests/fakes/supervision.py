@@ -21,7 +21,7 @@ from pathlib import Path
 
 from llama_smart_proxy.schemas.config import LlamaServerSettings
 from llama_smart_proxy.schemas.launch import LaunchSpec
-from llama_smart_proxy.supervisor.ports import is_port_free
+from llama_smart_proxy.supervisor.children.ports import is_port_free
 
 FAKE_SERVER = Path(__file__).with_name("fake_llama_server.py")
 WRAPPER_PID_PREFIX = "forking-wrapper: child pid "

@@ -23,18 +23,19 @@ import anyio
 from anyio.abc import TaskGroup, TaskStatus
 
 from llama_smart_proxy.schemas.config import Config, ModelConfig
-from llama_smart_proxy.supervisor.children import Children, supervise
-from llama_smart_proxy.supervisor.config import LoadedConfig
-from llama_smart_proxy.supervisor.gpu_sampler import GpuSampler
-from llama_smart_proxy.supervisor.llama_binary import check_llama_server, find_llama_server
-from llama_smart_proxy.supervisor.planning import Prepared, Source, prepare
+from llama_smart_proxy.supervisor.children.llama_binary import check_llama_server, find_llama_server
+from llama_smart_proxy.supervisor.children.supervise import Children, supervise
+from llama_smart_proxy.supervisor.config.load import LoadedConfig
+from llama_smart_proxy.supervisor.errors import EXIT_OK, PlanRefused
+from llama_smart_proxy.supervisor.planning.prepare import Prepared, Source, prepare
 from llama_smart_proxy.supervisor.proxy.backends import ActionRefused
 from llama_smart_proxy.supervisor.proxy.server import ProxyServer
-from llama_smart_proxy.supervisor.reload_transaction import ReloadTransaction
-from llama_smart_proxy.supervisor.runtime import Runtime
-from llama_smart_proxy.supervisor.systemd import Notifier
-from llama_smart_proxy.supervisor.tinymodel import ensure_default_model
-from llama_smart_proxy.supervisor.watch import watch_config
+from llama_smart_proxy.supervisor.service.gpu_sampler import GpuSampler
+from llama_smart_proxy.supervisor.service.reload_transaction import ReloadTransaction
+from llama_smart_proxy.supervisor.service.runtime import Runtime
+from llama_smart_proxy.supervisor.service.systemd import Notifier
+from llama_smart_proxy.supervisor.service.tinymodel import ensure_default_model
+from llama_smart_proxy.supervisor.service.watch import watch_config
 
 log = logging.getLogger("llama-smart-proxy")
 
@@ -42,7 +43,7 @@ log = logging.getLogger("llama-smart-proxy")
 def demo_config(listen: str | None = None) -> LoadedConfig:
     """The built-in default: the tiny chat model (also named `chat`, as the README's client examples
     say) and a tiny embedding model (`embed`), planned on whatever this machine has."""
-    from llama_smart_proxy.supervisor.tinymodel import ensure_default_embedding_model
+    from llama_smart_proxy.supervisor.service.tinymodel import ensure_default_embedding_model
 
     path = ensure_default_model()
     models = {
@@ -85,13 +86,13 @@ class Service:
 
     def status_line(self) -> str:
         models = self.runtime.prepared.plan.models
-        states = [status.state.value for status in self.runtime.statuses()]
+        states = [status.state.value for status in self.runtime.model_statuses()]
         counts = ", ".join(f"{states.count(s)} {s}" for s in sorted(set(states)))
         host, port = self.proxy.address or ("?", 0)
         return f"{len(models)} models ({counts}) on {host}:{port}"
 
     async def reload(self, problem: str | None = None) -> str:
-        """Reload the config as a transaction (supervisor/reload_transaction.py); ActionRefused
+        """Reload the config as a transaction (supervisor/service/reload_transaction.py); ActionRefused
         when it is refused, the running config whole."""
         await self.ready.wait()  # a reload asked for during start-up waits for the residents
         return await self.transaction.run(problem)
@@ -112,9 +113,8 @@ def serve(source: Source, *, watch: bool = False) -> int:
     """
     import os
 
-    from llama_smart_proxy.supervisor.errors import PlanRefused
-    from llama_smart_proxy.supervisor.launch import ignored_llama_variables
-    from llama_smart_proxy.supervisor.plan_report import verdict
+    from llama_smart_proxy.supervisor.children.launch import ignored_llama_variables
+    from llama_smart_proxy.supervisor.planning.report import verdict
 
     log.info("planning: reading the config, the GPUs and the model headers")
     prepared = prepare(source)
@@ -137,7 +137,7 @@ def serve(source: Source, *, watch: bool = False) -> int:
     info = check_llama_server(binary)
     log.info("llama-server: %s (%s)", info.path, info.version)
     anyio.run(_main, source, prepared, binary, watch)
-    return 0
+    return EXIT_OK
 
 
 async def _main(source: Source, prepared: Prepared, binary: Path, watch: bool) -> None:
@@ -196,7 +196,7 @@ async def run_service(
             tg.start_soon(start_residents)
             await service.stop_requested.wait()
             notifier.stopping(f"stopping: {service.status_line()}")
-            await _drain(service)
+            await _drain_service(service)
             tg.cancel_scope.cancel()
 
 
@@ -225,7 +225,7 @@ async def _signals(service: Service, tg: TaskGroup) -> None:
                 service.stop_requested.set()
 
 
-async def _drain(service: Service) -> None:
+async def _drain_service(service: Service) -> None:
     """Stop accepting, close idle connections and close the others after their current response,
     then wait for in-flight requests, at most drain_timeout."""
     service.proxy.begin_drain()

@@ -1,13 +1,13 @@
 """The memory ledger: every GPU byte the service's children use is one reservation here.
 
 Rules kept here (the ledger promise of DESIGN.md):
-- a child process is spawned only after its reservation is taken (supervisor/process.py asks for
+- a child process is spawned only after its reservation is taken (supervisor/children/child.py asks for
   it right before the spawn), and the reservation is released only once that process is reaped;
 - per GPU, reserved <= usable at every instant: `reserve` refuses what does not fit, whole;
 - usable is the plan's: free memory when the inventory was taken, minus the reserve (a reload
   sets new figures; reservations already held stay until their processes are reaped);
 - pure bookkeeping, no I/O and no awaits: deciding what to stop to make room is eviction's job
-  (supervisor/eviction.py), and waiting for room the runtime's.
+  (supervisor/service/eviction.py), and waiting for room the runtime's.
 """
 
 from __future__ import annotations
@@ -16,30 +16,13 @@ import itertools
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
-MIB = 1024**2
-
-
-def describe_bytes(count: int) -> str:
-    return f"{count / MIB:.1f} MiB"
-
-
-class NoRoom(Exception):
-    """A start that cannot get its memory; `reason` names each GPU and the bytes it lacks."""
-
-    def __init__(self, model: str, short_by_gpu: Mapping[int, int], detail: str = "") -> None:
-        self.model = model
-        self.short_by_gpu = dict(short_by_gpu)
-        short = ", ".join(f"GPU {gpu} lacks {describe_bytes(b)}" for gpu, b in sorted(self.short_by_gpu.items()))
-        if short:
-            self.reason = f"no memory for {model}: {short}" + (f" ({detail})" if detail else "")
-        else:
-            self.reason = f"{model} not started: {detail}"
-        super().__init__(self.reason)
+from llama_smart_proxy.supervisor.children.hold import NoRoom
 
 
 @dataclass(eq=False)
 class Reservation:
-    """One child process's planned bytes per GPU, held from before its spawn until it is reaped."""
+    """One child process's planned bytes per GPU, held from before its spawn until it is reaped
+    (a `children.hold.Hold`)."""
 
     id: int
     model: str

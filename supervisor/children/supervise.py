@@ -18,7 +18,7 @@ from contextlib import asynccontextmanager
 import anyio
 from anyio.abc import TaskGroup, TaskStatus
 
-from llama_smart_proxy.supervisor.process import Child, ChildError
+from llama_smart_proxy.supervisor.children.child import Child, ChildError
 
 log = logging.getLogger("llama-smart-proxy.process")
 

@@ -1,5 +1,5 @@
 """Find the llama-server program (the configured one, else on PATH, else the `llama` extra's) and
-check it once at start: it runs, reports a version, and accepts every flag supervisor/launch.py emits.
+check it once at start: it runs, reports a version, and accepts every flag supervisor/children/launch.py emits.
 """
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from llama_smart_proxy.supervisor.children.launch import FLAGS_USED
 from llama_smart_proxy.supervisor.errors import LlamaServerError
-from llama_smart_proxy.supervisor.launch import FLAGS_USED
 
 INSTALL_HINT = "install it with `pip install 'llama-smart-proxy[llama]'` or set llama_server.binary"
 

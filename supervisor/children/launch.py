@@ -12,8 +12,9 @@ Rules kept here:
 - the child answers to its config name (`--alias`), so responses never carry the file's path as
   `"model"`; aliases are not passed (they live outside the LaunchSpec, so changing them keeps the
   child), the proxy renames the field to the name a client used;
-- what the plan decides is the plan's alone: `OWNED_OPTIONS` lists the llama-server options (and
-  their LLAMA_ARG_* variables) a config's `args` and `env` may not set, with the key to use instead;
+- what the plan decides is the plan's alone: every flag in `FLAGS_USED` is one of the options a
+  config's `args` and `env` may not set (supervisor/config/owned_options.py, a test keeps the two in
+  step);
 - a child's environment is the supervisor's without the service's own settings and secrets
   (LLAMA_SMART_PROXY_*), systemd's per-service variables, and inherited LLAMA_ARG_* variables,
   which would change what llama-server loads behind the estimate's back; the config's `env` is
@@ -38,63 +39,11 @@ FLAGS_USED: tuple[str, ...] = (
 """Every flag `build_command` may emit; the binary check requires each of them."""
 
 
-@dataclass(frozen=True)
-class OwnedOption:
-    """A llama-server option the launch sets from the plan or the config's own keys."""
-
-    flags: tuple[str, ...]
-    """Every spelling in common/arg.cpp of build 11434, negations included."""
-    env: str
-    """Its LLAMA_ARG_* variable (llama.cpp also reads the LLAMA_ARG_NO_* form of a switch)."""
-    instead: str
-    """The config key(s) that say it."""
-
-
-OWNED_OPTIONS: tuple[OwnedOption, ...] = (
-    OwnedOption(("-m", "--model"), "LLAMA_ARG_MODEL", "file"),
-    OwnedOption(("-mm", "--mmproj"), "LLAMA_ARG_MMPROJ", "mmproj"),
-    OwnedOption(("--host",), "LLAMA_ARG_HOST", "proxy.listen (children listen on 127.0.0.1 only)"),
-    OwnedOption(("--port",), "LLAMA_ARG_PORT", "llama_server.port_range"),
-    OwnedOption(("-c", "--ctx-size"), "LLAMA_ARG_CTX_SIZE", "ctx"),
-    OwnedOption(("-np", "--parallel"), "LLAMA_ARG_N_PARALLEL", "parallel"),
-    OwnedOption(("-kvu", "--kv-unified", "-no-kvu", "--no-kv-unified"), "LLAMA_ARG_KV_UNIFIED", "kv_unified"),
-    OwnedOption(("-fa", "--flash-attn"), "LLAMA_ARG_FLASH_ATTN", "flash_attn"),
-    OwnedOption(("-ctk", "--cache-type-k"), "LLAMA_ARG_CACHE_TYPE_K", "cache_type_k"),
-    OwnedOption(("-ctv", "--cache-type-v"), "LLAMA_ARG_CACHE_TYPE_V", "cache_type_v"),
-    OwnedOption(("-b", "--batch-size"), "LLAMA_ARG_BATCH", "batch"),
-    OwnedOption(("-ub", "--ubatch-size"), "LLAMA_ARG_UBATCH", "ubatch"),
-    OwnedOption(("-ngl", "--gpu-layers", "--n-gpu-layers"), "LLAMA_ARG_N_GPU_LAYERS",
-                "gpus, allow_partial and allow_cpu (the plan decides the layers on GPUs)"),
-    OwnedOption(("-ts", "--tensor-split"), "LLAMA_ARG_TENSOR_SPLIT", "gpus and allow_split (the plan decides the split)"),
-    OwnedOption(("-sm", "--split-mode"), "LLAMA_ARG_SPLIT_MODE", "allow_split"),
-    OwnedOption(("-mg", "--main-gpu"), "LLAMA_ARG_MAIN_GPU", "gpus"),
-    OwnedOption(("-dev", "--device"), "LLAMA_ARG_DEVICE", "gpus"),
-    OwnedOption(("-fit", "--fit"), "LLAMA_ARG_FIT", "gpus, allow_split and allow_partial (the plan replaces --fit, always off)"),
-    OwnedOption(("-a", "--alias"), "LLAMA_ARG_ALIAS", "aliases (the proxy answers to them; the child to the model's name)"),
-)  # fmt: skip
-
-_OWNED_FLAGS = {flag: option for option in OWNED_OPTIONS for flag in option.flags}
-_OWNED_ENV = {name: option for option in OWNED_OPTIONS for name in (option.env, option.env.replace("LLAMA_ARG_", "LLAMA_ARG_NO_"))}
-
 DROPPED_PREFIXES = ("LLAMA_SMART_PROXY_", "LLAMA_ARG_")
 """Inherited variables a child never sees: the service's own settings and secrets, and options
 llama-server would read behind the estimate's back."""
 DROPPED_VARIABLES = frozenset({"NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES"})
 """systemd's per-service variables: they describe this service, not its children."""
-
-
-def owned_option(arg: str) -> OwnedOption | None:
-    """The option `arg` sets when it is one the launch owns (`--flag=value` and llama.cpp's
-    `--ctx_size` spelling included), else None."""
-    flag = arg.split("=", 1)[0]
-    if flag.startswith("--"):
-        flag = flag.replace("_", "-")  # common/arg.cpp reads --ctx_size as --ctx-size
-    return _OWNED_FLAGS.get(flag)
-
-
-def owned_variable(name: str) -> OwnedOption | None:
-    """The option a LLAMA_ARG_* variable sets when it is one the launch owns, else None."""
-    return _OWNED_ENV.get(name)
 
 
 def is_dropped(name: str) -> bool:

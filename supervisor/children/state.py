@@ -2,7 +2,7 @@
 
 Rules kept here:
 - the states are an Enum and every legal move is one row of `TRANSITIONS`; anything else raises
-  `IllegalTransition` naming the state and the event (supervisor/process.py is the only caller);
+  `IllegalTransition` naming the state and the event (supervisor/children/child.py is the only caller);
 - a crash loop is s6-permafailon's rule: `deaths` deaths within `window` seconds, where the clock
   counts only time the child was ready (serving): load time and restart delays do not count, so a
   model that takes minutes to load is judged like one that takes a second;
@@ -24,6 +24,9 @@ from dataclasses import dataclass, field
 
 
 class ChildState(enum.Enum):
+    """A supervised child's state. Clients see it as `proxy.backends.ModelState` (which adds
+    UNPLACED, for a model without a child); that type is kept apart on purpose, its docstring says why."""
+
     STOPPED = "stopped"
     STARTING = "starting"
     READY = "ready"
@@ -94,7 +97,7 @@ JITTER = 0.2
 
 
 @dataclass(frozen=True)
-class Verdict:
+class RestartDecision:
     """What one death means: a crash loop, or a restart after `delay_s`."""
 
     crash_loop: bool
@@ -114,7 +117,7 @@ class CrashHistory:
     exponent: int = 0
     _death_clock: deque[float] = field(default_factory=deque)
 
-    def record_death(self, running_clock_s: float, ready_for_s: float, jitter: float) -> Verdict:
+    def record_death(self, running_clock_s: float, ready_for_s: float, jitter: float) -> RestartDecision:
         """Count a death at `running_clock_s`; `ready_for_s` is how long this child had been ready.
 
         `jitter` in [0, 1) picks where in the jitter band the delay falls.
@@ -127,7 +130,7 @@ class CrashHistory:
         in_window = len(self._death_clock)
         delay = min(self.delay_s * 2.0**self.exponent, self.delay_max_s) * (1.0 - JITTER * jitter)
         self.exponent += 1
-        return Verdict(crash_loop=in_window >= self.deaths, delay_s=delay, deaths_in_window=in_window)
+        return RestartDecision(crash_loop=in_window >= self.deaths, delay_s=delay, deaths_in_window=in_window)
 
     def clear(self) -> None:
         self.exponent = 0

@@ -10,7 +10,7 @@ from __future__ import annotations
 import anyio
 import h11
 
-from llama_smart_proxy.supervisor.launch import CHILD_HOST
+from llama_smart_proxy.supervisor.children.launch import CHILD_HOST
 
 
 async def probe_health(

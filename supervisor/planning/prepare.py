@@ -14,10 +14,10 @@ from typing import Any
 
 from llama_smart_proxy.schemas.inventory import Inventory
 from llama_smart_proxy.schemas.plan import Plan
-from llama_smart_proxy.supervisor.config import LoadedConfig, load_config
-from llama_smart_proxy.supervisor.inventory import load_inventory, take_inventory
-from llama_smart_proxy.supervisor.planner import plan
-from llama_smart_proxy.supervisor.snapshot import build_profiles
+from llama_smart_proxy.supervisor.config.load import LoadedConfig, load_config
+from llama_smart_proxy.supervisor.planning.headers import build_profiles
+from llama_smart_proxy.supervisor.planning.inventory import load_inventory, take_inventory
+from llama_smart_proxy.supervisor.planning.planner import plan
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import anyio
 import anyio.to_thread
 
-from llama_smart_proxy.supervisor.inventory import take_inventory
+from llama_smart_proxy.supervisor.planning.inventory import take_inventory
 
 log = logging.getLogger("llama-smart-proxy.gpus")
 

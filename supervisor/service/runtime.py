@@ -3,14 +3,14 @@
 `Runtime` is the proxy's `Backends`. It owns one `ModelEntry` per configured model (its plan
 entry and its supervised `Child`) plus the predecessors a reload retired that still drain, and it
 is their only writer. Each promise has one owner that every path passes through:
-- memory: the `MemoryLedger` (supervisor/ledger.py). A child asks `Runtime.reserve` right before
-  each spawn; a start that does not fit stops idle on-demand models (supervisor/eviction.py),
+- memory: the `MemoryLedger` (supervisor/service/ledger.py). A child asks `Runtime.reserve` right before
+  each spawn; a start that does not fit stops idle on-demand models (supervisor/service/eviction.py),
   waits while only models that will go away (busy on-demand, retiring, stopping) are in its way,
   and is refused with the GPUs and bytes otherwise. Decisions are made under one lock;
-- admission: one `Admission` per model name (supervisor/admission.py), kept across reloads;
+- admission: one `Admission` per model name (supervisor/service/admission.py), kept across reloads;
   `lease()` takes a queue place while it waits and a permit while it runs, both returned on
   every path; a request never waits unbounded (queue_limit, queue_timeout);
-- routing: the `RoutingTable` (supervisor/routing.py), swapped whole by a reload;
+- routing: the `RoutingTable` (supervisor/service/routing.py), swapped whole by a reload;
 - reload: `stage()` builds everything a new config needs without side effects (or raises);
   `apply()` then acts on the difference and cannot fail as a whole: a changed or removed model
   stops taking requests, finishes its in-flight ones (up to drain_timeout), then stops, and its
@@ -31,16 +31,13 @@ from anyio.abc import TaskStatus
 
 from llama_smart_proxy.schemas.config import ModelSpec
 from llama_smart_proxy.schemas.plan import ModelPlan, Plan
-from llama_smart_proxy.supervisor.admission import Admission, QueueFull
-from llama_smart_proxy.supervisor.child_state import ChildState
-from llama_smart_proxy.supervisor.children import Children
-from llama_smart_proxy.supervisor.eviction import Occupant, choose_victims
-from llama_smart_proxy.supervisor.gpu_sampler import GpuSampler
-from llama_smart_proxy.supervisor.launch import CHILD_HOST
-from llama_smart_proxy.supervisor.ledger import MemoryLedger, NoRoom, Reservation, describe_bytes
-from llama_smart_proxy.supervisor.planning import Prepared
-from llama_smart_proxy.supervisor.ports import PortPool
-from llama_smart_proxy.supervisor.process import Child, ChildError, ChildRefused, ChildStartError, ChildStopped
+from llama_smart_proxy.supervisor.children.child import Child, ChildError, ChildRefused, ChildStartError, ChildStopped
+from llama_smart_proxy.supervisor.children.hold import NoRoom, describe_bytes
+from llama_smart_proxy.supervisor.children.launch import CHILD_HOST
+from llama_smart_proxy.supervisor.children.ports import PortPool
+from llama_smart_proxy.supervisor.children.state import ChildState
+from llama_smart_proxy.supervisor.children.supervise import Children
+from llama_smart_proxy.supervisor.planning.prepare import Prepared
 from llama_smart_proxy.supervisor.proxy.backends import (
     ActionRefused,
     GpuStatus,
@@ -48,19 +45,23 @@ from llama_smart_proxy.supervisor.proxy.backends import (
     ModelStatus,
     ModelUnavailable,
     Progress,
-    Snapshot,
+    ServiceStatus,
     UnknownModel,
     Upstream,
     UpstreamUnreachable,
 )
-from llama_smart_proxy.supervisor.reload import (
+from llama_smart_proxy.supervisor.service.admission import Admission, QueueFull
+from llama_smart_proxy.supervisor.service.eviction import Occupant, choose_victims
+from llama_smart_proxy.supervisor.service.gpu_sampler import GpuSampler
+from llama_smart_proxy.supervisor.service.ledger import MemoryLedger, Reservation
+from llama_smart_proxy.supervisor.service.reload_diff import (
     PlanDiff,
     ReloadRecord,
     deferred_settings,
     diff_plans,
     with_setting_changes,
 )
-from llama_smart_proxy.supervisor.routing import RoutingTable
+from llama_smart_proxy.supervisor.service.routing import RoutingTable
 
 log = logging.getLogger("llama-smart-proxy.runtime")
 
@@ -173,7 +174,7 @@ class Staged:
 
 
 class _Owner:
-    """What one entry's child asks of the runtime (supervisor.process.ChildOwner)."""
+    """What one entry's child asks of the runtime (supervisor.children.child.ChildOwner)."""
 
     def __init__(self, runtime: Runtime, entry: ModelEntry) -> None:
         self.runtime = runtime
@@ -394,9 +395,9 @@ class Runtime:
         """Current entries and retiring predecessors (they may still hold memory)."""
         return [*self._entries.values(), *self._retiring]
 
-    # ---- Backends: snapshot and admin
+    # ---- Backends: status and admin
 
-    def statuses(self) -> list[ModelStatus]:
+    def model_statuses(self) -> list[ModelStatus]:
         return [e.status() for e in sorted(self._entries.values(), key=lambda e: e.name)]
 
     def holders(self) -> list[str]:
@@ -428,7 +429,7 @@ class Runtime:
             for g in self.prepared.plan.gpus
         )
 
-    async def snapshot(self) -> Snapshot:
+    async def status(self) -> ServiceStatus:
         notes = list(self.prepared.plan.notes)
         if self.last_reload is not None and not self.last_reload.ok:
             notes.append(f"last reload failed: {self.last_reload.summary}")
@@ -438,7 +439,7 @@ class Runtime:
             "last_reload": None if self.last_reload is None else self.last_reload.as_json(),
             "reloads": dict(self.reloads),
             "children": {
-                e.name: {"log_tail": list(e.child.snapshot(tail_lines=10).log_tail)}
+                e.name: {"log_tail": list(e.child.status(tail_lines=10).log_tail)}
                 for e in self._entries.values()
                 if e.child is not None
             },
@@ -447,8 +448,8 @@ class Runtime:
                 for r in self.ledger.reservations()
             ],
         }
-        return Snapshot(
-            models=tuple(self.statuses()),
+        return ServiceStatus(
+            models=tuple(self.model_statuses()),
             gpus=self.gpu_statuses(),
             plan=self.prepared.plan.model_dump(mode="json"),
             notes=tuple(notes),
@@ -493,7 +494,7 @@ class Runtime:
         entry = self._admin_entry(model)
         entry.stopping = True  # new requests wait from now on
         try:
-            await self._drain(entry, self.prepared.loaded.config.proxy.drain_timeout)
+            await self._drain_model(entry, self.prepared.loaded.config.proxy.drain_timeout)
         finally:
             entry.stopping = False
         await self._stop_entries([entry], reason="unloaded by an admin")
@@ -624,14 +625,14 @@ class Runtime:
 
     async def _retire(self, entry: ModelEntry, drain_s: float) -> None:
         try:
-            await self._drain(entry, drain_s)
+            await self._drain_model(entry, drain_s)
             if entry.child is not None and entry.child.name in self._children and self._children[entry.child.name] is entry.child:
                 await self._children.remove(entry.child.name)
         finally:
             self._retiring.remove(entry)
             self._wake()
 
-    async def _drain(self, entry: ModelEntry, deadline_s: float) -> None:
+    async def _drain_model(self, entry: ModelEntry, deadline_s: float) -> None:
         """Wait until `entry` has no request in flight, at most deadline_s."""
         with anyio.move_on_after(deadline_s) as scope:
             while entry.in_flight:

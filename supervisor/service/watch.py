@@ -26,7 +26,7 @@ from typing import Protocol
 
 import anyio
 
-from llama_smart_proxy.supervisor.config import files_digest
+from llama_smart_proxy.supervisor.config.load import files_digest
 
 log = logging.getLogger("llama-smart-proxy.watch")
 
@@ -86,7 +86,7 @@ def content_digest(paths: Sequence[Path]) -> tuple[str, str | None]:
 
 
 class Loaded(Protocol):
-    """What the watcher needs of the running config (supervisor.config.LoadedConfig)."""
+    """What the watcher needs of the running config (supervisor.config.load.LoadedConfig)."""
 
     @property
     def files(self) -> Sequence[Path]: ...

@@ -24,14 +24,14 @@ from collections.abc import Callable
 import anyio
 import anyio.to_thread
 
+from llama_smart_proxy.supervisor.children.llama_binary import check_llama_server, find_llama_server
 from llama_smart_proxy.supervisor.errors import UserError
-from llama_smart_proxy.supervisor.llama_binary import check_llama_server, find_llama_server
-from llama_smart_proxy.supervisor.planning import Source, prepare
+from llama_smart_proxy.supervisor.planning.prepare import Source, prepare
 from llama_smart_proxy.supervisor.proxy.backends import ActionRefused
 from llama_smart_proxy.supervisor.proxy.server import ProxyServer, Setup
-from llama_smart_proxy.supervisor.reload import ReloadRecord, refusal
-from llama_smart_proxy.supervisor.runtime import Runtime, Staged
-from llama_smart_proxy.supervisor.systemd import Notifier
+from llama_smart_proxy.supervisor.service.reload_diff import ReloadRecord, refusal
+from llama_smart_proxy.supervisor.service.runtime import Runtime, Staged
+from llama_smart_proxy.supervisor.service.systemd import Notifier
 
 log = logging.getLogger("llama-smart-proxy")
 

@@ -3,7 +3,7 @@
 Rules kept here:
 - `Child.run()` is the child's one owner: it spawns, watches and reaps; it runs inside a task
   group of the caller's, and when that group is cancelled it stops the child before returning;
-- state changes go through `Child._transition` and the table in supervisor/child_state.py only;
+- state changes go through `Child._transition` and the table in supervisor/children/state.py only;
   callers never move the state: they say what they want (`ensure_ready`, `stop`, `reset`) and
   wait for it (`wait_for`), so no read gates a mutation (llama-swap's rule);
 - ready means alive AND GET /health answered 200, polled every `HEALTH_POLL_S`; a child that exits
@@ -41,7 +41,13 @@ from anyio.abc import ByteReceiveStream, Process, TaskStatus
 
 from llama_smart_proxy.schemas.config import LlamaServerSettings
 from llama_smart_proxy.schemas.launch import LaunchSpec
-from llama_smart_proxy.supervisor.child_state import (
+from llama_smart_proxy.supervisor.children.health_probe import probe_health
+from llama_smart_proxy.supervisor.children.hold import Hold, NoRoom
+from llama_smart_proxy.supervisor.children.launch import build_command
+from llama_smart_proxy.supervisor.children.listener import group_listens_on
+from llama_smart_proxy.supervisor.children.ports import NoFreePort, PortPool
+from llama_smart_proxy.supervisor.children.process_group import signal_group, spawn_in_group, stop_group
+from llama_smart_proxy.supervisor.children.state import (
     ChildEvent,
     ChildState,
     CrashHistory,
@@ -49,12 +55,6 @@ from llama_smart_proxy.supervisor.child_state import (
     LoadDeadline,
     next_state,
 )
-from llama_smart_proxy.supervisor.health_probe import probe_health
-from llama_smart_proxy.supervisor.listener import group_listens_on
-from llama_smart_proxy.supervisor.launch import build_command
-from llama_smart_proxy.supervisor.ledger import NoRoom
-from llama_smart_proxy.supervisor.ports import NoFreePort, PortPool
-from llama_smart_proxy.supervisor.process_group import signal_group, spawn_in_group, stop_group
 
 log = logging.getLogger("llama-smart-proxy.process")
 output_log = logging.getLogger("llama-smart-proxy.llama-server")
@@ -106,12 +106,6 @@ class ChildRefused(ChildError):
     was spawned, and nothing will be until someone asks again."""
 
 
-class Hold(Protocol):
-    """Memory held for one process (supervisor.ledger.Reservation)."""
-
-    def release(self) -> None: ...
-
-
 class ChildOwner(Protocol):
     """What a child asks of whoever runs it: memory, whether it is busy, and who to tell of changes."""
 
@@ -147,7 +141,7 @@ class Unowned:
 
 
 @dataclass(frozen=True)
-class ChildSnapshot:
+class ChildStatus:
     """One child as /status shows it; plain values only."""
 
     model: str
@@ -293,9 +287,9 @@ class Child:
         """How many state changes so far: wait for `transitions > n` to see the next one."""
         return self._transitions
 
-    def snapshot(self, tail_lines: int = 20) -> ChildSnapshot:
+    def status(self, tail_lines: int = 20) -> ChildStatus:
         tail = tuple(self._tail)[-tail_lines:] if tail_lines > 0 else ()
-        return ChildSnapshot(
+        return ChildStatus(
             model=self.name,
             state=self._state.value,
             pid=self._pid,
@@ -479,15 +473,15 @@ class Child:
 
     def _after_death(self, outcome: _Outcome) -> bool:
         """Count a death; False when it completes a crash loop (the child is FAILED then)."""
-        verdict = self._crashes.record_death(
+        decision = self._crashes.record_death(
             self._running_clock(), outcome.ready_for_s, self._rng.random()
         )
         if self._state is ChildState.STARTING:
             self._failed_attempt = self._attempts
-        if verdict.crash_loop:
+        if decision.crash_loop:
             self._want_up = False
             self._last_error = (
-                f"crash loop: {verdict.deaths_in_window} deaths within "
+                f"crash loop: {decision.deaths_in_window} deaths within "
                 f"{self.settings.crash_loop_window:g} s of running time; not restarted until "
                 f"reset. Last: {outcome.reason}"
             )
@@ -495,9 +489,9 @@ class Child:
             self._transition(ChildEvent.GAVE_UP)
             return False
         self._last_error = outcome.reason
-        self._next_delay_s = verdict.delay_s
+        self._next_delay_s = decision.delay_s
         log.warning(
-            "model %s: %s; restarting in %.3g s", self.name, outcome.reason, verdict.delay_s
+            "model %s: %s; restarting in %.3g s", self.name, outcome.reason, decision.delay_s
         )
         self._transition(ChildEvent.DIED)
         return True
@@ -608,7 +602,7 @@ class Child:
         interval = FIRST_POLL_S
         while True:
             if exited.is_set():
-                await self._drain(output_done)
+                await self._await_last_output(output_done)
                 if self._bind_failed:
                     return _Outcome("port_taken", f"port {port} is taken (llama-server: {BIND_FAILURE})")
                 return _Outcome(
@@ -657,7 +651,7 @@ class Child:
             signal_group(process.pid, signal.SIGKILL)  # a stopped process would not act on SIGTERM
             await exited.wait()
         ready_for = time.monotonic() - (self._ready_since or started)
-        await self._drain(output_done)
+        await self._await_last_output(output_done)
         reason = wedged or f"llama-server {describe_exit(process.returncode)} while serving"
         return _Outcome("died", reason + self._quote_output(first_line), ready_for_s=ready_for)
 
@@ -665,18 +659,18 @@ class Child:
         """Probe the ready child until it exits (None) or is judged wedged or hung (why)."""
         settings = self.settings
         liveness = Liveness(failures=settings.health_failures, stall_s=settings.stall_timeout)
-        verdict: str | None = None
+        failure: str | None = None
         async with anyio.create_task_group() as race:
 
             async def probe_forever() -> None:
-                nonlocal verdict
-                while verdict is None:
+                nonlocal failure
+                while failure is None:
                     await anyio.sleep(settings.health_interval)
                     busy, progress_at = self._owner.activity(self)
                     # /slots is answered by the inference loop, /health by an HTTP thread
                     path = "/slots" if busy else "/health"
                     status = await probe_health(port, path=path, timeout_s=settings.health_timeout)
-                    verdict = liveness.probed(
+                    failure = liveness.probed(
                         anyio.current_time(), busy=busy, answered=status is not None, progress_at=progress_at
                     )
                 race.cancel_scope.cancel()
@@ -684,7 +678,7 @@ class Child:
             race.start_soon(probe_forever)
             await exited.wait()
             race.cancel_scope.cancel()
-        return verdict
+        return failure
 
     async def _probe_unless_exited(self, port: int, exited: anyio.Event) -> int | None:
         """Probe /health, but give up the moment the child exits: a port taken by another program
@@ -709,7 +703,8 @@ class Child:
         self._notify()
         self._owner.changed(self)
 
-    async def _drain(self, output_done: anyio.Event) -> None:
+    async def _await_last_output(self, output_done: anyio.Event) -> None:
+        """The child has exited: wait a moment for its last output lines (OUTPUT_DRAIN_S)."""
         with anyio.move_on_after(OUTPUT_DRAIN_S):
             await output_done.wait()
 

@@ -31,7 +31,7 @@ import anyio
 import anyio.to_thread
 from anyio.abc import Process
 
-from llama_smart_proxy.supervisor.launch import Command, child_environment
+from llama_smart_proxy.supervisor.children.launch import Command, child_environment
 
 GROUP_POLL_S = 0.05
 """While stopping, how often to look whether the group's other members are gone."""

@@ -16,7 +16,7 @@ accepts its type (no "yes" for a boolean, no "8" for an integer). A TOML date or
 lacks, is the string taplo also sees. Beyond the schema: files the config names exist and are
 readable, each GGUF file is checked as far as it can be without loading weights
 (supervisor/memory/check.py), and `args`/`env` may not set what the launch owns
-(supervisor/launch.py OWNED_OPTIONS).
+(supervisor/config/owned_options.py).
 """
 
 from __future__ import annotations
@@ -39,8 +39,8 @@ from pydantic import BaseModel, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from llama_smart_proxy.schemas.config import Config, name_clashes, parse_listen
+from llama_smart_proxy.supervisor.config.owned_options import owned_option, owned_variable
 from llama_smart_proxy.supervisor.errors import ConfigError, ConfigProblem, UserError
-from llama_smart_proxy.supervisor.launch import owned_option, owned_variable
 
 KeyPath = tuple[str | int, ...]
 ENV_PREFIX = "LLAMA_SMART_PROXY_"

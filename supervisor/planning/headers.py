@@ -16,12 +16,23 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from llama_smart_proxy.schemas.config import Config, ModelSpec
 from llama_smart_proxy.schemas.estimate import MemoryProfile
 from llama_smart_proxy.schemas.header import ModelHeader
 from llama_smart_proxy.supervisor.errors import UserError
-from llama_smart_proxy.supervisor.planner import HeaderInfo
+
+HeaderSource = Literal["file", "snapshot", "missing"]
+
+
+@dataclass(frozen=True)
+class HeaderInfo:
+    """Where a model's GGUF header came from, as the shell found it."""
+
+    source: HeaderSource = "file"
+    note: str = ""  # how the record was matched, or why there is none
+
 
 Reader = Callable[[Path], ModelHeader]
 Profiler = Callable[[ModelHeader, ModelSpec, "ModelHeader | None"], MemoryProfile]

@@ -16,10 +16,7 @@ from dataclasses import dataclass
 from llama_smart_proxy.schemas.estimate import DeviceMemory
 from llama_smart_proxy.schemas.plan import ModelPlan, Plan
 from llama_smart_proxy.schemas.units import MIB, format_bytes
-
-EXIT_OK = 0
-EXIT_UNPLACED = 3
-EXIT_FALLBACK = 4
+from llama_smart_proxy.supervisor.errors import EXIT_FALLBACK, EXIT_OK, EXIT_UNPLACED
 
 
 @dataclass(frozen=True)

@@ -5,8 +5,9 @@ Rules kept here:
 - a port something else listens on is skipped (found by binding it, as llama-server will);
 - leases go round the range, so a retry after "couldn't bind" gets another port, not the same one;
 - the probe is only a hint: another program may take the port between the probe and the child's
-  bind, which supervisor/process.py recognises in the child's output and retries; meanwhile that
-  program's answers are not the child's (supervisor/listener.py tells whose socket listens).
+  bind, which supervisor/children/child.py recognises in the child's output and retries; meanwhile
+  that program's answers are not the child's (supervisor/children/listener.py tells whose socket
+  listens).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from __future__ import annotations
 import socket
 from collections.abc import Callable
 
-from llama_smart_proxy.supervisor.launch import CHILD_HOST
+from llama_smart_proxy.supervisor.children.launch import CHILD_HOST
 
 
 class NoFreePort(RuntimeError):
