@@ -33,7 +33,7 @@ CHILD_HOST = "127.0.0.1"
 
 FLAGS_USED: tuple[str, ...] = (
     "-m", "--host", "--port", "-c", "-np", "--kv-unified", "--no-kv-unified", "-ctk", "-ctv",
-    "-fa", "-b", "-ub", "-ngl", "-sm", "-ts", "-mg", "--fit", "--mmproj", "--alias",
+    "-fa", "-b", "-ub", "-ngl", "-sm", "-ts", "-mg", "--fit", "--mmproj", "--alias", "--slot-save-path",
 )  # fmt: skip
 """Every flag `build_command` may emit; the binary check requires each of them."""
 
@@ -44,8 +44,9 @@ class OwnedOption:
 
     flags: tuple[str, ...]
     """Every spelling in common/arg.cpp of build 11434, negations included."""
-    env: str
-    """Its LLAMA_ARG_* variable (llama.cpp also reads the LLAMA_ARG_NO_* form of a switch)."""
+    env: str | None
+    """Its LLAMA_ARG_* variable (llama.cpp also reads the LLAMA_ARG_NO_* form of a switch); None
+    for an option llama.cpp reads from no variable."""
     instead: str
     """The config key(s) that say it."""
 
@@ -71,10 +72,17 @@ OWNED_OPTIONS: tuple[OwnedOption, ...] = (
     OwnedOption(("-dev", "--device"), "LLAMA_ARG_DEVICE", "gpus"),
     OwnedOption(("-fit", "--fit"), "LLAMA_ARG_FIT", "gpus, allow_split and allow_partial (the plan replaces --fit, always off)"),
     OwnedOption(("-a", "--alias"), "LLAMA_ARG_ALIAS", "aliases (the proxy answers to them; the child to the model's name)"),
+    OwnedOption(("--slot-save-path",), None,  # no LLAMA_ARG_* variable in build 11434
+                "keep_cache and prompt_cache.dir (the proxy saves and restores the slots, and keeps the budget)"),
 )  # fmt: skip
 
 _OWNED_FLAGS = {flag: option for option in OWNED_OPTIONS for flag in option.flags}
-_OWNED_ENV = {name: option for option in OWNED_OPTIONS for name in (option.env, option.env.replace("LLAMA_ARG_", "LLAMA_ARG_NO_"))}
+_OWNED_ENV = {
+    name: option
+    for option in OWNED_OPTIONS
+    if option.env is not None
+    for name in (option.env, option.env.replace("LLAMA_ARG_", "LLAMA_ARG_NO_"))
+}
 
 DROPPED_PREFIXES = ("LLAMA_SMART_PROXY_", "LLAMA_ARG_")
 """Inherited variables a child never sees: the service's own settings and secrets, and options
@@ -164,6 +172,8 @@ def build_command(
     argv += ["--fit", "off"]
     if spec.mmproj is not None:
         argv += ["--mmproj", spec.mmproj]
+    if spec.slot_save_path is not None:
+        argv += ["--slot-save-path", spec.slot_save_path]
     argv += spec.args
 
     env = {**settings.env, **spec.env}

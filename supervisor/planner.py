@@ -51,6 +51,7 @@ from llama_smart_proxy.schemas.launch import LaunchSpec
 from llama_smart_proxy.schemas.plan import GpuPlan, HostPlan, ModelPlan, ModelShare, Plan
 from llama_smart_proxy.schemas.units import MIB, format_bytes
 from llama_smart_proxy.supervisor.memory.placement import place
+from llama_smart_proxy.supervisor.prompt_cache_rules import model_dir_name
 
 HeaderSource = Literal["file", "snapshot", "missing"]
 State = tuple[int, ...]  # room left on each GPU (by position in the plan's GPU list), then the host's
@@ -1224,7 +1225,14 @@ def _launch(m: _Model, choice: _Choice, planner: _Planner, config: Config) -> La
         main_gpu=0,
         args=args,
         env=env,
+        slot_save_path=_slot_save_path(m.name, config) if m.spec.keep_cache else None,
     )
+
+
+def _slot_save_path(model: str, config: Config) -> str:
+    """keep_cache: the model's own directory under the cache root (supervisor/prompt_cache.py)."""
+    assert config.prompt_cache.dir is not None  # schemas.config.Config requires it for keep_cache
+    return str(config.prompt_cache.dir / model_dir_name(model))
 
 
 def _reason(m: _Model, choice: _Choice, result: _Result, planner: _Planner, short: int, short_where: str) -> str:
