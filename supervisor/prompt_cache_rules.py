@@ -10,7 +10,9 @@ Rules kept here:
 - the budget is two limits, per model and in all, plus the room the disk has beyond its reserve;
   the oldest saved slots go first: other saves by their time, a model's own slots by how recently
   they were used; a slot that cannot fit even then is not saved, so the directory never grows past
-  the limits by more than an estimate's error, which the check after the save takes back.
+  the limits by more than an estimate's error, which the check after the save takes back;
+- the save of a model that is starting goes last: its restore is moments away (when a start
+  evicts a model, the evicted one's save must not push out the cache the start is about to use).
 """
 
 from __future__ import annotations
@@ -200,14 +202,15 @@ def make_room(
     *,
     model: str,
     limits: Limits,
+    starting: frozenset[str] = frozenset(),
 ) -> Room:
     """Decide what to drop so that `incoming` ((slot, predicted bytes), most recent first) fits
     beside what is held, for `model`'s save.
 
     A model's earlier save is replaced by the new one, so its held slots are dropped whatever
     comes in. With nothing incoming this is the check after a save: it drops the oldest until every
-    limit holds."""
-    held = sorted(held, key=lambda h: h.age_key)
+    limit holds. Saves of `starting` models are dropped only when nothing else is left."""
+    held = sorted(held, key=lambda h: (h.model in starting, h.age_key))
     drop = [h for h in held if h.model == model and incoming]
     others = [h for h in held if not (h.model == model and incoming)]
     held_total = sum(h.size_bytes for h in held)
@@ -234,15 +237,20 @@ def make_room(
             others.remove(h)
             drop.append(h)
 
+    kept_for_starts = sum(h.size_bytes for h in others if h.model in starting)
+    while per_model > cap - kept_for_starts and keep:  # cannot fit even with every other save gone
+        slot, size = keep.pop()  # the least recently used first
+        left_out.append(slot)
+        per_model -= size
     total = sum(h.size_bytes for h in others) + per_model
-    for h in list(others):  # oldest first, any model
+    for h in [h for h in others if h.model not in starting]:  # oldest first, any model
         if total <= cap:
             break
-        others.remove(h)
         drop.append(h)
         total -= h.size_bytes
-    while total > cap and keep:  # even alone the new slots are too many: leave out the oldest
-        slot, size = keep.pop()
-        left_out.append(slot)
-        total -= size
-    return Room(tuple(sorted(drop, key=lambda h: h.age_key)), tuple(s for s, _ in keep), tuple(left_out))
+    for h in [h for h in others if h.model in starting]:  # still over them alone: theirs too
+        if total <= cap:
+            break
+        drop.append(h)
+        total -= h.size_bytes
+    return Room(tuple(sorted(drop, key=lambda h: (h.model in starting, h.age_key))), tuple(s for s, _ in keep), tuple(left_out))

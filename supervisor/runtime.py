@@ -23,7 +23,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import anyio
@@ -41,6 +41,7 @@ from llama_smart_proxy.supervisor.ledger import MemoryLedger, NoRoom, Reservatio
 from llama_smart_proxy.supervisor.planning import Prepared
 from llama_smart_proxy.supervisor.ports import PortPool
 from llama_smart_proxy.supervisor.process import Child, ChildError, ChildRefused, ChildStartError, ChildStopped
+from llama_smart_proxy.supervisor.prompt_cache import PromptCaches
 from llama_smart_proxy.supervisor.proxy.backends import (
     ActionRefused,
     GpuStatus,
@@ -180,13 +181,24 @@ class _Owner:
         self.entry = entry
 
     async def reserve(self, child: Child) -> Reservation:
-        return await self.runtime._reserve(self.entry)
+        # the models this start evicts save their prompt caches meanwhile: keep this one's, which
+        # it restores a moment later
+        with self.runtime.prompt_caches.starting(self.entry.name):
+            return await self.runtime._reserve(self.entry)
 
     def activity(self, child: Child) -> tuple[bool, float]:
         return self.entry.in_flight > 0, self.entry.progress.at
 
     def changed(self, child: Child) -> None:
         self.runtime._wake()
+
+    async def after_load(self, child: Child, port: int) -> None:
+        settings = self.runtime.prepared.loaded.config.prompt_cache
+        await self.runtime.prompt_caches.restore(child.spec, child.binary, port, settings)
+
+    async def before_stop(self, child: Child, port: int) -> None:
+        settings = self.runtime.prepared.loaded.config.prompt_cache
+        await self.runtime.prompt_caches.save(child.spec, child.binary, port, settings, self.entry.plan.estimate)
 
 
 class Runtime:
@@ -217,6 +229,8 @@ class Runtime:
         self._entries: dict[str, ModelEntry] = {}
         self._retiring: list[ModelEntry] = []
         self._routing = RoutingTable()
+        self.prompt_caches = PromptCaches()
+        """keep_cache models' saved slots (supervisor/prompt_cache.py), kept across reloads."""
         entries = self._build_entries(prepared, binary, self._ports, keep={})
         for entry in entries.values():
             entry.gate.set()
@@ -397,7 +411,10 @@ class Runtime:
     # ---- Backends: snapshot and admin
 
     def statuses(self) -> list[ModelStatus]:
-        return [e.status() for e in sorted(self._entries.values(), key=lambda e: e.name)]
+        return [
+            replace(e.status(), prompt_cache=self.prompt_caches.status(e.name, e.spec.keep_cache))
+            for e in sorted(self._entries.values(), key=lambda e: e.name)
+        ]
 
     def holders(self) -> list[str]:
         """Models whose children hold memory now (running, starting or stopping)."""
@@ -525,6 +542,7 @@ class Runtime:
                     await self._children.add(entry.child)
             if self.sampler is not None and self.prepared.plan.gpus:
                 tg.start_soon(self.sampler.run)
+            tg.start_soon(self.prompt_caches.open, [e.child.spec for e in self._entries.values() if e.child])
             task_status.started()
             while True:
                 await anyio.sleep(TTL_CHECK_S)

@@ -165,6 +165,18 @@ def test_a_model_keeps_its_most_recently_used_slots_within_its_own_budget() -> N
     assert [s.slot for s in room.keep] == [2, 0] and [s.slot for s in room.left_out] == [1]
 
 
+def test_the_save_of_a_model_that_is_starting_goes_last() -> None:
+    # b starts and evicts m: m's save must not push out b's, which b restores a moment later
+    on_disk = [held("b", 0, 500, 1.0), held("c", 0, 300, 2.0)]
+    room = make_room(on_disk, [(SlotToSave(0, 1, 1), 400)], model="m", limits=LIMITS, starting=frozenset({"b"}))
+    assert room.drop == (held("c", 0, 300, 2.0),) and room.keep == (SlotToSave(0, 1, 1),)
+    # m's slot would fit only without b's save: m's is left out, and c's is not dropped for nothing
+    room = make_room(on_disk, [(SlotToSave(0, 1, 1), 550)], model="m", limits=LIMITS, starting=frozenset({"b"}))
+    assert room.drop == () and room.left_out == (SlotToSave(0, 1, 1),)
+    room = make_room(on_disk, [(SlotToSave(0, 1, 1), 550)], model="m", limits=LIMITS)
+    assert room.drop == (held("b", 0, 500, 1.0),) and room.keep == (SlotToSave(0, 1, 1),)
+
+
 def test_the_disk_reserve_limits_a_save_even_under_the_budget() -> None:
     limits = Limits(max_bytes=10**9, max_bytes_per_model=10**9, disk_room_bytes=150)
     room = make_room([held("a", 0, 100, 1.0)], [(SlotToSave(0, 1, 2), 200)], model="m", limits=limits)
@@ -191,8 +203,9 @@ def test_the_check_after_a_save_drops_the_oldest_until_every_limit_holds() -> No
         max_size=25,
     ),
     free=st.integers(0, 3000),
+    starting=st.lists(st.sets(st.sampled_from(["a", "b", "c"])), min_size=1, max_size=3),
 )
-def test_many_saves_never_leave_the_directory_over_any_limit(saves: list, free: int) -> None:
+def test_many_saves_never_leave_the_directory_over_any_limit(saves: list, free: int, starting: list) -> None:
     """Whatever llama-server writes (the prediction off by up to 50% either way), after each save
     and its check the files on disk keep the per-model and total budgets and the disk's room."""
     disk: list[HeldSlot] = []
@@ -200,7 +213,7 @@ def test_many_saves_never_leave_the_directory_over_any_limit(saves: list, free: 
     for clock, (model, slots) in enumerate(saves):
         limits = Limits(max_bytes=1000, max_bytes_per_model=600, disk_room_bytes=disk_free - 100)
         incoming = [(SlotToSave(i, 1, len(slots) - i), size) for i, (size, _) in enumerate(slots)]
-        room = make_room(disk, incoming, model=model, limits=limits)
+        room = make_room(disk, incoming, model=model, limits=limits, starting=frozenset(starting[clock % len(starting)]))
         for h in room.drop:
             disk.remove(h)
             disk_free += h.size_bytes

@@ -129,6 +129,20 @@ def render(metrics: ProxyMetrics, snapshot: Snapshot) -> str:
         "How long the model's last successful load took.",
         (("", {"model": s.name}, s.load_seconds) for s in models if s.load_seconds is not None),
     )
+    cached = [(s.name, s.prompt_cache) for s in models if s.prompt_cache is not None]
+    for name, kind, help_text, value in (
+        ("prompt_cache_slots_saved_total", "counter", "Slots saved before planned stops (keep_cache).", lambda c: c.slots_saved),
+        ("prompt_cache_slots_restored_total", "counter", "Saved slots restored into new children.", lambda c: c.slots_restored),
+        ("prompt_cache_tokens_restored_total", "counter", "Tokens restored: prompt not processed again.", lambda c: c.tokens_restored),
+        ("prompt_cache_discarded_total", "counter", "Saved caches discarded because the launch changed.", lambda c: c.saves_discarded),
+        ("prompt_cache_bytes", "gauge", "Bytes of saved slots on disk, by model.", lambda c: c.bytes_on_disk),
+        ("prompt_cache_save_seconds", "gauge", "How long the last save of a model's slots took.", lambda c: c.last_save_s),
+        ("prompt_cache_restore_seconds", "gauge", "How long the last restore took (part of its load time).", lambda c: c.last_restore_s),
+    ):  # fmt: skip
+        w.family(
+            p + name, kind, help_text,
+            (("", {"model": model}, value(cache)) for model, cache in cached if value(cache) is not None),
+        )  # fmt: skip
     gpus = sorted(snapshot.gpus, key=lambda g: g.index)
     w.family(
         p + "gpu_total_bytes",
