@@ -332,67 +332,82 @@ class ModelCache:
         the saves of `starting` models are the last the budget drops."""
         if launch.slot_save_path is None:
             return
-        directory = Path(launch.slot_save_path)
         started = time.monotonic()
-        deadline = started + settings.save_timeout
-        saved: list[SavedSlot] = []
-        busy: tuple[int, ...] = ()
-        left_out = 0
-        claim: int | None = None
-        with anyio.move_on_after(settings.save_timeout) as scope:
-            await root.load()
-            identity = self.identity or await anyio.to_thread.run_sync(launch_identity, launch, binary)
-            try:
-                status, slots = await request_json(port, "GET", "/slots", timeout_s=max(deadline - time.monotonic(), 0.001))
-            except ChildRequestError as exc:
-                log.warning("model %s: prompt cache not saved: %s", self.model, exc)
-                return
-            if status != 200:
-                log.warning("model %s: prompt cache not saved: GET /slots answered %s", self.model, status)
-                return
-            choice = choose_slots(slots, self.restored)
-            busy = choice.busy
-            incoming = [(s, predict_slot_bytes(s.tokens, estimate)) for s in choice.save]
-            limits = await self._limits(root, settings)
-            room = make_room(root.held_slots(), incoming, model=self.model, limits=limits, starting=starting)
-            left_out = len(room.left_out)
-            await root.drop(list(room.drop))  # this model's earlier save among them
-            await root.discard(self.model, directory)  # and anything of it the index did not know
-            claim = root.claim(sum(size for s, size in incoming if s in room.keep))
-            for slot in room.keep:
-                answer = await self._save_slot(slot.slot, port, deadline)
-                if answer is not None and answer[0] > 0:
-                    saved.append(SavedSlot(slot=slot.slot, file=slot_file_name(slot.slot), tokens=answer[0], size_bytes=answer[1], order=slot.order))
-                elif answer is not None:  # nothing in it after all (moved to llama-server's RAM cache)
-                    await anyio.to_thread.run_sync(lambda s=slot.slot: (directory / slot_file_name(s)).unlink(missing_ok=True))
-        with anyio.CancelScope(shield=True):  # what was saved is kept, even past the deadline
-            if saved:
-                manifest = CacheManifest(model=self.model, identity=identity, saved_at=time.time(), slots=saved)
-                await root.record(self.model, directory, manifest)
-            if claim is not None:
-                root.release(claim)
-            if saved or claim is not None:
-                # the check after: real sizes in place of predictions
-                limits = await self._limits(root, settings)
-                room = make_room(root.held_slots(), [], model=self.model, limits=limits, starting=starting)
-                await root.drop(list(room.drop))
+        save = _Save(Path(launch.slot_save_path), deadline=started + settings.save_timeout)
+        try:
+            with anyio.move_on_after(settings.save_timeout) as scope:
+                await self._save_slots(save, root, launch, binary, port, settings, estimate, starting)
+        finally:
+            with anyio.CancelScope(shield=True):  # what was saved is kept, even past the deadline
+                await self._record(save, root, settings, starting)
         seconds = time.monotonic() - started
-        tokens = sum(s.tokens for s in saved)
-        note = f"saved {len(saved)} slots ({tokens} tokens, {describe_bytes(sum(s.size_bytes for s in saved))}) in {seconds:.3f} s"
-        if busy:
-            note += f"; {len(busy)} busy slots not saved"
-        if left_out:
-            note += f"; {left_out} slots left out by the disk budget"
+        tokens = sum(s.tokens for s in save.saved)
+        size = describe_bytes(sum(s.size_bytes for s in save.saved))
+        note = save.failure or f"saved {len(save.saved)} slots ({tokens} tokens, {size}) in {seconds:.3f} s"
+        if save.busy:
+            note += f"; {len(save.busy)} busy slots not saved"
+        if save.left_out:
+            note += f"; {save.left_out} slots left out by the disk budget"
         if scope.cancelled_caught:
             note += f"; stopped at prompt_cache.save_timeout ({settings.save_timeout:g} s)"
         log.info("model %s: %s", self.model, note)
         self._count(
-            slots_saved=self.status.slots_saved + len(saved),
+            slots_saved=self.status.slots_saved + len(save.saved),
             tokens_saved=self.status.tokens_saved + tokens,
             bytes_on_disk=root.size_bytes(self.model),
             last_save_s=round(seconds, 6),
             last_event=note,
         )
+
+    async def _save_slots(
+        self,
+        save: _Save,
+        root: CacheRoot,
+        launch: LaunchSpec,
+        binary: Path,
+        port: int,
+        settings: PromptCacheSettings,
+        estimate: Estimate | None,
+        starting: frozenset[str],
+    ) -> None:
+        await root.load()
+        save.identity = self.identity or await anyio.to_thread.run_sync(launch_identity, launch, binary)
+        try:
+            status, slots = await request_json(port, "GET", "/slots", timeout_s=save.remaining())
+        except ChildRequestError as exc:
+            save.failure = f"not saved: {exc}"
+            return
+        if status != 200:
+            save.failure = f"not saved: GET /slots answered {status}"
+            return
+        choice = choose_slots(slots, self.restored)
+        save.busy = choice.busy
+        incoming = [(s, predict_slot_bytes(s.tokens, estimate)) for s in choice.save]
+        limits = await self._limits(root, settings)
+        room = make_room(root.held_slots(), incoming, model=self.model, limits=limits, starting=starting)
+        save.left_out = len(room.left_out)
+        await root.drop(list(room.drop))  # this model's earlier save among them
+        await root.discard(self.model, save.directory)  # and anything of it the index did not know
+        save.claim = root.claim(sum(size for s, size in incoming if s in room.keep))
+        for slot in room.keep:
+            answer = await self._save_slot(slot.slot, port, save.deadline)
+            name = slot_file_name(slot.slot)
+            if answer is not None and answer[0] > 0:
+                save.saved.append(SavedSlot(slot=slot.slot, file=name, tokens=answer[0], size_bytes=answer[1], order=slot.order))
+            elif answer is not None:  # nothing in it after all (moved to llama-server's RAM cache)
+                await anyio.to_thread.run_sync(lambda: (save.directory / name).unlink(missing_ok=True))
+
+    async def _record(self, save: _Save, root: CacheRoot, settings: PromptCacheSettings, starting: frozenset[str]) -> None:
+        """Write the manifest of what was saved, give back the claim, and check the budget with the
+        real sizes in place of the predictions."""
+        if save.saved and save.identity is not None:
+            manifest = CacheManifest(model=self.model, identity=save.identity, saved_at=time.time(), slots=save.saved)
+            await root.record(self.model, save.directory, manifest)
+        if save.claim is not None:
+            root.release(save.claim)
+            limits = await self._limits(root, settings)
+            room = make_room(root.held_slots(), [], model=self.model, limits=limits, starting=starting)
+            await root.drop(list(room.drop))
 
     async def _save_slot(self, slot: int, port: int, deadline: float) -> tuple[int, int] | None:
         """(tokens, bytes) llama-server wrote for `slot`, or None when it did not save it."""
@@ -417,6 +432,24 @@ class ModelCache:
             max_bytes_per_model=settings.max_bytes_per_model,
             disk_room_bytes=await root.disk_room(settings.disk_reserve),
         )
+
+
+@dataclass
+class _Save:
+    """One save in progress: what it found and wrote so far."""
+
+    directory: Path
+    deadline: float
+    """time.monotonic() at which save_timeout ends."""
+    identity: CacheIdentity | None = None
+    saved: list[SavedSlot] = field(default_factory=list)
+    busy: tuple[int, ...] = ()
+    left_out: int = 0
+    claim: int | None = None
+    failure: str | None = None
+
+    def remaining(self) -> float:
+        return max(self.deadline - time.monotonic(), 0.001)
 
 
 def _error_text(answer: object) -> str:
