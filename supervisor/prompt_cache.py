@@ -327,13 +327,16 @@ class ModelCache:
         settings: PromptCacheSettings,
         estimate: Estimate | None,
         starting: frozenset[str] = frozenset(),
+        slots_timeout_s: float = 5.0,
     ) -> None:
         """Save the idle slots of the ready child on `port` that hold tokens, within save_timeout;
-        the saves of `starting` models are the last the budget drops."""
+        the saves of `starting` models are the last the budget drops. A child that does not list
+        its slots within `slots_timeout_s` (its liveness probe's timeout) is hung or stopped: nothing
+        is saved, and its stop is not held up."""
         if launch.slot_save_path is None:
             return
         started = time.monotonic()
-        save = _Save(Path(launch.slot_save_path), deadline=started + settings.save_timeout)
+        save = _Save(Path(launch.slot_save_path), deadline=started + settings.save_timeout, slots_timeout_s=slots_timeout_s)
         try:
             with anyio.move_on_after(settings.save_timeout) as scope:
                 await self._save_slots(save, root, launch, binary, port, settings, estimate, starting)
@@ -373,7 +376,8 @@ class ModelCache:
         await root.load()
         save.identity = self.identity or await anyio.to_thread.run_sync(launch_identity, launch, binary)
         try:
-            status, slots = await request_json(port, "GET", "/slots", timeout_s=save.remaining())
+            # /slots is answered by llama-server's inference loop: a hung one never answers
+            status, slots = await request_json(port, "GET", "/slots", timeout_s=min(save.remaining(), save.slots_timeout_s))
         except ChildRequestError as exc:
             save.failure = f"not saved: {exc}"
             return
@@ -441,6 +445,7 @@ class _Save:
     directory: Path
     deadline: float
     """time.monotonic() at which save_timeout ends."""
+    slots_timeout_s: float
     identity: CacheIdentity | None = None
     saved: list[SavedSlot] = field(default_factory=list)
     busy: tuple[int, ...] = ()
@@ -519,12 +524,21 @@ class PromptCaches:
             log.error("model %s: prompt cache not restored: %s", launch.model, exc)
 
     async def save(
-        self, launch: LaunchSpec, binary: Path, port: int, settings: PromptCacheSettings, estimate: Estimate | None
+        self,
+        launch: LaunchSpec,
+        binary: Path,
+        port: int,
+        settings: PromptCacheSettings,
+        estimate: Estimate | None,
+        *,
+        slots_timeout_s: float,
     ) -> None:
         if launch.slot_save_path is None:
             return
         try:
             starting = frozenset(self._starting)
-            await self.model(launch.model).save(self.root(launch), launch, binary, port, settings, estimate, starting)
+            await self.model(launch.model).save(
+                self.root(launch), launch, binary, port, settings, estimate, starting, slots_timeout_s
+            )
         except (OSError, ValidationError) as exc:  # a full disk must not fail the stop
             log.error("model %s: prompt cache not saved: %s", launch.model, exc)

@@ -198,7 +198,9 @@ class _Owner:
 
     async def before_stop(self, child: Child, port: int) -> None:
         settings = self.runtime.prepared.loaded.config.prompt_cache
-        await self.runtime.prompt_caches.save(child.spec, child.binary, port, settings, self.entry.plan.estimate)
+        await self.runtime.prompt_caches.save(
+            child.spec, child.binary, port, settings, self.entry.plan.estimate, slots_timeout_s=child.settings.health_timeout
+        )
 
 
 class Runtime:

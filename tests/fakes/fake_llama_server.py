@@ -22,8 +22,8 @@ mid-stream; hang wedges its "inference loop": this request never answers, and ne
 GET /slots answers from the "inference loop": after a request's delay_ms, like llama-server between
 two batches of a long prompt, it still answers. One slot, 0: each answered request adds 100 tokens
 to it, and it is processing while a request is; with --slot-save-path, POST /slots/0?action=save
-and ?action=restore write and read a file of 10 bytes per token, as llama-server's do, and a
-restore past the end of the context fails.
+and ?action=restore write and read a file of the ctx it was saved with and 10 bytes per token,
+recording both ctx values at a restore, which, like llama-server's, accepts any.
 """
 
 from __future__ import annotations
@@ -223,21 +223,23 @@ class Server:
         if not directory or path != "/slots/0" or "/" in filename or action not in ("save", "restore"):
             return response(400, {"error": {"message": "Invalid request", "code": 400}}, "Bad Request")
         file = os.path.join(directory, filename)
+        ctx = int(arg(("-c", "--ctx-size"), "4096"))
         if action == "save":
             await asyncio.sleep(float(ENV.get("FAKE_LLAMA_SLOT_SAVE_MS", "0")) / 1000)
+            data = f"{ctx}\n".encode() + b"k" * (10 * self.state.tokens)  # the ctx it was made with
             with open(file, "wb") as f:
-                f.write(b"k" * (10 * self.state.tokens))
-            record("slot_save", tokens=self.state.tokens)
-            return response(200, {"id_slot": 0, "filename": filename, "n_saved": self.state.tokens, "n_written": 10 * self.state.tokens})
+                f.write(data)
+            record("slot_save", tokens=self.state.tokens, ctx=ctx)
+            return response(200, {"id_slot": 0, "filename": filename, "n_saved": self.state.tokens, "n_written": len(data)})
         try:
-            tokens = os.path.getsize(file) // 10
+            with open(file, "rb") as f:
+                saved_ctx, _, cells = f.read().partition(b"\n")
         except OSError:
-            tokens = -1
-        if tokens < 0 or tokens > int(arg(("-c", "--ctx-size"), "4096")):
             return response(400, {"error": {"message": "Unable to restore slot", "code": 400}}, "Bad Request")
-        self.state.tokens = tokens
-        record("slot_restore", tokens=tokens)
-        return response(200, {"id_slot": 0, "filename": filename, "n_restored": tokens, "n_read": 10 * tokens})
+        # like llama-server, it restores a slot saved with another ctx without a word (DESIGN.md)
+        self.state.tokens = len(cells) // 10
+        record("slot_restore", tokens=self.state.tokens, ctx=ctx, saved_ctx=int(saved_ctx))
+        return response(200, {"id_slot": 0, "filename": filename, "n_restored": self.state.tokens, "n_read": len(cells)})
 
     async def answer(self, path: str, payload: dict, shape: dict, rid: int, reader, writer) -> bool:
         if shape.get("hang"):
