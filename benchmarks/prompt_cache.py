@@ -15,7 +15,7 @@ hits both alike. Time to first token is measured by the client over the proxy, s
 request to the first content chunk: it includes the model's start (load, and for `kept` the
 restore), which an evicted model always pays. `other` is what evicts both arms, so neither arm's
 figure carries the other's save. The save's own cost, paid at the stop, is reported beside it.
-The first round of `kept` has nothing saved yet and is reported apart.
+The first round is a warm-up (`kept` has nothing saved yet): reported apart, not in the medians.
 """
 
 from __future__ import annotations
@@ -104,8 +104,8 @@ def status(base: str, model: str) -> dict[str, Any]:
     return next(m for m in httpx.get(f"{base}/status", timeout=30).json()["models"] if m["name"] == model)
 
 
-def run(rounds: int, prompt_chars: int) -> dict[str, Any]:
-    binary = find_llama_server()
+def run(rounds: int, prompt_chars: int, keep: bool = False) -> dict[str, Any]:
+    find_llama_server()  # fails early, with the install hint, when there is none
     directory = Path(tempfile.mkdtemp(prefix="prompt-cache-bench-"))
     try:
         model = write_tiny_model(directory / "bench.gguf", SHAPE)
@@ -144,9 +144,10 @@ def run(rounds: int, prompt_chars: int) -> dict[str, Any]:
                     cache = child.get("prompt_cache")
                     if cache:
                         sample["restore_s"] = cache["last_restore_s"] or 0.0
-                    if arm == "kept" and r == 0:
-                        first_kept = sample  # nothing saved yet
-                    elif r > 0 or arm == "plain":
+                    if r == 0:  # a warm-up round; kept has nothing saved yet
+                        if arm == "kept":
+                            first_kept = sample
+                    else:
                         samples[arm].append(sample)
             first_token(base, "other", "Hello")  # a last eviction, for its save's figures
             kept = status(base, "kept")["prompt_cache"]
@@ -156,7 +157,10 @@ def run(rounds: int, prompt_chars: int) -> dict[str, Any]:
             log.close()
         return {"samples": samples, "first_kept": first_kept, "kept_cache": kept, "need_bytes": need}
     finally:
-        shutil.rmtree(directory, ignore_errors=True)
+        if keep:
+            print(f"kept {directory} (serve.log, config, model)", file=sys.stderr)
+        else:
+            shutil.rmtree(directory, ignore_errors=True)
 
 
 def median(values: list[float]) -> float:
@@ -195,7 +199,8 @@ def report(result: dict[str, Any], rounds: int, prompt_chars: int, load: tuple[s
     lines += [
         "",
         f"**Ratio, TTFT without / with keep_cache: {ttft_plain / ttft_kept:.1f}x** "
-        f"({ttft_plain:.3f} s / {ttft_kept:.3f} s).",
+        f"({ttft_plain:.3f} s / {ttft_kept:.3f} s). The least favourable pair, the fastest round without "
+        f"against the slowest with: {min(s['ttft_s'] for s in plain) / max(s['ttft_s'] for s in kept):.1f}x.",
         "",
         f"The kept model's first round, with nothing saved yet: TTFT {first['ttft_s']:.3f} s, prompt_n "
         f"{int(first['prompt_n'])}, as the plain arm.",
@@ -226,10 +231,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--prompt-chars", type=int, default=4000)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "prompt-cache.md")
+    parser.add_argument("--keep", action="store_true", help="keep the working directory (serve.log, config, model)")
     args = parser.parse_args()
     rounds, chars = (2, 1500) if args.quick else (args.rounds, args.prompt_chars)
     before = loadavg()
-    result = run(rounds, chars)
+    result = run(rounds, chars, keep=args.keep)
     text = report(result, rounds, chars, (before, loadavg()))
     args.out.write_text(text)
     print(text)

@@ -27,8 +27,6 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -469,19 +467,15 @@ class PromptCaches:
     def __init__(self) -> None:
         self._roots: dict[Path, CacheRoot] = {}
         self._models: dict[str, ModelCache] = {}
-        self._starting: dict[str, int] = {}
-        """Models whose start is making room (evicting others) now, with how many such starts."""
+        self._starting: set[str] = set()
+        """Models being started, from their memory reservation until they are ready (or not): the
+        saves of the models they evict, and of any other model meanwhile, keep their caches."""
 
-    @contextmanager
-    def starting(self, model: str) -> Iterator[None]:
-        """While `model`'s start makes room, the saves of the models it evicts keep its cache."""
-        self._starting[model] = self._starting.get(model, 0) + 1
-        try:
-            yield
-        finally:
-            self._starting[model] -= 1
-            if not self._starting[model]:
-                del self._starting[model]
+    def set_starting(self, model: str, starting: bool) -> None:
+        if starting:
+            self._starting.add(model)
+        else:
+            self._starting.discard(model)
 
     def root(self, launch: LaunchSpec) -> CacheRoot:
         assert launch.slot_save_path is not None

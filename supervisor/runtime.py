@@ -181,15 +181,17 @@ class _Owner:
         self.entry = entry
 
     async def reserve(self, child: Child) -> Reservation:
-        # the models this start evicts save their prompt caches meanwhile: keep this one's, which
-        # it restores a moment later
-        with self.runtime.prompt_caches.starting(self.entry.name):
-            return await self.runtime._reserve(self.entry)
+        # from here until it is ready, others' saves (the models this start evicts among them) keep
+        # this model's saved prompt cache: it restores it once loaded
+        self.runtime.prompt_caches.set_starting(self.entry.name, True)
+        return await self.runtime._reserve(self.entry)
 
     def activity(self, child: Child) -> tuple[bool, float]:
         return self.entry.in_flight > 0, self.entry.progress.at
 
     def changed(self, child: Child) -> None:
+        if child.state is not ChildState.STARTING:
+            self.runtime.prompt_caches.set_starting(self.entry.name, False)
         self.runtime._wake()
 
     async def after_load(self, child: Child, port: int) -> None:
