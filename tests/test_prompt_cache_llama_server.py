@@ -117,7 +117,7 @@ def test_a_reload_restart_reuses_the_prompt_a_changed_ctx_discards_the_cache_and
 
 def test_many_saves_over_the_budget_keep_the_directory_under_it_dropping_the_oldest(harness: Harness) -> None:
     # three keep_cache models evicting each other in turn (room for one at a time): every eviction
-    # saves 200-250 kB; the root may hold 700 kB, two saves, so a third drops the oldest, never the
+    # saves 200-260 kB; the root may hold 700 kB, two saves, so a third drops the oldest, never the
     # save of the model whose start caused the eviction (it restores it a moment later)
     models = {name: {"ctx": 2048, "keep_cache": True, "mode": "on-demand"} for name in ("a", "b", "c")}
     budget = cache_section(harness, max_bytes="700000", max_bytes_per_model="400000")
@@ -132,7 +132,7 @@ def test_many_saves_over_the_budget_keep_the_directory_under_it_dropping_the_old
     with harness.serving(config, harness.write_inventory([need * 3 // 2])) as running:
         sizes, held = [], []
         for turn, model in enumerate("abcabcab"):
-            processed = complete(running, model, PROMPT[: 950 - 30 * turn])[0]  # each a different length
+            processed = complete(running, model, (PROMPT * 2)[: 700 - 25 * turn])[0]  # each a different length
             sizes.append(cache_bytes(root))
             held.append(saved())
             assert sizes[-1] <= 700_000, sizes
