@@ -5,7 +5,8 @@ Rules kept here:
 - a port something else listens on is skipped (found by binding it, as llama-server will);
 - leases go round the range, so a retry after "couldn't bind" gets another port, not the same one;
 - the probe is only a hint: another program may take the port between the probe and the child's
-  bind, which supervisor/process.py recognises in the child's output and retries.
+  bind, which supervisor/process.py recognises in the child's output and retries; meanwhile that
+  program's answers are not the child's (supervisor/listener.py tells whose socket listens).
 """
 
 from __future__ import annotations

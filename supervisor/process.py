@@ -55,6 +55,7 @@ from llama_smart_proxy.supervisor.child_state import (
     next_state,
 )
 from llama_smart_proxy.supervisor.health_probe import probe_health
+from llama_smart_proxy.supervisor.listener import group_listens_on
 from llama_smart_proxy.supervisor.launch import build_command
 from llama_smart_proxy.supervisor.ledger import NoRoom
 from llama_smart_proxy.supervisor.ports import NoFreePort, PortPool
@@ -634,6 +635,7 @@ class Child:
         """Wait until /health answers 200 (None), or say why the load ended otherwise."""
         deadline = LoadDeadline(started, self.settings.load_stall_timeout, self.settings.load_timeout)
         last_status: int | None = None
+        foreign_answer_logged = False
         interval = FIRST_POLL_S
         while True:
             if exited.is_set():
@@ -648,7 +650,11 @@ class Child:
             status = await self._probe_unless_exited(port, exited)
             # a 200 from a port our child failed to bind comes from some other program
             if status == 200 and not exited.is_set() and not self._bind_failed:
-                return None
+                if await anyio.to_thread.run_sync(group_listens_on, process.pid, port) is not False:
+                    return None
+                if not foreign_answer_logged:
+                    foreign_answer_logged = True
+                    log.warning("model %s: another program answers on port %d; waiting for llama-server", self.name, port)
             now = time.monotonic()
             if status != last_status:
                 deadline.progress(now)

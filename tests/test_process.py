@@ -7,11 +7,15 @@ not produce on demand (tests/test_process_real.py runs the real one).
 
 from __future__ import annotations
 
+import contextlib
+import http.server
 import json
 import os
 import signal
 import socket
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import anyio
@@ -19,7 +23,8 @@ import pytest
 
 from llama_smart_proxy.supervisor.child_state import ChildState
 from llama_smart_proxy.supervisor.children import supervise
-from llama_smart_proxy.supervisor.ports import PortPool
+from llama_smart_proxy.supervisor.listener import group_listens_on
+from llama_smart_proxy.supervisor.ports import PortPool, is_port_free
 from llama_smart_proxy.supervisor.process import (
     BIND_FAILURE,
     HEALTH_POLL_S,
@@ -29,6 +34,7 @@ from llama_smart_proxy.supervisor.process import (
     ChildStopped,
 )
 from tests.fakes.supervision import (
+    TEST_PORT_RANGE,
     cpu_spec,
     pid_alive,
     quick_settings,
@@ -55,6 +61,35 @@ def fake_child(fake_server: Path, *, env: dict[str, str] | None = None, ports: P
     return Child(
         cpu_spec(env=env or {}), config, binary or fake_server, ports or PortPool(config.port_range)
     )
+
+
+@contextlib.contextmanager
+def foreign_health_server() -> Iterator[tuple[int, list[str]]]:
+    """Another program's HTTP server, answering 200 to any GET, on a test port whose next port is
+    free; yields the port and the paths it was asked for."""
+    asked: list[str] = []
+
+    class Answer(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            asked.append(self.path)
+            self.send_response(200)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"{}")
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    port = next(p for p in range(*TEST_PORT_RANGE) if is_port_free(p) and is_port_free(p + 1))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", port), Answer)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield port, asked
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
 
 
 def listening_socket(port: int = 0) -> socket.socket:
@@ -206,6 +241,25 @@ async def test_a_child_that_cannot_bind_its_port_is_retried_on_another_and_no_de
                 assert any(BIND_FAILURE in line and f"port: {port}" in line for line in child.log_tail)
                 assert child.restarts == 0 and child.last_error is None
                 assert child.state is ChildState.READY
+
+
+async def test_another_programs_answer_on_the_childs_port_is_never_taken_for_the_child_being_ready(
+    fake_server: Path,
+) -> None:
+    # bug: another program that took the port between the pool's probe and the child's bind
+    # answered /health 200 before the child's "couldn't bind" line was read: the child was declared
+    # ready on that port and requests went to the other program
+    with foreign_health_server() as (port, probed):
+        ports = PortPool((port, port + 20), is_free=lambda _: True)  # the probe misses it
+        child = fake_child(fake_server, ports=ports, env={"FAKE_LLAMA_BIND_DELAY_S": "0.5"}, crash_loop_deaths=1)
+        with anyio.fail_after(TEST_DEADLINE_S):
+            async with supervise([child]):
+                await child.ensure_ready()
+                assert probed, "the other program was never asked: the test did not meet the race"
+                # the next free port, or a later one where other programs hold those between
+                assert child.port is not None and child.port > port
+                assert child.pid is not None and group_listens_on(child.pid, child.port)
+                assert child.restarts == 0 and child.last_error is None
 
 
 async def test_a_child_dying_while_loading_fails_the_wait_within_one_poll_with_its_last_lines(

@@ -15,6 +15,8 @@ Faults, from the environment (a test sets them through the model's `env`):
   FAKE_LLAMA_IGNORE_SIGTERM=1  ignore SIGTERM (only SIGKILL stops it)
   FAKE_LLAMA_EVENTS=/path      append one JSON line per event: start, request, done, disconnect
   FAKE_LLAMA_SLOT_SAVE_MS=100  take this long to answer a slot save (with --slot-save-path)
+  FAKE_LLAMA_BIND_DELAY_S=0.5  wait this long before binding the port (a slow start that another
+                               program's listener on the same port can answer for)
 Per request, a JSON body may carry "fake": {"chunks": 50, "interval_ms": 20, "delay_ms": 0,
 "die_after_chunks": 3, "hang": true} to shape the response (die_after_chunks kills the process
 mid-stream; hang wedges its "inference loop": this request never answers, and neither does GET
@@ -267,6 +269,7 @@ async def serve() -> None:
     host = arg(("--host",), "127.0.0.1")
     port = int(arg(("--port",), "8080"))
     state = State()
+    await asyncio.sleep(float(ENV.get("FAKE_LLAMA_BIND_DELAY_S", "0")))
     try:
         server = await asyncio.start_server(Server(state).handle, host, port)
     except OSError:
