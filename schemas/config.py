@@ -232,6 +232,41 @@ class HostSettings(Contract):
     )
 
 
+class PromptCacheSettings(Contract):
+    """Where models with `keep_cache` keep their prompt cache between runs, and how much of it."""
+
+    dir: Path | None = Field(
+        None,
+        description="The cache root: each keep_cache model saves its slots in a directory of its "
+        "own under it. Unset: $XDG_CACHE_HOME/llama-smart-proxy/prompt-cache (~/.cache/... without "
+        "XDG_CACHE_HOME). Relative paths are relative to the config file.",
+    )
+    max_bytes: ByteSize = Field(
+        32 * 1024**3,
+        description="Disk budget of the whole cache root; the oldest saved slots (of any model) are "
+        "dropped first to stay under it.",
+    )
+    max_bytes_per_model: ByteSize = Field(
+        8 * 1024**3,
+        description="Disk budget of one model's saved slots; its least recently used slots are left "
+        "out first.",
+    )
+    disk_reserve: ByteSize = Field(
+        2 * 1024**3,
+        description="Space always left free on the cache root's file system: a save never eats into it.",
+    )
+    save_timeout: Duration = Field(
+        30.0,
+        description="Longest a planned stop waits for a child's slots to be saved (all of them); "
+        "what is not saved by then is lost. Busy slots are never waited for.",
+    )
+    restore_timeout: Duration = Field(
+        30.0,
+        description="Longest a start spends restoring saved slots before the model takes requests; "
+        "counted in its load time.",
+    )
+
+
 class ModelSettings(Contract):
     """Settings a model may set and [defaults] may give to every model."""
 
@@ -274,6 +309,13 @@ class ModelSettings(Contract):
     )
     args: list[str] | None = Field(None, description="Extra llama-server arguments for this model.")
     env: dict[str, str] | None = Field(None, description="Extra environment for this model's child.")
+    keep_cache: bool | None = Field(
+        None,
+        description="Save the child's prompt cache (its slots) before every planned stop (idle TTL, "
+        "eviction, unload, a reload that restarts it, service stop) and restore it at its next "
+        "start with the same launch, so a repeated long prompt is not processed again. Uses disk "
+        "under [prompt_cache] dir.",
+    )
 
 
 # The values a model gets when neither it nor [defaults] says otherwise.
@@ -295,6 +337,7 @@ BUILTIN_DEFAULTS = ModelSettings(
     max_concurrency=0,
     args=[],
     env={},
+    keep_cache=False,
 )
 
 
@@ -334,6 +377,7 @@ class ModelSpec(Contract):
     max_concurrency: int
     args: list[str]
     env: dict[str, str]
+    keep_cache: bool
 
 
 class Config(Contract):
@@ -348,6 +392,9 @@ class Config(Contract):
     )
     gpus: GpuSettings = Field(default_factory=GpuSettings, description="GPU use and headroom.")
     host: HostSettings = Field(default_factory=HostSettings, description="Host RAM headroom and mmap.")
+    prompt_cache: PromptCacheSettings = Field(
+        default_factory=PromptCacheSettings, description="Where keep_cache models keep their prompt cache."
+    )
     defaults: ModelSettings = Field(
         default_factory=ModelSettings, description="Settings every model inherits."
     )
@@ -370,6 +417,16 @@ class Config(Contract):
                 "proxy.default_model {name!r} names no model",
                 {"name": self.proxy.default_model},
             )
+        if self.prompt_cache.dir is None:
+            # the loader fills in the user's cache directory (supervisor/config.py); a Config built
+            # in code must say where, since the plan may not read the environment
+            wanting = [name for name in sorted(self.models) if self.model_spec(name).keep_cache]
+            if wanting:
+                raise PydanticCustomError(
+                    "no_cache_dir",
+                    "models.{name}.keep_cache needs prompt_cache.dir",
+                    {"name": wanting[0]},
+                )
         return self
 
     def model_spec(self, name: str) -> ModelSpec:

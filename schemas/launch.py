@@ -40,6 +40,11 @@ class LaunchSpec(Contract):
     main_gpu: int = Field(0, ge=0, description="-mg, an index into devices.")
     args: list[str] = Field(default_factory=list, description="Extra arguments, global then model.")
     env: dict[str, str] = Field(default_factory=dict, description="Extra environment.")
+    slot_save_path: str | None = Field(
+        None,
+        description="--slot-save-path: the directory where this model's slots are saved and "
+        "restored (keep_cache); None: the child saves nothing.",
+    )
 
 
 def served_model_name(model: str) -> str:

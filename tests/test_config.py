@@ -411,8 +411,9 @@ def test_args_that_set_what_the_plan_owns_are_refused_naming_the_key_to_use(mode
     ]
 
 
-@pytest.mark.parametrize("option", OWNED_OPTIONS, ids=lambda o: o.env)
+@pytest.mark.parametrize("option", [o for o in OWNED_OPTIONS if o.env], ids=lambda o: o.env)
 def test_env_that_sets_what_the_plan_owns_is_refused_naming_the_key_to_use(model_dir: Path, option: OwnedOption) -> None:
+    assert option.env is not None
     negated = option.env.replace("LLAMA_ARG_", "LLAMA_ARG_NO_")
     path = write(model_dir / "c.toml", f'[models.m]\nfile = "a.gguf"\nenv = {{ {option.env} = "1", {negated} = "1", LLAMA_ARG_THREADS = "4" }}\n')
     assert problems_of(path) == [

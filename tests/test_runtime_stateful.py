@@ -13,7 +13,8 @@ After every step it checks what the service promises:
 - admission: a child never sees more requests at once than its model's limit at the time;
 - every request is answered, in time, with success or a documented error; a 502 or a cut stream
   only for a request whose child was crashed, stopped or hung while it ran;
-- a reload is applied exactly when the new config is valid and fits; a refused one restarts nothing.
+- a reload is applied exactly when the new config is valid and fits; a refused one restarts nothing;
+- a saved prompt cache (keep_cache) is restored only into a child of the launch that saved it.
 
 The examples and steps are few enough for CI (STATEFUL_EXAMPLES raises them) and derandomized, so a
 run is reproducible; each example is a whole service, started and stopped. Each kind of broken
@@ -80,6 +81,7 @@ KINDS = (
     "reload_outcome",  # a valid reload refused, an invalid one applied, or last_reload wrong
     "reload_restarted",  # a refused reload restarted a child
     "admin",  # an admin action answered outside its documented statuses
+    "cache_launch",  # a saved prompt cache restored into a child of another launch (its ctx)
 )
 BROKEN = {kind: type(f"Broken_{kind}", (BrokenPromise,), {}) for kind in KINDS}
 RELOADS = ("noop", "ctx", "limit", "toggle_x", "invalid_toml", "no_fit", "broken_gguf", "bad_key_file")
@@ -190,9 +192,11 @@ class RuntimeMachine(RuleBasedStateMachine):
         )
         models: dict[str, dict] = {
             "r": {"max_concurrency": 2},
-            "c": {"gpus": [], "ctx": self.ctx},
-            "o1": {"mode": "on-demand", "max_concurrency": self.limit, "env": {"FAKE_LLAMA_IGNORE_SIGTERM": "1"}},
-            "o2": {"mode": "on-demand", "idle_ttl": "1s", "env": {"FAKE_LLAMA_IGNORE_SIGTERM": "1"}},
+            # c, o1 and o2 keep their prompt caches: saved at every planned stop (a ctx reload,
+            # eviction, idle TTL, unload), restored at the next start when the launch matches
+            "c": {"gpus": [], "ctx": self.ctx, "keep_cache": True},
+            "o1": {"mode": "on-demand", "max_concurrency": self.limit, "env": {"FAKE_LLAMA_IGNORE_SIGTERM": "1"}, "keep_cache": True},
+            "o2": {"mode": "on-demand", "idle_ttl": "1s", "env": {"FAKE_LLAMA_IGNORE_SIGTERM": "1"}, "keep_cache": True},
         }
         if self.x_present:
             models["x"] = {}
@@ -210,6 +214,7 @@ class RuntimeMachine(RuleBasedStateMachine):
             proxy=proxy,
             llama_server=quick + "crash_loop_deaths = 50",
             gpus="allow = [0]",
+            prompt_cache=f'dir = "{self.directory / "cache"}"\ndisk_reserve = "0"',
         )
         text = path.read_text().replace('stop_grace = "2s"', 'stop_grace = "600ms"')  # quicker evictions
         if variant == "invalid_toml":
@@ -264,6 +269,9 @@ class RuntimeMachine(RuleBasedStateMachine):
                     if kind == "cancel":
                         with client.stream("POST", f"{self.running.base}/v1/chat/completions", json=body) as response:
                             sent.status = response.status_code
+                            if response.status_code != 200:  # an error has no stream to leave: read its code
+                                response.read()
+                                sent.code = str(response.json().get("error", {}).get("code"))
                             for _ in response.iter_raw():
                                 break  # the client goes away mid-stream
                     else:
@@ -478,6 +486,11 @@ class RuntimeMachine(RuleBasedStateMachine):
             if running > limit:
                 self.failures["over_limit"].append(f"o1's child held {running} requests at once under max_concurrency = {limit}")
 
+    def check_cache_launches(self) -> None:
+        for e in self.harness.events("slot_restore"):
+            if e["saved_ctx"] != e["ctx"]:
+                self.failures["cache_launch"].append(f"a slot saved at ctx {e['saved_ctx']} restored into ctx {e['ctx']}")
+
     def teardown(self) -> None:
         try:
             deadline = time.monotonic() + REQUEST_DEADLINE_S
@@ -489,6 +502,7 @@ class RuntimeMachine(RuleBasedStateMachine):
                     os.kill(pid, signal.SIGCONT)
             self.answered_requests_were_answered_as_documented()
             self.check_limits()
+            self.check_cache_launches()
         finally:
             try:
                 self._serving.__exit__(None, None, None)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from llama_smart_proxy.schemas.config import Config, GpuSettings, HostSettings, LlamaServerSettings, ModelSettings, ProxySettings
+from llama_smart_proxy.schemas.config import Config, GpuSettings, HostSettings, LlamaServerSettings, ModelSettings, PromptCacheSettings, ProxySettings
 from llama_smart_proxy.schemas.generate import HERE, schema_texts
 from llama_smart_proxy.supervisor.config.load import load_config
 from llama_smart_proxy.supervisor.memory.reader import split_parts
@@ -57,6 +57,7 @@ def test_reference_example_lists_every_key() -> None:
         "llama_server": LlamaServerSettings,
         "gpus": GpuSettings,
         "host": HostSettings,
+        "prompt_cache": PromptCacheSettings,
         "defaults": ModelSettings,
     }
     for section, model in sections.items():

@@ -19,19 +19,24 @@ Rules kept here:
 - the moment the process exits, or is judged wedged or hung (`Liveness`), the child stops taking
   requests (`accepts_requests`), before its last output is drained and the death is counted;
 - a ready child is probed every `health_interval`; one judged wedged or hung is killed and goes
-  down the crash path (a counted death, a restart after backoff).
+  down the crash path (a counted death, a restart after backoff);
+- the owner may prepare a loaded child before it is ready (`after_load`, counted in the load time)
+  and keep what a ready child holds before a planned stop (`before_stop`, while STOPPING, so no
+  request reaches it); a death skips `before_stop`.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import random
 import shlex
 import signal
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Literal, Protocol
 
@@ -121,6 +126,16 @@ class ChildOwner(Protocol):
         """The child's state changed, or its process exited."""
         ...
 
+    async def after_load(self, child: Child, port: int) -> None:
+        """The child answers /health but takes no request yet: prepare it (restore its prompt
+        cache). Counted in the load time; the owner bounds it."""
+        ...
+
+    async def before_stop(self, child: Child, port: int) -> None:
+        """The ready child is about to be stopped on purpose, never after a death: keep what it
+        holds (save its prompt cache). The owner bounds it."""
+        ...
+
 
 class _NothingHeld:
     def release(self) -> None:
@@ -137,6 +152,12 @@ class Unowned:
         return False, 0.0
 
     def changed(self, child: Child) -> None:
+        pass
+
+    async def after_load(self, child: Child, port: int) -> None:
+        pass
+
+    async def before_stop(self, child: Child, port: int) -> None:
         pass
 
 
@@ -533,6 +554,13 @@ class Child:
         except NoFreePort as exc:
             return _Outcome("died", str(exc))
         command = build_command(self.spec, binary=self.binary, port=port, settings=self.settings)
+        if self.spec.slot_save_path is not None:
+            # llama-server refuses to start when --slot-save-path is not a directory (build 11434)
+            try:
+                await anyio.to_thread.run_sync(partial(os.makedirs, self.spec.slot_save_path, exist_ok=True))
+            except OSError as exc:
+                self.ports.release(port)
+                return _Outcome("died", f"cannot create its --slot-save-path (prompt_cache.dir): {exc}")
         self._bind_failed = False
         first_line = self._lines_seen
         started = time.monotonic()
@@ -571,7 +599,10 @@ class Child:
                     self._phase = None
                     with anyio.CancelScope(shield=True):
                         if outcome is None and self._state in (ChildState.STARTING, ChildState.READY):
-                            self._transition(ChildEvent.STOP)
+                            planned = self._state is ChildState.READY and not exited.is_set()
+                            self._transition(ChildEvent.STOP)  # no request reaches it from here
+                            if planned:
+                                await self._call_owner(self._owner.before_stop, port)
                         await stop_group(process, self.settings.stop_grace)
                         with anyio.move_on_after(OUTPUT_DRAIN_S):
                             await output_done.wait()
@@ -640,6 +671,7 @@ class Child:
         first_line: int,
     ) -> _Outcome:
         """Ready until the child exits on its own, or is killed for failing its liveness probes."""
+        await self._call_owner(self._owner.after_load, port)
         self._load_seconds = time.monotonic() - started
         self._transition(ChildEvent.HEALTHY)
         log.info("model %s: ready in %.1f s on port %d", self.name, self._load_seconds, self._port)
@@ -679,6 +711,13 @@ class Child:
             await exited.wait()
             race.cancel_scope.cancel()
         return failure
+
+    async def _call_owner(self, hook: Callable[[Child, int], Awaitable[None]], port: int) -> None:
+        """An owner's hook never ends supervision: a bug there is logged, and the start or stop goes on."""
+        try:
+            await hook(self, port)
+        except Exception:
+            log.exception("model %s: %s failed", self.name, hook.__name__)
 
     async def _probe_unless_exited(self, port: int, exited: anyio.Event) -> int | None:
         """Probe /health, but give up the moment the child exits: a port taken by another program

@@ -34,7 +34,7 @@ CHILD_HOST = "127.0.0.1"
 
 FLAGS_USED: tuple[str, ...] = (
     "-m", "--host", "--port", "-c", "-np", "--kv-unified", "--no-kv-unified", "-ctk", "-ctv",
-    "-fa", "-b", "-ub", "-ngl", "-sm", "-ts", "-mg", "--fit", "--mmproj", "--alias",
+    "-fa", "-b", "-ub", "-ngl", "-sm", "-ts", "-mg", "--fit", "--mmproj", "--alias", "--slot-save-path",
 )  # fmt: skip
 """Every flag `build_command` may emit; the binary check requires each of them."""
 
@@ -113,6 +113,8 @@ def build_command(
     argv += ["--fit", "off"]
     if spec.mmproj is not None:
         argv += ["--mmproj", spec.mmproj]
+    if spec.slot_save_path is not None:
+        argv += ["--slot-save-path", spec.slot_save_path]
     argv += spec.args
 
     env = {**settings.env, **spec.env}

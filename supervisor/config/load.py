@@ -5,7 +5,9 @@ Where a value comes from, highest first (written down here and nowhere else):
   2. environment variables LLAMA_SMART_PROXY_LISTEN, LLAMA_SMART_PROXY_API_KEYS (comma-separated),
      LLAMA_SMART_PROXY_LOG_LEVEL (read through pydantic-settings);
   3. the TOML file, and the [models.*] tables of the files its `include` names;
-  4. the defaults in schemas/config.py.
+  4. the defaults in schemas/config.py; `prompt_cache.dir`'s depends on the environment
+     ($XDG_CACHE_HOME, else ~/.cache), so it is filled in here and the plan never reads the
+     environment.
 
 Every problem is reported at once, each with its file, line, dotted key and what was expected;
 nothing here prints or exits.
@@ -26,6 +28,7 @@ import difflib
 import glob
 import hashlib
 import json
+import os
 import re
 import tomllib
 import types
@@ -127,6 +130,7 @@ def load_config(
                 f"{ENV_PREFIX}{key_path[-1].upper()}" if origin_name == "environment" else "command line"
             )
     _resolve_paths(data, owner, main)
+    _default_cache_dir(data)
 
     def locate(key_path: KeyPath) -> tuple[Path | None, int | None]:
         for length in range(len(key_path), 0, -1):
@@ -284,6 +288,19 @@ def _resolve_paths(data: dict[str, Any], owner: dict[str, _Source], main: _Sourc
     llama = data.get("llama_server")
     if isinstance(llama, dict) and isinstance(llama.get("binary"), str) and "/" in llama["binary"]:
         resolve(llama, "binary", main.path.parent)
+    resolve(data.get("prompt_cache"), "dir", main.path.parent)
+
+
+def default_prompt_cache_dir() -> Path:
+    """Where keep_cache models save their slots when prompt_cache.dir is unset: the user's cache
+    directory, as the tiny models' (the systemd unit sets XDG_CACHE_HOME to its CacheDirectory)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "llama-smart-proxy" / "prompt-cache"
+
+
+def _default_cache_dir(data: dict[str, Any]) -> None:
+    table = data.setdefault("prompt_cache", {})
+    if isinstance(table, dict) and "dir" not in table:
+        table["dir"] = str(default_prompt_cache_dir())
 
 
 def _check_files(data: dict[str, Any], require_model_files: bool = True) -> list[tuple[KeyPath, str]]:

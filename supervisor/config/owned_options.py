@@ -20,8 +20,9 @@ class OwnedOption:
 
     flags: tuple[str, ...]
     """Every spelling in common/arg.cpp of build 11434, negations included."""
-    env: str
-    """Its LLAMA_ARG_* variable (llama.cpp also reads the LLAMA_ARG_NO_* form of a switch)."""
+    env: str | None
+    """Its LLAMA_ARG_* variable (llama.cpp also reads the LLAMA_ARG_NO_* form of a switch); None
+    for an option llama.cpp reads from no variable."""
     instead: str
     """The config key(s) that say it."""
 
@@ -47,10 +48,17 @@ OWNED_OPTIONS: tuple[OwnedOption, ...] = (
     OwnedOption(("-dev", "--device"), "LLAMA_ARG_DEVICE", "gpus"),
     OwnedOption(("-fit", "--fit"), "LLAMA_ARG_FIT", "gpus, allow_split and allow_partial (the plan replaces --fit, always off)"),
     OwnedOption(("-a", "--alias"), "LLAMA_ARG_ALIAS", "aliases (the proxy answers to them; the child to the model's name)"),
+    OwnedOption(("--slot-save-path",), None,  # no LLAMA_ARG_* variable in build 11434
+                "keep_cache and prompt_cache.dir (the proxy saves and restores the slots, and keeps the budget)"),
 )  # fmt: skip
 
 _OWNED_FLAGS = {flag: option for option in OWNED_OPTIONS for flag in option.flags}
-_OWNED_ENV = {name: option for option in OWNED_OPTIONS for name in (option.env, option.env.replace("LLAMA_ARG_", "LLAMA_ARG_NO_"))}
+_OWNED_ENV = {
+    name: option
+    for option in OWNED_OPTIONS
+    if option.env is not None
+    for name in (option.env, option.env.replace("LLAMA_ARG_", "LLAMA_ARG_NO_"))
+}
 
 
 def owned_option(arg: str) -> OwnedOption | None:

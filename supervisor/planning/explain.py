@@ -20,6 +20,7 @@ from llama_smart_proxy.schemas.estimate import Estimate
 from llama_smart_proxy.schemas.inventory import Inventory
 from llama_smart_proxy.schemas.launch import LaunchSpec
 from llama_smart_proxy.schemas.plan import GpuPlan, HostPlan, ModelPlan, ModelShare
+from llama_smart_proxy.schemas.prompt_cache import model_dir_name
 from llama_smart_proxy.schemas.units import MIB
 from llama_smart_proxy.supervisor.memory.placement import place
 from llama_smart_proxy.supervisor.planning.footprint import NONE, Choice, Footprint, State
@@ -105,7 +106,14 @@ def launch_spec(m: Footprint, choice: Choice, search: Search, config: Config) ->
         main_gpu=0,
         args=args,
         env=env,
+        slot_save_path=_slot_save_path(m.name, config) if m.spec.keep_cache else None,
     )
+
+
+def _slot_save_path(model: str, config: Config) -> str:
+    """keep_cache: the model's own directory under the cache root (supervisor/service/prompt_cache.py)."""
+    assert config.prompt_cache.dir is not None  # schemas.config.Config requires it for keep_cache
+    return str(config.prompt_cache.dir / model_dir_name(model))
 
 
 def _reason(m: Footprint, choice: Choice, result: SearchResult, search: Search, short: int, short_where: str) -> str:

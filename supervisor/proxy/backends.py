@@ -70,6 +70,28 @@ class ModelState(str, enum.Enum):
 
 
 @dataclass(frozen=True)
+class PromptCacheStatus:
+    """A keep_cache model's saved prompt cache: what was saved and restored so far, what is on disk."""
+
+    slots_saved: int = 0
+    """Slots saved before planned stops, since the service started."""
+    slots_restored: int = 0
+    tokens_saved: int = 0
+    tokens_restored: int = 0
+    """Tokens restored into new children: prompt the model did not process again."""
+    saves_discarded: int = 0
+    """Saved caches thrown away because the launch changed (ctx, the file, the build, ...)."""
+    bytes_on_disk: int = 0
+    """What its directory under the cache root holds now."""
+    last_save_s: float | None = None
+    """How long the last save took (every slot of one planned stop)."""
+    last_restore_s: float | None = None
+    """How long the last restore took; part of that start's load time."""
+    last_event: str | None = None
+    """The last save, restore or discard, in words."""
+
+
+@dataclass(frozen=True)
 class ModelStatus:
     """One configured model as the runtime sees it now."""
 
@@ -90,6 +112,8 @@ class ModelStatus:
     """How long the last successful load took."""
     ready_since: float | None = None
     """Unix time the child became ready (OpenAI's `created`)."""
+    prompt_cache: PromptCacheStatus | None = None
+    """None unless the model has keep_cache."""
 
     @property
     def is_servable(self) -> bool:

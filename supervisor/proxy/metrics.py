@@ -156,6 +156,20 @@ class ServiceCollector:
             ["model"],
             (([s.name], s.load_seconds) for s in models if s.load_seconds is not None),
         )
+        cached = [(s.name, s.prompt_cache) for s in models if s.prompt_cache is not None]
+        for name, family, help_text, value in (
+            ("prompt_cache_slots_saved_total", _counter, "Slots saved before planned stops (keep_cache).", lambda c: c.slots_saved),
+            ("prompt_cache_slots_restored_total", _counter, "Saved slots restored into new children.", lambda c: c.slots_restored),
+            ("prompt_cache_tokens_restored_total", _counter, "Tokens restored: prompt not processed again.", lambda c: c.tokens_restored),
+            ("prompt_cache_discarded_total", _counter, "Saved caches discarded because the launch changed.", lambda c: c.saves_discarded),
+            ("prompt_cache_bytes", _gauge, "Bytes of saved slots on disk, by model.", lambda c: c.bytes_on_disk),
+            ("prompt_cache_save_seconds", _gauge, "How long the last save of a model's slots took.", lambda c: c.last_save_s),
+            ("prompt_cache_restore_seconds", _gauge, "How long the last restore took (part of its load time).", lambda c: c.last_restore_s),
+        ):  # fmt: skip
+            yield family(
+                p + name, help_text, ["model"],
+                (([model], value(cache)) for model, cache in cached if value(cache) is not None),
+            )  # fmt: skip
 
     def _gpus(self) -> Iterator[Metric]:
         p = PREFIX

@@ -23,7 +23,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import anyio
@@ -54,6 +54,7 @@ from llama_smart_proxy.supervisor.service.admission import Admission, QueueFull
 from llama_smart_proxy.supervisor.service.eviction import Occupant, choose_victims
 from llama_smart_proxy.supervisor.service.gpu_sampler import GpuSampler
 from llama_smart_proxy.supervisor.service.ledger import MemoryLedger, Reservation
+from llama_smart_proxy.supervisor.service.prompt_cache import PromptCaches
 from llama_smart_proxy.supervisor.service.reload_diff import (
     PlanDiff,
     ReloadRecord,
@@ -181,13 +182,28 @@ class _Owner:
         self.entry = entry
 
     async def reserve(self, child: Child) -> Reservation:
+        # from here until it is ready, others' saves (the models this start evicts among them) keep
+        # this model's saved prompt cache: it restores it once loaded
+        self.runtime.prompt_caches.set_starting(self.entry.name, True)
         return await self.runtime._reserve(self.entry)
 
     def activity(self, child: Child) -> tuple[bool, float]:
         return self.entry.in_flight > 0, self.entry.progress.at
 
     def changed(self, child: Child) -> None:
+        if child.state is not ChildState.STARTING:
+            self.runtime.prompt_caches.set_starting(self.entry.name, False)
         self.runtime._wake()
+
+    async def after_load(self, child: Child, port: int) -> None:
+        settings = self.runtime.prepared.loaded.config.prompt_cache
+        await self.runtime.prompt_caches.restore(child.spec, child.binary, port, settings)
+
+    async def before_stop(self, child: Child, port: int) -> None:
+        settings = self.runtime.prepared.loaded.config.prompt_cache
+        await self.runtime.prompt_caches.save(
+            child.spec, child.binary, port, settings, self.entry.plan.estimate, slots_timeout_s=child.settings.health_timeout
+        )
 
 
 class Runtime:
@@ -218,6 +234,8 @@ class Runtime:
         self._entries: dict[str, ModelEntry] = {}
         self._retiring: list[ModelEntry] = []
         self._routing = RoutingTable()
+        self.prompt_caches = PromptCaches()
+        """keep_cache models' saved slots (supervisor/service/prompt_cache.py), kept across reloads."""
         entries = self._build_entries(prepared, binary, self._ports, keep={})
         for entry in entries.values():
             entry.gate.set()
@@ -398,7 +416,10 @@ class Runtime:
     # ---- Backends: status and admin
 
     def model_statuses(self) -> list[ModelStatus]:
-        return [e.status() for e in sorted(self._entries.values(), key=lambda e: e.name)]
+        return [
+            replace(e.status(), prompt_cache=self.prompt_caches.status(e.name, e.spec.keep_cache))
+            for e in sorted(self._entries.values(), key=lambda e: e.name)
+        ]
 
     def holders(self) -> list[str]:
         """Models whose children hold memory now (running, starting or stopping)."""
@@ -526,6 +547,7 @@ class Runtime:
                     await self._children.add(entry.child)
             if self.sampler is not None and self.prepared.plan.gpus:
                 tg.start_soon(self.sampler.run)
+            tg.start_soon(self.prompt_caches.open, [e.child.spec for e in self._entries.values() if e.child])
             task_status.started()
             while True:
                 await anyio.sleep(TTL_CHECK_S)

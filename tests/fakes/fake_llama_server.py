@@ -14,6 +14,7 @@ Faults, from the environment (a test sets them through the model's `env`):
   FAKE_LLAMA_EXIT_CODE=3       print an error and exit at once with this code
   FAKE_LLAMA_IGNORE_SIGTERM=1  ignore SIGTERM (only SIGKILL stops it)
   FAKE_LLAMA_EVENTS=/path      append one JSON line per event: start, request, done, disconnect
+  FAKE_LLAMA_SLOT_SAVE_MS=100  take this long to answer a slot save (with --slot-save-path)
   FAKE_LLAMA_BIND_DELAY_S=0.5  wait this long before binding the port (a slow start that another
                                program's listener on the same port can answer for)
 Per request, a JSON body may carry "fake": {"chunks": 50, "interval_ms": 20, "delay_ms": 0,
@@ -21,7 +22,10 @@ Per request, a JSON body may carry "fake": {"chunks": 50, "interval_ms": 20, "de
 mid-stream; hang wedges its "inference loop": this request never answers, and neither does GET
 /slots from then on, while /health still answers 200, as a llama-server whose inference hangs does).
 GET /slots answers from the "inference loop": after a request's delay_ms, like llama-server between
-two batches of a long prompt, it still answers.
+two batches of a long prompt, it still answers. One slot, 0: each answered request adds 100 tokens
+to it, and it is processing while a request is; with --slot-save-path, POST /slots/0?action=save
+and ?action=restore write and read a file of the ctx it was saved with and 10 bytes per token,
+recording both ctx values at a restore, which, like llama-server's, accepts any.
 """
 
 from __future__ import annotations
@@ -57,7 +61,7 @@ HELP = """usage: llama-server [options]  (FAKE llama-server for tests)
 -kvu, --kv-unified  -no-kvu, --no-kv-unified  -ctk, --cache-type-k TYPE  -ctv, --cache-type-v TYPE
 -fa, --flash-attn [on|off|auto]  -b, --batch-size N  -ub, --ubatch-size N  -ngl, --gpu-layers N
 -sm, --split-mode  -ts, --tensor-split  -mg, --main-gpu  -fit, --fit [on|off]  -dev, --device
---mmproj FILE  --no-webui  --metrics  --alias  -v, --verbose
+--mmproj FILE  --no-webui  --metrics  --alias  -v, --verbose  --slot-save-path PATH
 """
 
 
@@ -68,6 +72,11 @@ class State:
         self.never_ready = ENV.get("FAKE_LLAMA_NEVER_READY") == "1"
         self.wedged = asyncio.Event()
         """Set once a request asked to hang: the inference loop answers nothing from then on."""
+        self.tokens = 0
+        """What slot 0 holds."""
+        self.tasks = 0
+        self.busy = 0
+        """Requests being answered now: slot 0 is processing."""
 
     def is_ready(self) -> bool:
         return not self.never_ready and time.monotonic() - self.started >= self.load_s
@@ -173,7 +182,14 @@ class Server:
         if method == "GET" and path == "/slots":
             if self.state.wedged.is_set():
                 await asyncio.Event().wait()  # the inference loop never comes back
-            writer.write(response(200, [{"id": 0, "is_processing": False}]))
+            slot: dict = {"id": 0, "is_processing": self.state.busy > 0}
+            if self.state.tasks:
+                slot.update(id_task=self.state.tasks, n_prompt_tokens=self.state.tokens, next_token=[{"n_decoded": 0}])
+            writer.write(response(200, [slot]))
+            await writer.drain()
+            return True
+        if method == "POST" and path.startswith("/slots/"):
+            writer.write(await self.slot_action(path, target, body))
             await writer.drain()
             return True
         if method == "GET" and path == "/v1/models":
@@ -194,6 +210,40 @@ class Server:
             return True
         shape = payload.get("fake", {}) if isinstance(payload, dict) else {}
         record("request", id=rid, path=path, model=payload.get("model"), stream=bool(payload.get("stream")))
+        self.state.busy += 1
+        try:
+            return await self.answer(path, payload, shape, rid, reader, writer)
+        finally:
+            self.state.busy -= 1
+            self.state.tasks += 1
+            self.state.tokens += 100
+
+    async def slot_action(self, path: str, target: str, body: bytes) -> bytes:
+        directory = arg(("--slot-save-path",), "")
+        action = target.partition("action=")[2]
+        filename = json.loads(body or b"{}").get("filename", "")
+        if not directory or path != "/slots/0" or "/" in filename or action not in ("save", "restore"):
+            return response(400, {"error": {"message": "Invalid request", "code": 400}}, "Bad Request")
+        file = os.path.join(directory, filename)
+        ctx = int(arg(("-c", "--ctx-size"), "4096"))
+        if action == "save":
+            await asyncio.sleep(float(ENV.get("FAKE_LLAMA_SLOT_SAVE_MS", "0")) / 1000)
+            data = f"{ctx}\n".encode() + b"k" * (10 * self.state.tokens)  # the ctx it was made with
+            with open(file, "wb") as f:
+                f.write(data)
+            record("slot_save", tokens=self.state.tokens, ctx=ctx)
+            return response(200, {"id_slot": 0, "filename": filename, "n_saved": self.state.tokens, "n_written": len(data)})
+        try:
+            with open(file, "rb") as f:
+                saved_ctx, _, cells = f.read().partition(b"\n")
+        except OSError:
+            return response(400, {"error": {"message": "Unable to restore slot", "code": 400}}, "Bad Request")
+        # like llama-server, it restores a slot saved with another ctx without a word (DESIGN.md)
+        self.state.tokens = len(cells) // 10
+        record("slot_restore", tokens=self.state.tokens, ctx=ctx, saved_ctx=int(saved_ctx))
+        return response(200, {"id_slot": 0, "filename": filename, "n_restored": self.state.tokens, "n_read": len(cells)})
+
+    async def answer(self, path: str, payload: dict, shape: dict, rid: int, reader, writer) -> bool:
         if shape.get("hang"):
             self.state.wedged.set()
             record("hang", id=rid)
