@@ -10,6 +10,8 @@ eviction and idle unloading; it is the proxy's `Backends`.
 - `routing`: names and aliases → models (pure);
 - `reload_diff`: what a reload changes, and when it must be refused (pure);
 - `reload_transaction`: a reload in two phases: all that can fail first, then the difference;
+- `prompt_cache`: keep_cache: save a child's slots before a planned stop, restore them after its next start;
+- `prompt_cache_rules`: which launch a saved slot belongs to, what to save, what the disk budget drops (pure);
 - `gpu_sampler`: live GPU memory from NVML, in a worker thread;
 - `watch`: reload when the config is saved (`serve --watch`);
 - `systemd`: systemd's notify protocol;
