@@ -11,8 +11,10 @@ Rules kept here:
   (models by name, removed models, GPUs, host, reload);
 - measured values (NVML, host RAM) change on their own clock: `run()` reads again every
   `POLL_S`, and a sample's age alone is no change;
-- with no reader, nothing is read (the proxy's hot path pays nothing); the first reader's arrival
-  takes a fresh reading to compare against, and starts from a snapshot itself;
+- with no reader, nothing is read (the proxy's hot path pays nothing); when a reader arrives, what
+  changed meanwhile is published first, as one change per model (so a client that resumes with
+  Last-Event-ID after a gap with no reader still ends with the right state), and a new reader
+  starts from a snapshot anyway;
 - `changes` is pure: two readings in, events out.
 """
 
@@ -79,16 +81,18 @@ class StateFeed:
     def notice(self) -> None:
         """Something may have changed: publish what did."""
         if not self.events.has_readers:
-            self._last = None
-            return
+            return  # _last stays: the next reader's arrival publishes what changed since
+        self._publish_changes()
+
+    def _start_reading(self) -> None:
+        self._publish_changes()
+
+    def _publish_changes(self) -> None:
         current = self._read()
         if self._last is not None:
             for kind, data in changes(self._last, current):
                 self.events.publish(kind, data)
         self._last = current
-
-    def _start_reading(self) -> None:
-        self._last = self._read()
 
     async def run(self, interval_s: float = POLL_S) -> None:
         """Compare measured values again every `interval_s`, until cancelled."""
