@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -276,7 +276,7 @@ class Runtime:
                 self.feed.notice()  # its place in the queue was given back
                 raise
         # no await between the check above and taking the permit: nobody can take it meanwhile
-        with admission.permit():
+        with self._noticing(), admission.permit():  # the permit's return is a change too
             ready.in_flight += 1
             self.feed.notice()
             assert ready.child is not None and ready.child.port is not None
@@ -293,6 +293,14 @@ class Runtime:
                 ready.last_used = time.monotonic()
                 ready.progress.at = anyio.current_time()  # an answered request is progress too
                 self._wake()
+
+    @contextmanager
+    def _noticing(self) -> Iterator[None]:
+        """Tell the state feed once the block has exited."""
+        try:
+            yield
+        finally:
+            self.feed.notice()
 
     def _admit_now(self, model: str, admission: Admission) -> ModelEntry | None:
         """The entry that may take one more request now; None to wait; raises when waiting cannot help."""

@@ -614,19 +614,27 @@ class ProxyServer:
         async def send(data: bytes) -> None:
             await self._send_whole(conn, client, data)
 
-        with anyio.CancelScope() as scope:
-            client.watch_scope = scope
-            if client.at_eof or self.draining:
-                scope.cancel()
-            self._own_streams.add(scope)
-            try:
+        try:
+            with anyio.CancelScope() as scope:
+                client.watch_scope = scope
+                if client.at_eof or self.draining:
+                    scope.cancel()
+                self._own_streams.add(scope)
                 await run(send)
-            finally:
-                self._own_streams.discard(scope)
-                client.watch_scope = None
+        finally:
+            self._own_streams.discard(scope)
+            client.watch_scope = None
+            if not client.at_eof and conn.our_state is h11.SEND_BODY:
+                # a drain (or the serving task group's end, right after it): end the stream whole,
+                # so that the client sees an ended stream and reconnects, not a broken one
+                with anyio.CancelScope(shield=True) as ending:
+                    ending.deadline = anyio.current_time() + STREAM_WRITE_S
+                    try:
+                        await client.send(conn.send(h11.EndOfMessage()) or b"")
+                    except ClientGone:
+                        pass
         if client.at_eof:
             raise ClientGone()
-        await client.send(conn.send(h11.EndOfMessage()) or b"")
 
     async def _open_event_stream(self, conn: h11.Connection, client: _Client, cors: list[tuple[bytes, bytes]]) -> None:
         """A 200 head for server-sent events (chunked, never cached or buffered on the way)."""

@@ -74,11 +74,15 @@ function formatWhen(unix) {
   return at;
 }
 
+// distinct colours, dark enough for white text, none of them the red of "failed" or of the
+// measured-total mark
+const PALETTE = ["#2f6fbf", "#2e8b72", "#7a4fb5", "#b5731f", "#3f8fa8", "#a8468f", "#5d7f2f", "#4a5bb0", "#8a6a3a", "#2f7f9f"];
+
 function modelColor(name) {
-  // a stable colour per model name, spread around the hue circle, dark enough for white text
-  let hash = 0;
-  for (const ch of name) hash = (hash * 31 + ch.codePointAt(0)) >>> 0;
-  return `hsl(${(hash * 137) % 360} 55% 42%)`;
+  // by the model's place among the names: models side by side never share a colour
+  const names = [...view.models.keys()].sort();
+  const index = names.indexOf(name);
+  return PALETTE[(index < 0 ? names.length : index) % PALETTE.length];
 }
 
 // ---- the API key -----------------------------------------------------------------------------
@@ -179,9 +183,13 @@ function restartStreams() {
   if (logModel) followLog(logModel);
 }
 
+let lastLive = null; // when the stream last delivered, for the words shown while it is down
+
 function setConnection(kind, words) {
   const node = $("#connection");
   node.dataset.connection = kind;
+  document.body.dataset.connection = kind; // the sheet greys out a view that is not live
+  if (kind !== "live" && lastLive) words += ` — showing the state as of ${lastLive.toLocaleTimeString()}`;
   node.textContent = words;
 }
 
@@ -194,7 +202,10 @@ async function followEvents() {
       await readEvents("/events", {
         headers,
         signal,
-        onOpen: () => setConnection("live", "live"),
+        onOpen: () => {
+          lastLive = new Date();
+          setConnection("live", "live");
+        },
         onEvent: applyEvent,
       });
       setConnection("reconnecting", "the service closed the stream; reconnecting…");
@@ -214,6 +225,7 @@ async function followEvents() {
 // ---- the state, from events ------------------------------------------------------------------
 
 function applyEvent(type, data, id) {
+  lastLive = new Date();
   if (id) view.lastEventId = id;
   if (typeof data.time === "number") view.clockOffset = data.time - Date.now() / 1000;
   switch (type) {
