@@ -100,6 +100,17 @@ def screenshot(page: Any, tmp_path: Path, name: str) -> Path:
     return path
 
 
+def wait_js(page: Any, function: str, arg: Any = None, timeout: float = TIMEOUT_MS / 1000) -> None:
+    """Poll `function(arg)` in the page until it is true. (Playwright's wait_for_function evaluates
+    its predicate from a string inside the page, which older Playwrights do with eval(): the page's
+    Content-Security-Policy forbids that, as it should.)"""
+    deadline = time.monotonic() + timeout
+    while not page.evaluate(function, arg):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {function}")
+        time.sleep(0.01)
+
+
 def open_page(page: Any, running: Running) -> None:
     page.goto(f"{running.base}/ui")
     page.wait_for_selector("#connection[data-connection=live]")
@@ -246,8 +257,8 @@ def test_the_log_pane_shows_a_new_line_of_the_child_within_a_second(
     config = harness.write_config({"chat": {}})
     with harness.serving(config) as running:
         open_page(page, running)
-        page.wait_for_function("() => document.querySelector('#log-lines').dataset.model === 'chat'")
-        page.wait_for_function("() => document.querySelector('#log-lines').textContent.includes('listening on')")
+        wait_js(page, "() => document.querySelector('#log-lines').dataset.model === 'chat'")
+        wait_js(page, "() => document.querySelector('#log-lines').textContent.includes('listening on')")
         ring = running.service.runtime.log("chat")
         assert ring is not None
         before = ring.last_number
@@ -258,9 +269,7 @@ def test_the_log_pane_shows_a_new_line_of_the_child_within_a_second(
         printed = time.monotonic()
         _, lines = running.portal.call(ring.lines_after, before)
         newest = lines[-1]
-        page.wait_for_function(
-            "(line) => document.querySelector('#log-lines').textContent.includes(line)", arg=newest, timeout=1000
-        )
+        wait_js(page, "(line) => document.querySelector('#log-lines').textContent.includes(line)", newest, timeout=1.0)
         shown_after = time.monotonic() - printed
         assert shown_after < 1.0, shown_after
         screenshot(page, tmp_path, "logs")
@@ -297,9 +306,8 @@ def test_the_page_stays_right_across_a_reload_and_a_restart_of_the_service(
         new_pid = running.model("chat")["pid"]
         assert new_pid != old_pid
         page.wait_for_selector("#connection[data-connection=live]")
-        page.wait_for_function(
-            "(pid) => document.querySelector('#models tr[data-model=chat] [data-field=pid]').textContent === String(pid)",
-            arg=new_pid,
+        wait_js(
+            page, "(pid) => document.querySelector('#models tr[data-model=chat] [data-field=pid]').textContent === String(pid)", new_pid
         )
         page.wait_for_selector('#models tr[data-model="lazy"]', state="detached")  # not in this config
         assert "no reload since the service started" in page.inner_text("#reload")
@@ -320,9 +328,7 @@ def test_a_loading_model_shows_its_elapsed_time_and_progress(tmp_path: Path, tin
         loading.start()
         wait_row(page, "big", "starting")
         page.wait_for_selector('#models tr[data-model="big"] .progress')
-        page.wait_for_function(
-            "() => parseFloat(document.querySelector('#models tr[data-model=big] [data-since]').textContent) >= 1.5"
-        )
+        wait_js(page, "() => parseFloat(document.querySelector('#models tr[data-model=big] [data-since]').textContent) >= 1.5")
         cell = page.inner_text('#models tr[data-model="big"] [data-field=state]')
         assert cell.startswith("loading") and "loading tensors" in cell and "%" in cell, cell
         screenshot(page, tmp_path, "loading")

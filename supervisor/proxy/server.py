@@ -504,10 +504,10 @@ class ProxyServer:
             if path == b"/events" or path.startswith(LOGS_PREFIX):
                 if method not in READ_METHODS:
                     raise routes.method_not_allowed(routes.READ_ALLOW)
-                try:
-                    await self._own_stream(conn, client, setup, request, path, query, cors)
-                finally:
-                    self._observe(model, 200, started)
+                # counted once its head is out: a stream's length is no request's latency
+                await self._own_stream(
+                    conn, client, setup, request, path, query, cors, opened=lambda: self._observe(model, 200, started)
+                )
                 return
             reply = await self._own_route(conn, client, setup, request, method, path)
             await self._reply(conn, client, reply, cors)
@@ -581,6 +581,8 @@ class ProxyServer:
         path: bytes,
         query: bytes,
         cors: list[tuple[bytes, bytes]],
+        *,
+        opened: Callable[[], None],
     ) -> None:
         """GET /events or /logs/<model>: server-sent events until the client leaves or a drain
         begins (then the stream ends whole, and the client reconnects)."""
@@ -607,6 +609,7 @@ class ProxyServer:
                 streams.stream_log, model, lines, backends.events.epoch, tail=tail, last_event_id=last_event_id
             )
         await self._open_event_stream(conn, client, cors)
+        opened()
         if client.head_request:
             await client.send(conn.send(h11.EndOfMessage()) or b"")
             return
