@@ -61,9 +61,26 @@ def wheel(venv: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
         copy = shutil.copytree if (ROOT / name).is_dir() else shutil.copyfile
         copy(ROOT / name, source / name)
     dist = tmp_path_factory.mktemp("dist")
-    run(venv / "bin/python", "-m", "pip", "wheel", "--quiet", "--no-deps", "--wheel-dir", dist, source, cwd=venv.parent)
+    argv = [venv / "bin/python", "-m", "pip", "wheel", "-v", "--no-deps", "--wheel-dir", dist, source]
+    build = subprocess.run(argv, capture_output=True, text=True, timeout=PIP_TIMEOUT_S, cwd=venv.parent)
+    assert build.returncode == 0, f"the wheel build exited {build.returncode}:\n{build.stdout}\n{build.stderr}"
+    (dist / BUILD_LOG).write_text(build.stdout + build.stderr)  # the build backend speaks on stderr
     (built,) = dist.glob("llama_smart_proxy-*.whl")
     return built
+
+
+BUILD_LOG = "build.log"  # what `pip wheel -v` printed, beside the wheel
+# Warnings that come from the machine, never from this project: pip's index settings and the
+# interpreter's byte-compiling switch (PYTHONDONTWRITEBYTECODE).
+MACHINE_WARNINGS = ("WARNING: Location ", "byte-compiling is disabled")
+
+
+def test_building_the_wheel_prints_no_warning_the_project_causes(wheel: Path) -> None:
+    # the `license` table form once made setuptools print a deprecation warning at every install
+    log = (wheel.parent / BUILD_LOG).read_text()
+    assert "Created wheel for" in log
+    ours = [line for line in log.splitlines() if "warning" in line.lower() and not any(m in line for m in MACHINE_WARNINGS)]
+    assert ours == []
 
 
 def supervisor_damage(venv: Path) -> list[str]:

@@ -222,6 +222,10 @@ class RuntimeMachine(RuleBasedStateMachine):
     def pids(self) -> dict[str, int | None]:
         return {m["name"]: m["pid"] for m in self.running.status()["models"]}
 
+    def restarts(self) -> dict[str, int]:
+        """Model name -> restarts through the crash path (a death, a wedge, a failed load)."""
+        return {m["name"]: m["restarts"] for m in self.running.status()["models"]}
+
     def live_children(self) -> dict[str, list[int]]:
         """Model name -> pids of live FAKE llama-server processes serving it, from /proc."""
         found: dict[str, list[int]] = {}
@@ -322,7 +326,7 @@ class RuntimeMachine(RuleBasedStateMachine):
     @rule(variant=st.sampled_from(RELOADS))
     def reload(self, variant: str) -> None:
         self.steps.append(f"reload({variant!r})")
-        before = self.pids()
+        before, restarts_before = self.pids(), self.restarts()
         if variant == "ctx":
             self.ctx = 1024 if self.ctx == 512 else 512
         elif variant == "limit":
@@ -352,11 +356,14 @@ class RuntimeMachine(RuleBasedStateMachine):
         if last is None or last["ok"] != expected_ok:
             self.failures["reload_outcome"].append(f"reload {variant}: last_reload says {last}")
         if not expected_ok:
-            after = self.pids()
-            # residents only: an on-demand model may be evicted and started again by its requests
+            after, restarts_after = self.pids(), self.restarts()
+            # residents only: an on-demand model may be evicted and started again by its requests;
+            # and not through the crash path, which may replace a child (one whose new start lost
+            # its port, say) while a reload is refused
             restarted = [
                 m for m, pid in before.items()
-                if m in RESIDENTS and pid is not None and after.get(m) not in (pid, None) and not self._was_disturbed(m, started)
+                if m in RESIDENTS and pid is not None and after.get(m) not in (pid, None)
+                and restarts_after.get(m) == restarts_before.get(m) and not self._was_disturbed(m, started)
             ]  # fmt: skip
             if restarted:
                 self.failures["reload_restarted"].append(f"refused reload {variant} restarted {restarted}")
