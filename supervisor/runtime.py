@@ -65,6 +65,7 @@ from llama_smart_proxy.supervisor.proxy.backends import (
     Upstream,
     UpstreamUnreachable,
 )
+from llama_smart_proxy.supervisor.proxy.events import EventLog
 from llama_smart_proxy.supervisor.reload import (
     PlanDiff,
     ReloadRecord,
@@ -72,7 +73,6 @@ from llama_smart_proxy.supervisor.reload import (
     diff_plans,
     with_setting_changes,
 )
-from llama_smart_proxy.supervisor.proxy.events import EventLog
 from llama_smart_proxy.supervisor.routing import RoutingTable
 from llama_smart_proxy.supervisor.state_feed import Reading, StateFeed
 

@@ -241,6 +241,8 @@ def test_loading_failing_and_resetting_models_change_the_page_and_admin_actions_
         assert "invalid argument: --no-such-flag" in running.model("broken")["last_error"]
         assert "backoff" in seen_states(page, "broken")  # the restarts were shown, with the next try
         assert page.inner_text("#overall") == "degraded"
+        page.select_option("#log-model", "broken")  # what the failed server printed
+        wait_js(page, "() => document.querySelector('#log-lines').textContent.includes('invalid argument: --no-such-flag')")
         screenshot(page, tmp_path, "crash-loop-failed")
 
         result = click_action(page, "reset", "broken")

@@ -29,8 +29,8 @@ import logging
 import socket
 import time
 from collections import deque
-from contextlib import AsyncExitStack
 from collections.abc import Awaitable, Callable
+from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from functools import partial
 from typing import Any

@@ -653,9 +653,11 @@ function renderLogChoices() {
   const names = [...view.models.keys()].sort();
   const current = [...select.options].map((option) => option.value);
   if (JSON.stringify(current) !== JSON.stringify(names)) {
-    const chosen = select.value;
+    const chosen = logModel || select.value;
     select.replaceChildren(...names.map((name) => el("option", { value: name, text: name })));
-    if (names.includes(chosen)) select.value = chosen;
+    // keep the model being read; at first, the first one whose server runs
+    const running = names.find((name) => view.models.get(name).pid !== null);
+    select.value = names.includes(chosen) ? chosen : running || names[0] || "";
   }
   if (select.value && select.value !== logModel) followLog(select.value);
 }
