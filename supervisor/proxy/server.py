@@ -815,7 +815,7 @@ class ProxyServer:
         if isinstance(error, UpstreamClosed):
             message = f"model {model!r}: its server stopped or closed the connection before answering"
         elif isinstance(error, UpstreamRefused):
-            message = f"model {model!r}: its server is not reachable (connection refused)"
+            message = f"model {model!r}: its server is not reachable ({error.reason})"
         else:
             message = f"model {model!r}: {error.message}"
         await answer_error(HttpError(error.status, message, type="server_error", code="upstream_error"))

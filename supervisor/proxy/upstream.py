@@ -47,7 +47,12 @@ class UpstreamClosed(UpstreamError):
 
 
 class UpstreamRefused(UpstreamError, UpstreamUnreachable):
-    """The child's port refused the connection: nothing was sent (it may have just died)."""
+    """The child's port refused or reset the connection before it was made: nothing was sent (it
+    may have just died; a death resets the connections waiting in its listen queue)."""
+
+    def __init__(self, upstream: Upstream, reason: str) -> None:
+        super().__init__(502, f"cannot connect to the model's server at {upstream.host}:{upstream.port}: {reason}")
+        self.reason = reason
 
 
 class UpstreamConnection:
@@ -170,9 +175,9 @@ class UpstreamPool:
                 504, f"connecting to the model's server at {upstream.host}:{upstream.port} timed out"
             ) from None
         except ConnectionRefusedError:
-            raise UpstreamRefused(
-                502, f"cannot connect to the model's server at {upstream.host}:{upstream.port}: connection refused"
-            ) from None
+            raise UpstreamRefused(upstream, "connection refused") from None
+        except ConnectionResetError:
+            raise UpstreamRefused(upstream, "connection reset") from None
         except OSError as exc:
             raise UpstreamError(
                 502,
