@@ -95,6 +95,11 @@ class ProxySettings(Contract):
     queue_timeout: Duration = Field(
         600.0, description="Longest a request waits for its model to become ready; then 503."
     )
+    loading_comment_interval: Duration = Field(
+        1.0,
+        description="While a streaming request waits for its model to load, an SSE comment "
+        "(': loading MODEL 12.3 s') this often, which SSE clients skip; 0 sends none.",
+    )
     drain_timeout: Duration = Field(
         30.0,
         description="On reload or shutdown, how long in-flight requests of a stopping model may "

@@ -6,6 +6,8 @@ restarted and stopped. A child knows nothing of the others beyond what its owner
 - `child`: `Child`, the one owner of one model's process: start, ready, restart, stop;
 - `state`: the child's state table, crash-loop arithmetic, load deadlines and liveness (pure);
 - `hold`: the memory a child holds while it runs, and `NoRoom` when there is none;
+- `log_ring`: the last lines a model's llama-server printed, numbered, waited on by readers;
+- `load_progress`: how far a load has come, read from the child's output while it starts;
 - `process_group`: spawn in a process group of its own, signal it, stop it, always reap;
 - `health_probe`: one `GET /health` (or `/slots`) to a child;
 - `child_request`: one JSON request to a child's own API (`/slots` save and restore);

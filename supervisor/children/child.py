@@ -13,7 +13,9 @@ Rules kept here:
   completes a crash loop: then the state is FAILED, nothing is spawned, and the reason is kept
   until `reset()`; "couldn't bind" from the child is a taken port: retried at once on another
   port, not a death;
-- every output line goes to our log as "[model] line"; the last `LOG_TAIL_LINES` stay in memory;
+- every output line goes to our log as "[model] line"; the last `LOG_TAIL_LINES` stay in memory,
+  in a `LogRing` the runtime may hand over to the model's next child (a reload's successor);
+- while loading, the output is read for how far the load has come (`load_progress`);
 - a process is spawned only with memory reserved for it (`ChildOwner.reserve`, right before the
   spawn), held until the process is reaped; no room means no spawn (REFUSED), never a guess;
 - the moment the process exits, or is judged wedged or hung (`Liveness`), the child stops taking
@@ -33,7 +35,6 @@ import random
 import shlex
 import signal
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from functools import partial
@@ -50,6 +51,8 @@ from llama_smart_proxy.supervisor.children.health_probe import probe_health
 from llama_smart_proxy.supervisor.children.hold import Hold, NoRoom
 from llama_smart_proxy.supervisor.children.launch import build_command
 from llama_smart_proxy.supervisor.children.listener import group_listens_on
+from llama_smart_proxy.supervisor.children.load_progress import LoadProgress, LoadStep
+from llama_smart_proxy.supervisor.children.log_ring import LogRing
 from llama_smart_proxy.supervisor.children.ports import NoFreePort, PortPool
 from llama_smart_proxy.supervisor.children.process_group import signal_group, spawn_in_group, stop_group
 from llama_smart_proxy.supervisor.children.state import (
@@ -215,6 +218,7 @@ class Child:
         *,
         owner: ChildOwner | None = None,
         rng: random.Random | None = None,
+        log: LogRing | None = None,
     ):
         self.spec = spec
         self.settings = settings
@@ -251,7 +255,10 @@ class Child:
         self._load_seconds: float | None = None
         self._ready_since: float | None = None
         self._ready_total_s = 0.0
-        self._tail: deque[str] = deque(maxlen=LOG_TAIL_LINES)
+        self._tail = log if log is not None else LogRing(LOG_TAIL_LINES)
+        self._load_progress = LoadProgress()
+        self._starting_since: float | None = None
+        self._retry_at: float | None = None
         self._lines_seen = 0
         self._last_output = 0.0
         self._bind_failed = False
@@ -302,6 +309,26 @@ class Child:
     @property
     def log_tail(self) -> list[str]:
         return list(self._tail)
+
+    @property
+    def log(self) -> LogRing:
+        """Its output lines, numbered, for readers that wait for the next one."""
+        return self._tail
+
+    @property
+    def starting_since(self) -> float | None:
+        """Unix time this start began (memory wait, spawn and load); None unless starting."""
+        return self._starting_since if self._state is ChildState.STARTING else None
+
+    @property
+    def load_step(self) -> LoadStep | None:
+        """How far the load has come, from its output; None unless starting."""
+        return self._load_progress.step if self._state is ChildState.STARTING else None
+
+    @property
+    def retry_at(self) -> float | None:
+        """Unix time of the next restart after a death; None unless waiting for one."""
+        return self._retry_at if self._state is ChildState.BACKOFF else None
 
     @property
     def transitions(self) -> int:
@@ -439,6 +466,8 @@ class Child:
             self._ready_since = now
         if new is ChildState.STOPPED:
             self._stops += 1
+        if new is ChildState.STARTING and self._state is not ChildState.STARTING:
+            self._starting_since = time.time()
         log.debug("model %s: %s --%s--> %s", self.name, self._state.value, event.value, new.value)
         self._state = new
         self._transitions += 1
@@ -511,6 +540,7 @@ class Child:
             return False
         self._last_error = outcome.reason
         self._next_delay_s = decision.delay_s
+        self._retry_at = time.time() + decision.delay_s
         log.warning(
             "model %s: %s; restarting in %.3g s", self.name, outcome.reason, decision.delay_s
         )
@@ -562,6 +592,7 @@ class Child:
                 self.ports.release(port)
                 return _Outcome("died", f"cannot create its --slot-save-path (prompt_cache.dir): {exc}")
         self._bind_failed = False
+        self._load_progress = LoadProgress()
         first_line = self._lines_seen
         started = time.monotonic()
         try:
@@ -762,6 +793,7 @@ class Child:
                 *lines, pending = pending.split(b"\n")
                 for line in lines:
                     self._on_line(line)
+                self._load_progress.feed_partial(pending)
                 while len(pending) > MAX_LINE_BYTES:
                     self._on_line(pending[:MAX_LINE_BYTES])
                     pending = pending[MAX_LINE_BYTES:]
@@ -773,6 +805,7 @@ class Child:
     def _on_line(self, raw: bytes) -> None:
         line = raw.decode("utf-8", "replace").rstrip("\r")
         self._tail.append(line)
+        self._load_progress.feed_line(line)
         self._lines_seen += 1
         if BIND_FAILURE in line:
             self._bind_failed = True

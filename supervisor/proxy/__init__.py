@@ -8,6 +8,10 @@ only through the `Backends` protocol (`backends`), so it imports no other stage.
 - `sockets`: non-blocking sockets driven by anyio's wait_readable/wait_writable;
 - `access`: API keys and CORS;
 - `routes`: the proxy's own routes (/health, /status, /v1/models, /metrics, admin) (pure);
+- `events`: the numbered state-change log behind `GET /events`, and server-sent events' framing;
+- `streams`: `GET /events` and `GET /logs/<model>` as server-sent event streams;
+- `loading_notes`: SSE comments for a streaming request that waits on a model still loading;
+- `ui_files`: the status page's files (`GET /ui`, from the `ui/` folder);
 - `metrics`: request counters and the Prometheus exposition.
 
 May import: schemas, errors.

@@ -20,6 +20,8 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
+from llama_smart_proxy.supervisor.proxy.events import EventLog
+
 DEFAULT_POOL_SIZE = 2
 """Idle upstream connections kept per child. llama-server serves connections from
 n_threads_http = max(parallel + 2, cores - 1) threads and each idle keep-alive connection holds
@@ -112,6 +114,18 @@ class ModelStatus:
     """How long the last successful load took."""
     ready_since: float | None = None
     """Unix time the child became ready (OpenAI's `created`)."""
+    starting_since: float | None = None
+    """Unix time the start under way began (waiting for memory, spawn, load); None unless starting."""
+    load_phase: str | None = None
+    """While starting: how far the load has come, in words, from the child's output."""
+    load_progress: float | None = None
+    """While starting: 0.0-1.0 where the child's output gives a figure (llama.cpp's progress dots)."""
+    retry_at: float | None = None
+    """Unix time of the next restart after a crash; None unless waiting for one (backoff)."""
+    planned_bytes_by_gpu: Mapping[int, int] = field(default_factory=dict)
+    """The plan's bytes for it on each GPU it uses (what a start reserves there)."""
+    host_bytes: int = 0
+    """The plan's host RAM for it."""
     prompt_cache: PromptCacheStatus | None = None
     """None unless the model has keep_cache."""
 
@@ -140,6 +154,32 @@ class GpuStatus:
     """The ledger's reservations here, by model."""
     measured_age_s: float | None = None
     """How old the NVML sample is, in seconds; None when there is none."""
+    measured_at: float | None = None
+    """Unix time of the NVML sample; None when there is none."""
+    used_by_model: Mapping[str, int] = field(default_factory=dict)
+    """NVML's measured use here by each model's process, where the driver reports processes."""
+    used_by_other_processes: int | None = None
+    """NVML's measured use here by processes that are none of our children; None when the
+    driver reports no processes."""
+
+
+@dataclass(frozen=True)
+class HostStatus:
+    """Host RAM, as the GPUs are shown: what the plan allows, what each model was planned and
+    what its process uses (resident set size), and what is available now."""
+
+    total_bytes: int
+    reserve_bytes: int
+    usable_bytes: int
+    """What the plan may fill: available when the plan was made, minus the reserve."""
+    planned_by_model: Mapping[str, int] = field(default_factory=dict)
+    """The plan's host bytes of each model whose process holds memory now."""
+    available_bytes: int | None = None
+    """MemAvailable at the last sample; None when not measured."""
+    used_by_model: Mapping[str, int] = field(default_factory=dict)
+    """Each running child's resident set size at the last sample."""
+    measured_at: float | None = None
+    """Unix time of the sample; None when there is none."""
 
 
 @dataclass(frozen=True)
@@ -156,6 +196,7 @@ class ServiceStatus:
     """Config reloads so far by result: {"ok": n, "failed": m}."""
     extra: Mapping[str, Any] = field(default_factory=dict)
     """Runtime facts for /status that have no field here yet."""
+    host: HostStatus | None = None
 
     def model(self, name: str) -> ModelStatus | None:
         for status in self.models:
@@ -220,8 +261,33 @@ class ActionRefused(BackendError):
     error_type = "invalid_request_error"
 
 
+class LogSource(Protocol):
+    """A model's output lines, numbered (the service hands over supervisor/children/log_ring.py's
+    rings): what `/logs/<model>` streams."""
+
+    @property
+    def last_number(self) -> int: ...
+
+    def lines_after(self, number: int) -> tuple[int, list[str]]:
+        """(the first line's number, the kept lines numbered above `number`)."""
+        ...
+
+    async def wait_after(self, number: int) -> None:
+        """Return once a line numbered above `number` is kept."""
+        ...
+
+
 class Backends(Protocol):
     """What the proxy needs from the runtime."""
+
+    @property
+    def events(self) -> EventLog:
+        """Every change of what `status()` shows, published as it happens (`GET /events`)."""
+        ...
+
+    def log(self, model: str) -> LogSource | None:
+        """`model`'s (canonical) output lines; None when it has none (not placed)."""
+        ...
 
     def resolve(self, name: str) -> str | None:
         """The canonical model for a name or alias, or None when nothing is called that."""

@@ -5,7 +5,10 @@ Rules kept here:
 - pure: the service's status (and the proxy's counters) in, a `Reply` out; the server does the I/O;
 - /health is 200 while the proxy can serve some model (a model that is stopped, loading or
   restarting can still be served; failed and unplaced ones cannot), else 503;
-- /v1/models lists every configured name and alias in OpenAI's format, each with its state.
+- /v1/models lists every configured name and alias in OpenAI's format, each with its state;
+- /status, /events (fed by the service's state feed) and the status page render a model, a GPU
+  and the host through the same functions here (`model_json`, `gpu_json`, `host_json`,
+  `status_body`), so that every view shows the same values.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import time
 from dataclasses import asdict
 from typing import Any
 
-from llama_smart_proxy.supervisor.proxy.backends import GpuStatus, ModelStatus, ServiceStatus
+from llama_smart_proxy.supervisor.proxy.backends import GpuStatus, HostStatus, ModelStatus, ServiceStatus
 from llama_smart_proxy.supervisor.proxy.http import HttpError, Reply, json_reply, unknown_model_error
 from llama_smart_proxy.supervisor.proxy.metrics import CONTENT_TYPE, ProxyMetrics, render
 
@@ -64,8 +67,12 @@ def overall_health(service: ServiceStatus) -> str:
     return "ok" if len(servable) == len(service.models) else "degraded"
 
 
-def _gpu_json(gpu: GpuStatus) -> dict[str, Any]:
+def gpu_json(gpu: GpuStatus) -> dict[str, Any]:
     return asdict(gpu)
+
+
+def host_json(host: HostStatus) -> dict[str, Any]:
+    return asdict(host)
 
 
 def health_reply(service: ServiceStatus) -> Reply:
@@ -76,33 +83,40 @@ def health_reply(service: ServiceStatus) -> Reply:
             s.name: {"state": s.state.value, **({"error": s.last_error} if s.last_error else {})}
             for s in sorted(service.models, key=lambda s: s.name)
         },
-        "gpus": [_gpu_json(g) for g in sorted(service.gpus, key=lambda g: g.index)],
+        "gpus": [gpu_json(g) for g in sorted(service.gpus, key=lambda g: g.index)],
     }
     if service.notes:
         body["notes"] = list(service.notes)
     return json_reply(503 if overall == "unavailable" else 200, body)
 
 
-def _status_json(status: ModelStatus) -> dict[str, Any]:
+def model_json(status: ModelStatus) -> dict[str, Any]:
     data = asdict(status)
     data["state"] = status.state.value
     data["aliases"] = list(status.aliases)
     data["gpus"] = list(status.gpus)
+    # JSON object keys are strings: a GPU index is written "0"
+    data["planned_bytes_by_gpu"] = {str(gpu): size for gpu, size in sorted(status.planned_bytes_by_gpu.items())}
     return data
 
 
-def status_reply(service: ServiceStatus, proxy: dict[str, Any]) -> Reply:
-    body = {
+def status_body(service: ServiceStatus, proxy: dict[str, Any]) -> dict[str, Any]:
+    """/status's answer; also the snapshot `GET /events` starts with."""
+    return {
         "status": overall_health(service),
         "time": time.time(),
         "proxy": proxy,
-        "models": [_status_json(s) for s in sorted(service.models, key=lambda s: s.name)],
-        "gpus": [_gpu_json(g) for g in sorted(service.gpus, key=lambda g: g.index)],
+        "models": [model_json(s) for s in sorted(service.models, key=lambda s: s.name)],
+        "gpus": [gpu_json(g) for g in sorted(service.gpus, key=lambda g: g.index)],
+        "host": host_json(service.host) if service.host is not None else None,
         "plan": service.plan,
         "notes": list(service.notes),
         **dict(service.extra),
     }
-    return json_reply(200, body)
+
+
+def status_reply(service: ServiceStatus, proxy: dict[str, Any]) -> Reply:
+    return json_reply(200, status_body(service, proxy))
 
 
 def metrics_reply(metrics: ProxyMetrics, service: ServiceStatus) -> Reply:
@@ -128,7 +142,7 @@ def admin_done_reply(action: str, model: str | None, service: ServiceStatus, sum
     body: dict[str, Any] = {"action": action, "ok": True}
     if model is not None:
         status = service.model(model)
-        body["model"] = _status_json(status) if status else {"name": model}
+        body["model"] = model_json(status) if status else {"name": model}
     if summary is not None:
         body["summary"] = summary
     return json_reply(200, body)

@@ -16,7 +16,11 @@ Rules kept here:
 - a drain (`begin_drain`, on shutdown) accepts nothing new, closes connections that wait for a
   request, and closes every other one after the response it is sending (`Connection: close`);
 - a child whose port refuses the connection may have just died: the request asks for a lease
-  once more, which waits for the restart, instead of answering 502 at once.
+  once more, which waits for the restart, instead of answering 502 at once;
+- a streaming request that waits for its model gets SSE comments meanwhile (loading_notes.py);
+- the proxy's own streams (/events, /logs/<model>: streams.py) end cleanly when a drain begins,
+  so that a client reconnects to the next run of the service; the status page (/ui: ui_files.py)
+  is served without a key, as /health is: it holds no data.
 """
 
 from __future__ import annotations
@@ -25,8 +29,12 @@ import logging
 import socket
 import time
 from collections import deque
+from collections.abc import Awaitable, Callable
+from contextlib import AsyncExitStack
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
+from urllib.parse import parse_qs
 
 import anyio
 import anyio.to_thread
@@ -35,9 +43,10 @@ from anyio.abc import SocketAttribute, SocketListener, TaskStatus
 
 from llama_smart_proxy.schemas.config import ProxySettings, parse_listen
 from llama_smart_proxy.supervisor.errors import RuntimeFailure
-from llama_smart_proxy.supervisor.proxy import routes
+from llama_smart_proxy.supervisor.proxy import routes, streams, ui_files
 from llama_smart_proxy.supervisor.proxy.access import ApiKeys, Cors, unauthorized
-from llama_smart_proxy.supervisor.proxy.backends import BackendError, Backends, ModelUnavailable, Progress
+from llama_smart_proxy.supervisor.proxy.backends import BackendError, Backends, ModelUnavailable, Progress, Upstream
+from llama_smart_proxy.supervisor.proxy.events import SSE_CONTENT_TYPE
 from llama_smart_proxy.supervisor.proxy.http import (
     HTTP_VERSIONS,
     MAX_HEADER_BYTES,
@@ -66,6 +75,7 @@ from llama_smart_proxy.supervisor.proxy.http import (
     version_error,
     without_length,
 )
+from llama_smart_proxy.supervisor.proxy.loading_notes import LoadingNotes, error_event, upstream_error_event, wants_stream
 from llama_smart_proxy.supervisor.proxy.metrics import MODEL_MISSING, MODEL_UNKNOWN, NO_MODEL, ProxyMetrics
 from llama_smart_proxy.supervisor.proxy.sockets import Socket, accept
 from llama_smart_proxy.supervisor.proxy.upstream import (
@@ -86,6 +96,11 @@ ACCEPT_BACKOFF_S = 0.1
 # Bodies larger than this (base64 images) are JSON-parsed in a worker thread: tens of milliseconds
 # of parsing on the event loop would stall every other connection.
 THREAD_PARSE_BYTES = 256 * 1024  # pause after accept() fails (out of file descriptors) before trying again
+ERROR_BODY_BYTES = 64 * 1024
+"""Of a child's error answer to a stream already answered 200 (loading notes), what is passed on."""
+LOGS_PREFIX = b"/logs/"
+STREAM_WRITE_S = 5.0
+"""Longest one piece of an event stream of our own may take to write."""
 
 
 @dataclass(frozen=True)
@@ -184,6 +199,8 @@ class ProxyServer:
         self.draining = False
         self._waiting_for_request: set[anyio.CancelScope] = set()
         """The scopes of connections waiting for a request's first byte: a drain closes them."""
+        self._own_streams: set[anyio.CancelScope] = set()
+        """The scopes of /events and /logs streams: a drain ends them."""
         self._own_listeners: list[socket.socket] = []
         """The listening sockets serve() bound itself (not a caller's)."""
 
@@ -198,7 +215,7 @@ class ProxyServer:
         the response it is sending. Requests in flight go on."""
         self.stop_accepting()
         self.draining = True
-        for scope in list(self._waiting_for_request):
+        for scope in list(self._waiting_for_request) + list(self._own_streams):
             scope.cancel()
         for listener in self._own_listeners:
             # Linux takes a listening socket out of LISTEN on shutdown(): new connections are
@@ -450,6 +467,13 @@ class ProxyServer:
                 await self._reply(conn, client, reply, cors)
                 self._observe(model, reply.status, started)
                 return
+            if path.startswith(ui_files.PREFIX) and (ui_name := ui_files.file_name(path)) is not None:
+                if method not in READ_METHODS:
+                    raise routes.method_not_allowed(routes.READ_ALLOW)
+                reply = await ui_files.ui_reply(ui_name)
+                await self._reply(conn, client, reply, cors)
+                self._observe(model, reply.status, started)
+                return
             if setup.keys.enabled and not setup.keys.accepts(request.headers):
                 raise unauthorized()
             if path in MODEL_ROUTES:
@@ -476,6 +500,14 @@ class ProxyServer:
                     raise await self._resolve_failed(setup, name)
                 body = await self._read_body(conn, client, setup, request)
                 await self._forward(conn, client, setup, request, model, target, body, cors, started, asked=name)
+                return
+            if path == b"/events" or path.startswith(LOGS_PREFIX):
+                if method not in READ_METHODS:
+                    raise routes.method_not_allowed(routes.READ_ALLOW)
+                # counted once its head is out: a stream's length is no request's latency
+                await self._own_stream(
+                    conn, client, setup, request, path, query, cors, opened=lambda: self._observe(model, 200, started)
+                )
                 return
             reply = await self._own_route(conn, client, setup, request, method, path)
             await self._reply(conn, client, reply, cors)
@@ -542,6 +574,94 @@ class ProxyServer:
             return routes.admin_done_reply(action, name, await backends.status(), summary)
         raise routes.not_found(path)
 
+    async def _own_stream(
+        self,
+        conn: h11.Connection,
+        client: _Client,
+        setup: Setup,
+        request: h11.Request,
+        path: bytes,
+        query: bytes,
+        cors: list[tuple[bytes, bytes]],
+        *,
+        opened: Callable[[], None],
+    ) -> None:
+        """GET /events or /logs/<model>: server-sent events until the client leaves or a drain
+        begins (then the stream ends whole, and the client reconnects)."""
+        backends = setup.backends
+        raw_id = header_value(request.headers, b"last-event-id")
+        last_event_id = raw_id.decode("latin-1") if raw_id else None
+        run: Callable[[streams.Send], Awaitable[None]]
+        if path == b"/events":
+
+            async def snapshot() -> dict[str, Any]:
+                return routes.status_body(await backends.status(), self._proxy_status())
+
+            run = partial(streams.stream_events, backends.events, snapshot, last_event_id=last_event_id)
+        else:
+            name = path[len(LOGS_PREFIX) :].decode("utf-8", "replace")
+            model = backends.resolve(name)
+            if model is None:
+                raise await self._resolve_failed(setup, name)
+            lines = backends.log(model)
+            if lines is None:
+                raise HttpError(404, f"model {model!r} is not placed, so it has no server output", code="not_found")
+            tail = _query_int(query, "tail", streams.LOG_TAIL_DEFAULT)
+            run = partial(
+                streams.stream_log, model, lines, backends.events.epoch, tail=tail, last_event_id=last_event_id
+            )
+        await self._open_event_stream(conn, client, cors)
+        opened()
+        if client.head_request:
+            await client.send(conn.send(h11.EndOfMessage()) or b"")
+            return
+
+        async def send(data: bytes) -> None:
+            await self._send_whole(conn, client, data)
+
+        try:
+            with anyio.CancelScope() as scope:
+                client.watch_scope = scope
+                if client.at_eof or self.draining:
+                    scope.cancel()
+                self._own_streams.add(scope)
+                await run(send)
+        finally:
+            self._own_streams.discard(scope)
+            client.watch_scope = None
+            if not client.at_eof and conn.our_state is h11.SEND_BODY:
+                # a drain (or the serving task group's end, right after it): end the stream whole,
+                # so that the client sees an ended stream and reconnects, not a broken one
+                with anyio.CancelScope(shield=True) as ending:
+                    ending.deadline = anyio.current_time() + STREAM_WRITE_S
+                    try:
+                        await client.send(conn.send(h11.EndOfMessage()) or b"")
+                    except ClientGone:
+                        pass
+        if client.at_eof:
+            raise ClientGone()
+
+    async def _open_event_stream(self, conn: h11.Connection, client: _Client, cors: list[tuple[bytes, bytes]]) -> None:
+        """A 200 head for server-sent events (chunked, never cached or buffered on the way)."""
+        headers = [
+            (b"content-type", SSE_CONTENT_TYPE),
+            (b"cache-control", b"no-cache"),
+            (b"x-accel-buffering", b"no"),  # nginx would hold the events back
+            *cors,
+        ]
+        if self.draining:
+            headers.append((b"connection", b"close"))
+        await client.send(conn.send(h11.Response(status_code=200, headers=headers, reason=b"OK")) or b"")
+
+    async def _send_whole(self, conn: h11.Connection, client: _Client, data: bytes) -> None:
+        """One piece of a stream of our own, written whole or not begun: a cancellation (a drain)
+        never cuts a chunk in two. A client that takes none of it for STREAM_WRITE_S is dropped."""
+        with anyio.CancelScope(shield=True) as scope:
+            scope.deadline = anyio.current_time() + STREAM_WRITE_S
+            await client.send(conn.send(h11.Data(data=data)) or b"")
+        if scope.cancelled_caught:
+            raise ClientGone()
+
     def _proxy_status(self) -> dict[str, Any]:
         settings = self._setup.settings
         return {
@@ -583,9 +703,18 @@ class ProxyServer:
                 if client.at_eof:
                     scope.cancel()
                 refused_once = False
+                notes = self._loading_notes(conn, client, setup, model, body, cors)
+
+                async def answer_error(error: HttpError) -> None:
+                    if notes is not None and notes.committed:  # the 200 head went out with a note
+                        await self._end_stream_with_error(conn, client, error)
+                    else:
+                        await self._reply(conn, client, error.reply(), cors)
+
                 while True:
                     try:
-                        async with setup.backends.lease(model) as upstream:
+                        async with AsyncExitStack() as held:
+                            upstream = await self._lease(held, setup, model, notes)
                             host = f"{upstream.host}:{upstream.port}".encode()
                             headers = upstream_request_headers(
                                 request.headers,
@@ -608,15 +737,24 @@ class ProxyServer:
                             status = response.status_code
                             response_headers, _ = downstream_response_headers(response.headers)
                             rename = model_rename(asked, model, response_headers) if asked is not None else None
-                            if rename is not None:
-                                response_headers = without_length(response_headers)
-                            if cors:
-                                response_headers.extend(cors)
-                            if self.draining:
-                                response_headers.append((b"connection", b"close"))
-                            head = h11.Response(status_code=status, headers=response_headers, reason=reason_phrase(status))
-                            pending = [conn.send(head) or b""]
-                            responded = True
+                            if notes is not None and notes.committed:
+                                # our 200 head and notes went out: only the child's stream may follow
+                                responded = True
+                                if status != 200:
+                                    await self._relay_error_into_stream(conn, client, upstream_conn, status)
+                                    upstream_conn = None
+                                    break
+                                pending: list[bytes] = []
+                            else:
+                                if rename is not None:
+                                    response_headers = without_length(response_headers)
+                                if cors:
+                                    response_headers.extend(cors)
+                                if self.draining:
+                                    response_headers.append((b"connection", b"close"))
+                                head = h11.Response(status_code=status, headers=response_headers, reason=reason_phrase(status))
+                                pending = [conn.send(head) or b""]
+                                responded = True
                             await self._relay_body(
                                 conn, client, upstream_conn, pending, scope, settings.stream_idle_timeout,
                                 upstream.progress, rename,
@@ -626,7 +764,7 @@ class ProxyServer:
                         break
                     except ModelUnavailable as error:
                         status = error.status
-                        await self._reply(conn, client, _backend_error_reply(error), cors)
+                        await answer_error(_backend_http_error(error))
                         break
                     except UpstreamRefused as error:
                         if not refused_once:  # it may have just died: the next lease waits for it
@@ -634,12 +772,14 @@ class ProxyServer:
                             log.info("model %s: %s; asking for it again", model, error.message)
                             continue
                         status = error.status
-                        await self._upstream_failed(conn, client, model, error, responded, cors)
+                        await self._upstream_failed(conn, client, model, error, responded, answer_error)
                         break
                     except UpstreamError as error:
                         status = error.status
-                        await self._upstream_failed(conn, client, model, error, responded, cors)
+                        await self._upstream_failed(conn, client, model, error, responded, answer_error)
                         break
+                if notes is not None and notes.broken:
+                    raise ClientGone()
             if scope.cancelled_caught:
                 if client.at_eof:
                     raise ClientGone()
@@ -647,11 +787,8 @@ class ProxyServer:
                 status = 504
                 if responded:
                     raise CloseConnection()
-                await self._reply(
-                    conn,
-                    client,
-                    HttpError(504, f"model {model!r} did not answer in time", type="server_error", code="timeout").reply(),
-                    cors,
+                await answer_error(
+                    HttpError(504, f"model {model!r} did not answer in time", type="server_error", code="timeout")
                 )
         except ClientGone:
             status = STATUS_CLIENT_GONE
@@ -670,7 +807,7 @@ class ProxyServer:
         model: str,
         error: UpstreamError,
         responded: bool,
-        cors: list[tuple[bytes, bytes]],
+        answer_error: Callable[[HttpError], Awaitable[None]],
     ) -> None:
         """Tell the client, in our own words, that the model's server failed it."""
         if responded:
@@ -683,8 +820,86 @@ class ProxyServer:
             message = f"model {model!r}: its server is not reachable ({error.reason})"
         else:
             message = f"model {model!r}: {error.message}"
-        reply = HttpError(error.status, message, type="server_error", code="upstream_error").reply()
-        await self._reply(conn, client, reply, cors)
+        await answer_error(HttpError(error.status, message, type="server_error", code="upstream_error"))
+
+    # ---- loading notes: a streaming request that waits for its model --------------------
+
+    def _loading_notes(
+        self, conn: h11.Connection, client: _Client, setup: Setup, model: str, body: bytes, cors: list[tuple[bytes, bytes]]
+    ) -> LoadingNotes | None:
+        """Notes for this request while it waits for a lease, or None when it gets none."""
+        interval = setup.settings.loading_comment_interval
+        if interval <= 0 or client.head_request or not wants_stream(body):
+            return None
+
+        async def status() -> Any:
+            return (await setup.backends.status()).model(model)
+
+        return LoadingNotes(
+            model,
+            interval,
+            status=status,
+            open_stream=lambda: self._open_event_stream(conn, client, cors),
+            send=lambda data: client.send(conn.send(h11.Data(data=data)) or b""),
+        )
+
+    async def _lease(self, held: AsyncExitStack, setup: Setup, model: str, notes: LoadingNotes | None) -> Upstream:
+        """A lease on `model`, held until `held` closes; with `notes`, they run while it waits."""
+        if notes is None:
+            return await held.enter_async_context(setup.backends.lease(model))
+        failure: Exception | None = None
+        upstream: Upstream | None = None
+        # the notes' task lives only while the lease is being waited for; the lease itself is
+        # held by this task (the exit stack) for the rest of the request
+        async with anyio.create_task_group() as waiting:
+            waiting.start_soon(notes.run)
+            try:
+                upstream = await held.enter_async_context(setup.backends.lease(model))
+            except Exception as exc:  # raised below, outside the task group, unwrapped
+                failure = exc
+            finally:
+                notes.stop()
+        if notes.broken:
+            raise ClientGone()
+        if failure is not None:
+            raise failure
+        assert upstream is not None
+        return upstream
+
+    async def _end_stream_with_error(self, conn: h11.Connection, client: _Client, error: HttpError) -> None:
+        """After notes: the error as one SSE data event, then the stream's end."""
+        await self._send_whole(conn, client, error_event(error.status, error.message, error.type, error.code))
+        await client.send(conn.send(h11.EndOfMessage()) or b"")
+
+    async def _relay_error_into_stream(
+        self, conn: h11.Connection, client: _Client, upstream: UpstreamConnection, status: int
+    ) -> None:
+        """After notes, the child answered an error: pass it on as one SSE data event. Closes or
+        checks in `upstream`."""
+        up = upstream.h11
+        parts: list[bytes] = []
+        size = 0
+        complete = False
+        while size <= ERROR_BODY_BYTES:
+            try:
+                event = up.next_event()
+            except h11.RemoteProtocolError:
+                break
+            if event is h11.NEED_DATA:
+                await upstream.receive_more()
+                continue
+            if type(event) is h11.Data:
+                parts.append(event.data)
+                size += len(event.data)
+                continue
+            complete = type(event) is h11.EndOfMessage
+            break
+        if complete:
+            self.pool.checkin(upstream)
+        else:
+            upstream.close()
+        await self._send_whole(conn, client, upstream_error_event(status, b"".join(parts)[:ERROR_BODY_BYTES]))
+        await client.send(conn.send(h11.EndOfMessage()) or b"")
 
     async def _relay_body(
         self,
@@ -781,8 +996,22 @@ def _drop_buffered_body(conn: h11.Connection) -> None:
         return
 
 
-def _backend_error_reply(error: BackendError) -> Reply:
+def _query_int(query: bytes, name: str, default: int) -> int:
+    values = parse_qs(query.lstrip(b"?").decode("latin-1")).get(name)
+    if not values:
+        return default
+    try:
+        return max(0, int(values[0]))
+    except ValueError:
+        raise HttpError(400, f"query parameter {name!r} must be a whole number, not {values[0]!r}") from None
+
+
+def _backend_http_error(error: BackendError) -> HttpError:
     headers = []
     if isinstance(error, ModelUnavailable):
         headers.append((b"retry-after", b"%d" % max(1, round(error.retry_after_s))))
-    return HttpError(error.status, error.message, type=error.error_type, code=getattr(error, "kind", None), headers=headers).reply()
+    return HttpError(error.status, error.message, type=error.error_type, code=getattr(error, "kind", None), headers=headers)
+
+
+def _backend_error_reply(error: BackendError) -> Reply:
+    return _backend_http_error(error).reply()

@@ -12,7 +12,9 @@ eviction and idle unloading; it is the proxy's `Backends`.
 - `reload_transaction`: a reload in two phases: all that can fail first, then the difference;
 - `prompt_cache`: keep_cache: save a child's slots before a planned stop, restore them after its next start;
 - `prompt_cache_rules`: which launch a saved slot belongs to, what to save, what the disk budget drops (pure);
-- `gpu_sampler`: live GPU memory from NVML, in a worker thread;
+- `gpu_sampler`: live memory, GPU (NVML) and host RAM, sampled in worker threads;
+- `state_feed`: every change /status shows, compared and published to the proxy's event log
+  (`GET /events`);
 - `watch`: reload when the config is saved (`serve --watch`);
 - `systemd`: systemd's notify protocol;
 - `tinymodel`: the tiny models `serve --demo` and the tests run.

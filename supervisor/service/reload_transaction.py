@@ -70,6 +70,7 @@ class ReloadTransaction:
                     summary += "; not applied until a later start: " + "; ".join(staged.deferred)
                 self.runtime.last_reload = ReloadRecord(time.time(), True, summary, tuple(applied), staged.deferred)
                 self.runtime.reloads["ok"] += 1
+                self.runtime.note_change()
                 log.info("%s", summary)
                 return summary
             finally:
@@ -99,5 +100,6 @@ class ReloadTransaction:
         summary = f"reload refused, the running config stays: {reason}"
         self.runtime.last_reload = ReloadRecord(time.time(), False, summary)
         self.runtime.reloads["failed"] += 1
+        self.runtime.note_change()
         log.error("%s", summary)
         return ActionRefused(summary)

@@ -14,16 +14,19 @@ is their only writer. Each promise has one owner that every path passes through:
 - reload: `stage()` builds everything a new config needs without side effects (or raises);
   `apply()` then acts on the difference and cannot fail as a whole: a changed or removed model
   stops taking requests, finishes its in-flight ones (up to drain_timeout), then stops, and its
-  successor starts once it is reaped, since it needs the same memory.
+  successor starts once it is reaped, since it needs the same memory;
+- state changes: every change /status shows is told to the `StateFeed` (supervisor/service/state_feed.py)
+  where it happens (`_wake`, and a request admitted or queued), for `GET /events`.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 
 import anyio
@@ -31,9 +34,17 @@ from anyio.abc import TaskStatus
 
 from llama_smart_proxy.schemas.config import ModelSpec
 from llama_smart_proxy.schemas.plan import ModelPlan, Plan
-from llama_smart_proxy.supervisor.children.child import Child, ChildError, ChildRefused, ChildStartError, ChildStopped
+from llama_smart_proxy.supervisor.children.child import (
+    LOG_TAIL_LINES,
+    Child,
+    ChildError,
+    ChildRefused,
+    ChildStartError,
+    ChildStopped,
+)
 from llama_smart_proxy.supervisor.children.hold import NoRoom, describe_bytes
 from llama_smart_proxy.supervisor.children.launch import CHILD_HOST
+from llama_smart_proxy.supervisor.children.log_ring import LogRing
 from llama_smart_proxy.supervisor.children.ports import PortPool
 from llama_smart_proxy.supervisor.children.state import ChildState
 from llama_smart_proxy.supervisor.children.supervise import Children
@@ -41,6 +52,7 @@ from llama_smart_proxy.supervisor.planning.prepare import Prepared
 from llama_smart_proxy.supervisor.proxy.backends import (
     ActionRefused,
     GpuStatus,
+    HostStatus,
     ModelState,
     ModelStatus,
     ModelUnavailable,
@@ -50,6 +62,7 @@ from llama_smart_proxy.supervisor.proxy.backends import (
     Upstream,
     UpstreamUnreachable,
 )
+from llama_smart_proxy.supervisor.proxy.events import EventLog
 from llama_smart_proxy.supervisor.service.admission import Admission, QueueFull
 from llama_smart_proxy.supervisor.service.eviction import Occupant, choose_victims
 from llama_smart_proxy.supervisor.service.gpu_sampler import GpuSampler
@@ -63,6 +76,7 @@ from llama_smart_proxy.supervisor.service.reload_diff import (
     with_setting_changes,
 )
 from llama_smart_proxy.supervisor.service.routing import RoutingTable
+from llama_smart_proxy.supervisor.service.state_feed import Reading, StateFeed
 
 log = logging.getLogger("llama-smart-proxy.runtime")
 
@@ -140,6 +154,7 @@ class ModelEntry:
         error = None
         if state is not ModelState.READY:
             error = self.waiting_for or (child.last_error if child else self.plan.reason)
+        step = child.load_step if child else None
         return ModelStatus(
             name=self.name,
             state=state,
@@ -155,6 +170,12 @@ class ModelEntry:
             queued=self.admission.queued,
             load_seconds=child.load_seconds if child else None,
             ready_since=None,
+            starting_since=child.starting_since if child else None,
+            load_phase=step.phase if step else None,
+            load_progress=step.fraction if step else None,
+            retry_at=child.retry_at if child else None,
+            planned_bytes_by_gpu=self.bytes_by_gpu(),
+            host_bytes=self.plan.host_bytes,
         )
 
 
@@ -231,6 +252,9 @@ class Runtime:
         ending, a reservation released, a reload."""
         self.last_reload: ReloadRecord | None = None
         self.reloads = {"ok": 0, "failed": 0}
+        self.feed = StateFeed(self._reading)
+        self._logs: dict[str, LogRing] = {}
+        """Each model's output lines, kept across its children (restarts and reloads)."""
         self._entries: dict[str, ModelEntry] = {}
         self._retiring: list[ModelEntry] = []
         self._routing = RoutingTable()
@@ -246,6 +270,17 @@ class Runtime:
     def resolve(self, name: str) -> str | None:
         return self._routing.resolve(name)
 
+    @property
+    def events(self) -> EventLog:
+        return self.feed.events
+
+    def log(self, model: str) -> LogRing | None:
+        return self._logs.get(model)
+
+    def note_change(self) -> None:
+        """Something /status shows changed outside this class (a reload's record)."""
+        self.feed.notice()
+
     @asynccontextmanager
     async def lease(self, model: str) -> AsyncIterator[Upstream]:
         entry = self._entries.get(model)
@@ -254,10 +289,15 @@ class Runtime:
         admission = entry.admission
         ready = self._admit_now(model, admission)
         if ready is None:
-            ready = await self._queue_for(model, admission)
+            try:
+                ready = await self._queue_for(model, admission)
+            except BaseException:
+                self.feed.notice()  # its place in the queue was given back
+                raise
         # no await between the check above and taking the permit: nobody can take it meanwhile
-        with admission.permit():
+        with self._noticing(), admission.permit():  # the permit's return is a change too
             ready.in_flight += 1
+            self.feed.notice()
             assert ready.child is not None and ready.child.port is not None
             try:
                 yield Upstream(CHILD_HOST, ready.child.port, progress=ready.progress)
@@ -272,6 +312,14 @@ class Runtime:
                 ready.last_used = time.monotonic()
                 ready.progress.at = anyio.current_time()  # an answered request is progress too
                 self._wake()
+
+    @contextmanager
+    def _noticing(self) -> Iterator[None]:
+        """Tell the state feed once the block has exited."""
+        try:
+            yield
+        finally:
+            self.feed.notice()
 
     def _admit_now(self, model: str, admission: Admission) -> ModelEntry | None:
         """The entry that may take one more request now; None to wait; raises when waiting cannot help."""
@@ -292,6 +340,7 @@ class Runtime:
         timeout = self.prepared.loaded.config.proxy.queue_timeout
         try:
             with admission.queue_place():
+                self.feed.notice()
                 with anyio.fail_after(timeout):
                     asked: tuple[Child, int] | None = None  # the start this request asked for
                     while True:
@@ -330,6 +379,7 @@ class Runtime:
     def _wake(self) -> None:
         self._changed.set()
         self._changed = anyio.Event()
+        self.feed.notice()
 
     # ---- memory: the one path every start takes
 
@@ -416,10 +466,10 @@ class Runtime:
     # ---- Backends: status and admin
 
     def model_statuses(self) -> list[ModelStatus]:
-        return [
-            replace(e.status(), prompt_cache=self.prompt_caches.status(e.name, e.spec.keep_cache))
-            for e in sorted(self._entries.values(), key=lambda e: e.name)
-        ]
+        return [self._model_status(e) for e in sorted(self._entries.values(), key=lambda e: e.name)]
+
+    def _model_status(self, entry: ModelEntry) -> ModelStatus:
+        return replace(entry.status(), prompt_cache=self.prompt_caches.status(entry.name, entry.spec.keep_cache))
 
     def holders(self) -> list[str]:
         """Models whose children hold memory now (running, starting or stopping)."""
@@ -434,6 +484,7 @@ class Runtime:
                 by_model.setdefault(gpu, {})
                 by_model[gpu][held.model] = by_model[gpu].get(held.model, 0) + size
         usable = self.ledger.usable_by_gpu
+        pids = self._pids_by_model()
         return tuple(
             GpuStatus(
                 index=g.index,
@@ -446,8 +497,46 @@ class Runtime:
                 usable_bytes=usable.get(g.index),
                 reserved_by_model=dict(sorted(by_model.get(g.index, {}).items())),
                 measured_age_s=round(sample.age_s(), 3) if sample else None,
+                measured_at=sample.taken_at_unix if sample else None,
+                **_by_process(sample.used_by_process.get(g.index) if sample else None, pids),
             )
             for g in self.prepared.plan.gpus
+        )
+
+    def _pids_by_model(self) -> dict[int, str]:
+        return {e.child.pid: e.name for e in self._all_entries() if e.child is not None and e.child.pid is not None}
+
+    def host_status(self) -> HostStatus | None:
+        host = self.prepared.plan.host
+        if host is None:
+            return None
+        sample = self.sampler.latest_host if self.sampler is not None else None
+        holders = {e.name: e.plan.host_bytes for e in self._all_entries() if e.holds_memory()}
+        pids = self._pids_by_model()
+        used: dict[str, int] = {}
+        for pid, size in (sample.rss_by_pid.items() if sample else ()):
+            if pid in pids:
+                used[pids[pid]] = used.get(pids[pid], 0) + size
+        return HostStatus(
+            total_bytes=host.ram_total_bytes,
+            reserve_bytes=host.reserve_bytes,
+            usable_bytes=host.usable_bytes,
+            planned_by_model=dict(sorted(holders.items())),
+            available_bytes=sample.available_bytes if sample else None,
+            used_by_model=dict(sorted(used.items())),
+            measured_at=sample.taken_at_unix if sample else None,
+        )
+
+    def _reading(self) -> Reading:
+        """What the state feed compares (supervisor/service/state_feed.py)."""
+        return Reading(
+            models={e.name: self._model_status(e) for e in self._entries.values()},
+            gpus=self.gpu_statuses(),
+            host=self.host_status(),
+            reload={
+                "last_reload": None if self.last_reload is None else self.last_reload.as_json(),
+                "reloads": dict(self.reloads),
+            },
         )
 
     async def status(self) -> ServiceStatus:
@@ -476,6 +565,7 @@ class Runtime:
             notes=tuple(notes),
             reloads=dict(self.reloads),
             extra=extra,
+            host=self.host_status(),
         )
 
     def _admin_entry(self, model: str) -> ModelEntry:
@@ -545,13 +635,19 @@ class Runtime:
             for entry in self._entries.values():
                 if entry.child is not None:
                     await self._children.add(entry.child)
-            if self.sampler is not None and self.prepared.plan.gpus:
-                tg.start_soon(self.sampler.run)
+            if self.sampler is not None:
+                tg.start_soon(
+                    partial(self.sampler.run, has_gpus=lambda: bool(self.prepared.plan.gpus), pids=self._child_pids)
+                )
             tg.start_soon(self.prompt_caches.open, [e.child.spec for e in self._entries.values() if e.child])
+            tg.start_soon(self.feed.run)
             task_status.started()
             while True:
                 await anyio.sleep(TTL_CHECK_S)
                 await self._unload_expired()
+
+    def _child_pids(self) -> list[int]:
+        return sorted(self._pids_by_model())
 
     async def start_residents(self) -> dict[str, str | None]:
         """Start every placed resident model concurrently; {name: None or why it failed}."""
@@ -687,7 +783,8 @@ class Runtime:
             )
             entry = ModelEntry(spec=spec, plan=plan, admission=admission)
             if plan.launch is not None:
-                entry.child = Child(plan.launch, config.llama_server, binary, ports, owner=_Owner(self, entry))
+                ring = self._logs.setdefault(plan.name, LogRing(LOG_TAIL_LINES))
+                entry.child = Child(plan.launch, config.llama_server, binary, ports, owner=_Owner(self, entry), log=ring)
             entries[plan.name] = entry
         return entries
 
@@ -698,3 +795,17 @@ class Runtime:
 
 def _usable_by_gpu(plan: Plan) -> dict[int, int]:
     return {g.index: g.usable_bytes for g in plan.gpus}
+
+
+def _by_process(used_by_pid: Mapping[int, int] | None, models: Mapping[int, str]) -> dict[str, object]:
+    """NVML's per-process use on one GPU, split into our models' and everyone else's."""
+    if used_by_pid is None:
+        return {}
+    mine: dict[str, int] = {}
+    others = 0
+    for pid, size in used_by_pid.items():
+        if pid in models:
+            mine[models[pid]] = mine.get(models[pid], 0) + size
+        else:
+            others += size
+    return {"used_by_model": dict(sorted(mine.items())), "used_by_other_processes": others}

@@ -18,6 +18,7 @@ from types import SimpleNamespace
 # The codes of pynvml (nvml.h)
 NVML_ERROR_UNINITIALIZED = 1
 NVML_ERROR_NO_PERMISSION = 4
+NVML_ERROR_NOT_SUPPORTED = 3
 NVML_ERROR_DRIVER_NOT_LOADED = 9
 NVML_ERROR_LIBRARY_NOT_FOUND = 12
 NVML_ERROR_GPU_IS_LOST = 15
@@ -56,6 +57,9 @@ class FakeDevice:
     capability: tuple[int, int] = (8, 9)
     error: int | None = None  # every call on this device fails with this NVML code
     capability_error: int | None = None
+    processes: dict[int, int | None] | None = None
+    """pid -> bytes NVML reports for compute processes (None bytes: "not available", as some
+    drivers say); None: the driver does not report processes (NVML_ERROR_NOT_SUPPORTED)."""
 
 
 @dataclass
@@ -122,6 +126,12 @@ class FakeNvml:
         if d.capability_error is not None:
             raise NVMLError(d.capability_error)
         return d.capability
+
+    def nvmlDeviceGetComputeRunningProcesses(self, handle: FakeDevice) -> list[SimpleNamespace]:
+        d = self._device(handle)
+        if d.processes is None:
+            raise NVMLError(NVML_ERROR_NOT_SUPPORTED)
+        return [SimpleNamespace(pid=pid, usedGpuMemory=used) for pid, used in d.processes.items()]
 
     def _check_init(self) -> None:
         if self.initialised <= self.shutdowns:
