@@ -480,6 +480,13 @@ class RuntimeMachine(RuleBasedStateMachine):
             for (pid, _), span in spans.items():
                 if pid == d.pid and span[1] == math.inf:
                     span[1] = d.until
+        # A child the service killed (a drain's deadline, a liveness verdict under load) records
+        # no end for what it held; o1's next child starts only once it is reaped (the same
+        # memory), so by then its requests had ended.
+        o1_starts = sorted((e["t"], e["pid"]) for e in events if e["event"] == "start" and model_of.get(e["pid"]) == "o1")
+        for (pid, _), span in spans.items():
+            if span[1] == math.inf:
+                span[1] = next((t for t, other in o1_starts if other != pid and t > span[0]), math.inf)
         for start, _ in spans.values():
             limit = [lim for since, lim in sorted(self.limits) if since <= start][-1]
             running = sum(1 for s, end in spans.values() if s <= start < end)
