@@ -310,13 +310,16 @@ class RuntimeMachine(RuleBasedStateMachine):
         if pid is None:
             return
         self.disturbed.append(Disturbance(model, pid, how, time.monotonic()))
-        if how == "crash":
-            os.kill(pid, signal.SIGKILL)
-        elif how == "stop":
-            self.stopped_pids.add(pid)
-            os.kill(pid, signal.SIGSTOP)
-        else:  # hang its inference loop
-            self.send(model, "hang")
+        try:
+            if how == "crash":
+                os.kill(pid, signal.SIGKILL)
+            elif how == "stop":
+                self.stopped_pids.add(pid)
+                os.kill(pid, signal.SIGSTOP)
+            else:  # hang its inference loop
+                self.send(model, "hang")
+        except ProcessLookupError:
+            pass  # it ended between the status read and the signal (the service stopped it)
         time.sleep(0.05)
 
     @rule(model=st.sampled_from(MODELS))
