@@ -9,8 +9,7 @@ restarted and stopped. A child knows nothing of the others beyond what its owner
 - `log_ring`: the last lines a model's llama-server printed, numbered, waited on by readers;
 - `load_progress`: how far a load has come, read from the child's output while it starts;
 - `process_group`: spawn in a process group of its own, signal it, stop it, always reap;
-- `health_probe`: one `GET /health` (or `/slots`) to a child;
-- `child_request`: one JSON request to a child's own API (`/slots` save and restore);
+- `child_request`: one request to a child's own API: the health probe, `/slots` save and restore;
 - `listener`: whose socket listens on a port (a /health answer counts only from the child's own);
 - `ports`: the loopback ports children listen on;
 - `supervise`: several children in one task group (`supervise()`, `Children`).

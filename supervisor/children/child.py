@@ -47,7 +47,7 @@ from anyio.abc import ByteReceiveStream, Process, TaskStatus
 
 from llama_smart_proxy.schemas.config import LlamaServerSettings
 from llama_smart_proxy.schemas.launch import LaunchSpec
-from llama_smart_proxy.supervisor.children.health_probe import probe_health
+from llama_smart_proxy.supervisor.children.child_request import probe_health
 from llama_smart_proxy.supervisor.children.hold import Hold, NoRoom
 from llama_smart_proxy.supervisor.children.launch import build_command
 from llama_smart_proxy.supervisor.children.listener import group_listens_on

@@ -1,8 +1,9 @@
-"""One JSON request to a child's llama-server, over a fresh loopback connection, with h11: what the
-supervisor itself asks a child (its slots, save and restore), apart from the proxy's relay.
+"""What the supervisor itself asks a child's llama-server (its health, its slots, save and restore),
+apart from the proxy's relay: one request over a fresh loopback connection, with h11.
 
-A fresh connection per request, as supervisor/health_probe.py does: these requests are few (a
-handful per start or stop), and llama-server closes idle keep-alive connections after about 5 s.
+A fresh connection per request: these requests are few (a health probe every 150 ms while a child
+loads, a handful per start or stop), and llama-server closes idle keep-alive connections after
+about 5 s (DESIGN.md), so a kept connection would cost more to track than it saves.
 """
 
 from __future__ import annotations
@@ -21,13 +22,35 @@ kB at most (the prompt text is not in it)."""
 
 
 class ChildRequestError(Exception):
-    """No usable answer: the connection failed, timed out, or the body was not JSON."""
+    """No usable answer: the connection failed, timed out, or closed before the answer."""
+
+
+async def probe_health(
+    port: int, *, timeout_s: float, path: str = "/health", host: str = CHILD_HOST
+) -> int | None:
+    """The status code of GET `path`, or None when nothing answered in `timeout_s`."""
+    try:
+        status, _ = await _exchange(host, port, "GET", path, None, timeout_s=timeout_s, read_body=False)
+    except ChildRequestError:
+        return None
+    return status
 
 
 async def request_json(
     port: int, method: str, path: str, body: Any = None, *, timeout_s: float, host: str = CHILD_HOST
 ) -> tuple[int, Any]:
     """(status, decoded JSON body) of one request; ChildRequestError when there is none."""
+    status, answer = await _exchange(host, port, method, path, body, timeout_s=timeout_s, read_body=True)
+    try:
+        return status, json.loads(answer or b"null")
+    except ValueError:
+        raise ChildRequestError(f"{method} {path}: the answer ({status}) is not JSON") from None
+
+
+async def _exchange(
+    host: str, port: int, method: str, path: str, body: Any, *, timeout_s: float, read_body: bool
+) -> tuple[int, bytes]:
+    """(status, body) of one request; with `read_body` false, it returns at the status line."""
     payload = b"" if body is None else json.dumps(body).encode()
     headers = [("Host", f"{host}:{port}"), ("Connection", "close"), ("Content-Length", str(len(payload)))]
     if body is not None:
@@ -53,19 +76,17 @@ async def request_json(
                             connection.receive_data(b"")
                     elif isinstance(event, h11.Response):
                         status = event.status_code
+                        if not read_body:
+                            return status, b""
                     elif isinstance(event, h11.Data):
                         size += len(event.data)
                         if size > MAX_ANSWER_BYTES:
                             raise ChildRequestError(f"{method} {path}: the answer exceeds {MAX_ANSWER_BYTES} bytes")
                         chunks.append(bytes(event.data))
                     elif isinstance(event, h11.EndOfMessage):
-                        break
+                        return status, b"".join(chunks)
                     elif isinstance(event, h11.ConnectionClosed):
                         raise ChildRequestError(f"{method} {path}: the connection closed before an answer")
         except (OSError, anyio.BrokenResourceError, h11.ProtocolError) as exc:
             raise ChildRequestError(f"{method} {path}: {exc}") from None
-        try:
-            return status, json.loads(b"".join(chunks) or b"null")
-        except ValueError:
-            raise ChildRequestError(f"{method} {path}: the answer ({status}) is not JSON") from None
     raise ChildRequestError(f"{method} {path}: no answer within {timeout_s:g} s")
