@@ -227,7 +227,8 @@ def test_a_stream_to_a_cold_model_gets_loading_notes_and_the_same_data_as_a_warm
         assert cold_response.status_code == warm_response.status_code == 200
         assert cold_response.headers["content-type"].startswith("text/event-stream")
         notes = [item for item in cold if isinstance(item, str)]
-        assert len(notes) >= 2 and all(n.startswith("loading lazy ") and " s" in n for n in notes), notes
+        # the last note may come between the model's readiness and the request's lease: "waiting for"
+        assert len(notes) >= 2 and all(n.startswith(("loading lazy ", "waiting for lazy ")) and " s" in n for n in notes), notes
         assert any("%" in n for n in notes), notes  # the fake prints llama.cpp's progress dots
         assert not any(isinstance(item, str) for item in warm)  # a warm model's stream is unchanged
 
