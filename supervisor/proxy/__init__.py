@@ -5,6 +5,7 @@ only through the `Backends` protocol (`backends`), so it imports no other stage.
 - `backends`: what the proxy asks of the service, and the status it renders;
 - `http`: HTTP framing and the request and response rules (pure);
 - `upstream`: pooled keep-alive connections to the children;
+- `upstream_http`: a request's bytes and a child's response read from bytes, without h11 (pure);
 - `sockets`: non-blocking sockets driven by anyio's wait_readable/wait_writable;
 - `access`: API keys and CORS;
 - `routes`: the proxy's own routes (/health, /status, /v1/models, /metrics, admin) (pure);

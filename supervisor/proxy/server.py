@@ -78,6 +78,7 @@ from llama_smart_proxy.supervisor.proxy.http import (
 from llama_smart_proxy.supervisor.proxy.loading_notes import LoadingNotes, error_event, upstream_error_event, wants_stream
 from llama_smart_proxy.supervisor.proxy.metrics import MODEL_MISSING, MODEL_UNKNOWN, NO_MODEL, ProxyMetrics
 from llama_smart_proxy.supervisor.proxy.sockets import Socket, accept
+from llama_smart_proxy.supervisor.proxy.upstream_http import END, NEED_DATA, ResponseClosed, ResponseError
 from llama_smart_proxy.supervisor.proxy.upstream import (
     UpstreamClosed,
     UpstreamConnection,
@@ -723,18 +724,17 @@ class ProxyServer:
                                 body_length=len(body),
                                 drop_authorization=setup.keys.enabled,
                             )
-                            outgoing = h11.Request(method=request.method, target=target, headers=headers)
 
                             def on_sent() -> None:
                                 scope.deadline = anyio.current_time() + settings.first_byte_timeout
 
                             upstream_conn, response = await self.pool.exchange(
                                 upstream,
-                                lambda c: c.start_request(outgoing, body),
+                                lambda c: c.start_request(request.method, target, headers, body),
                                 connect_timeout=settings.upstream_connect_timeout,
                                 on_sent=on_sent,
                             )
-                            status = response.status_code
+                            status = response.status
                             response_headers, _ = downstream_response_headers(response.headers)
                             rename = model_rename(asked, model, response_headers) if asked is not None else None
                             if notes is not None and notes.committed:
@@ -876,23 +876,23 @@ class ProxyServer:
     ) -> None:
         """After notes, the child answered an error: pass it on as one SSE data event. Closes or
         checks in `upstream`."""
-        up = upstream.h11
+        reader = upstream.reader
         parts: list[bytes] = []
         size = 0
         complete = False
         while size <= ERROR_BODY_BYTES:
             try:
-                event = up.next_event()
-            except h11.RemoteProtocolError:
+                event = reader.next_event()
+            except ResponseError:
                 break
-            if event is h11.NEED_DATA:
+            if event is NEED_DATA:
                 await upstream.receive_more()
                 continue
-            if type(event) is h11.Data:
-                parts.append(event.data)
-                size += len(event.data)
+            if type(event) is bytes:
+                parts.append(event)
+                size += len(event)
                 continue
-            complete = type(event) is h11.EndOfMessage
+            complete = event is END
             break
         if complete:
             self.pool.checkin(upstream)
@@ -916,15 +916,17 @@ class ProxyServer:
 
         Each read that brought data (not only llama-server's SSE keep-alive pings) is noted in
         `progress`: the runtime tells a slow child from a hung one with it."""
-        up = upstream.h11
+        reader = upstream.reader
         idle_phase = False  # the deadline still is the first byte's
         got_data = True  # the response head itself
         while True:
             try:
-                event = up.next_event()
-            except h11.RemoteProtocolError as exc:
+                event = reader.next_event()
+            except ResponseClosed:
+                raise UpstreamError(502, "the model's server closed the connection mid-response") from None
+            except ResponseError as exc:
                 raise UpstreamError(502, f"the model's server broke the response: {exc}") from None
-            if event is h11.NEED_DATA:
+            if event is NEED_DATA:
                 if pending:
                     await client.send(b"".join(pending))
                     pending.clear()
@@ -939,18 +941,16 @@ class ProxyServer:
                     idle_phase = True
                 await upstream.receive_more()
                 continue
-            if type(event) is h11.Data:
-                pending.append(conn.send(event if rename is None else h11.Data(data=rename.feed(event.data))) or b"")
-                if event.data != SSE_PING:
+            if type(event) is bytes:
+                pending.append(conn.send(h11.Data(data=event if rename is None else rename.feed(event))) or b"")
+                if event != SSE_PING:
                     got_data = True
-            elif type(event) is h11.EndOfMessage:
+            else:  # END
                 if rename is not None:
                     pending.append(conn.send(h11.Data(data=rename.flush())) or b"")
                 pending.append(conn.send(h11.EndOfMessage()) or b"")
                 await client.send(b"".join(pending))
                 return
-            else:
-                raise UpstreamError(502, "the model's server closed the connection mid-response")
 
     # ---- writing -------------------------------------------------------------------------
 

@@ -1,9 +1,9 @@
-"""Connections to llama-server children: one h11 client connection each, pooled per child.
+"""Connections to llama-server children, pooled per child; their HTTP is upstream_http's.
 
 Rules kept here (llama-server's HTTP library closes an idle keep-alive connection after about 5 s
 or 100 requests, and each idle connection holds one of its few HTTP threads; DESIGN.md):
-- a connection goes back to the pool only when both sides finished the exchange (h11 DONE/DONE);
-  anything else is closed, never reused;
+- a connection goes back to the pool only after a whole response that allows another request
+  (upstream_http's rules); anything else is closed, never reused;
 - an idle connection expires after IDLE_EXPIRY_S, well before the child's 5 s, and one the child
   already closed (readable while idle) is dropped before reuse;
 - at most `Upstream.pool_size` idle connections per child; the oldest go first;
@@ -18,11 +18,18 @@ import logging
 from collections.abc import Callable
 
 import anyio
-import h11
 
 from llama_smart_proxy.supervisor.proxy.backends import Upstream, UpstreamUnreachable
-from llama_smart_proxy.supervisor.proxy.http import READ_SIZE
+from llama_smart_proxy.supervisor.proxy.http import READ_SIZE, Headers
 from llama_smart_proxy.supervisor.proxy.sockets import Socket, connect
+from llama_smart_proxy.supervisor.proxy.upstream_http import (
+    NEED_DATA,
+    Head,
+    ResponseClosed,
+    ResponseError,
+    ResponseReader,
+    request_bytes,
+)
 
 log = logging.getLogger("llama-smart-proxy.upstream")
 
@@ -58,12 +65,12 @@ class UpstreamRefused(UpstreamError, UpstreamUnreachable):
 class UpstreamConnection:
     """One keep-alive connection to one child."""
 
-    __slots__ = ("upstream", "socket", "h11", "requests", "idle_since", "bytes_in")
+    __slots__ = ("upstream", "socket", "reader", "requests", "idle_since", "bytes_in")
 
     def __init__(self, upstream: Upstream, sock: Socket) -> None:
         self.upstream = upstream
         self.socket = sock
-        self.h11 = h11.Connection(h11.CLIENT)
+        self.reader = ResponseReader()
         self.requests = 0
         self.idle_since = 0.0
         self.bytes_in = 0
@@ -77,7 +84,7 @@ class UpstreamConnection:
         return self.requests > 1
 
     def is_reusable(self) -> bool:
-        return not self.closed and self.h11.our_state is h11.DONE and self.h11.their_state is h11.DONE
+        return not self.closed and self.reader.reusable
 
     def has_expired(self, now: float) -> bool:
         return now - self.idle_since >= IDLE_EXPIRY_S
@@ -86,14 +93,12 @@ class UpstreamConnection:
         """An idle connection with something to read was closed by the child (or is garbage)."""
         return self.socket.is_readable()
 
-    def start_request(self, request: h11.Request, body: bytes) -> bytes:
-        """The bytes of one whole request, and h11's state advanced past it."""
+    def start_request(self, method: bytes, target: bytes, headers: Headers, body: bytes) -> bytes:
+        """The bytes of one whole request; the reader then expects its response."""
         self.requests += 1
         self.bytes_in = 0
-        data = self.h11.send(request) or b""
-        if body:
-            data += self.h11.send(h11.Data(data=body)) or b""
-        return data + (self.h11.send(h11.EndOfMessage()) or b"")
+        self.reader.start(head_request=method == b"HEAD")
+        return request_bytes(method, target, headers, body)
 
     async def send(self, data: bytes) -> None:
         try:
@@ -102,42 +107,36 @@ class UpstreamConnection:
             log.debug("sending to %r failed: %r", self, exc)
             raise UpstreamClosed("the model's server closed the connection while the request was sent") from None
 
-    async def next_event(self) -> h11.Event:
-        """The next h11 event of the response, reading as needed."""
-        conn = self.h11
-        while True:
-            try:
-                event = conn.next_event()
-            except h11.RemoteProtocolError as exc:
-                log.debug("%r: h11 refused the response: %s", self, exc)
-                raise UpstreamClosed("the model's server sent a malformed response") from None
-            if event is not h11.NEED_DATA:
-                return event  # type: ignore[return-value]
-            await self.receive_more()
-
     async def receive_more(self) -> None:
-        """Read once from the child into h11 (EOF and resets become b'', which h11 judges)."""
+        """Read once from the child into the reader (EOF and resets become b'', which it judges)."""
         try:
             data = await self.socket.receive(READ_SIZE)
         except (anyio.ClosedResourceError, OSError):
             data = b""
         self.bytes_in += len(data)
-        self.h11.receive_data(data)
+        self.reader.receive_data(data)
 
-    async def receive_head(self) -> h11.Response:
+    async def receive_head(self) -> Head:
+        reader = self.reader
         while True:
-            event = await self.next_event()
-            if isinstance(event, h11.Response):
-                return event
-            if isinstance(event, h11.ConnectionClosed):
-                raise UpstreamClosed()
-            # 1xx informational responses are per hop: skipped.
+            try:
+                event = reader.next_event()
+            except ResponseClosed:
+                raise UpstreamClosed() from None
+            except ResponseError as exc:
+                log.debug("%r: the response is malformed: %s", self, exc)
+                raise UpstreamClosed("the model's server sent a malformed response") from None
+            if event is NEED_DATA:
+                await self.receive_more()
+                continue
+            assert isinstance(event, Head)
+            return event
 
     def close(self) -> None:
         self.socket.close()
 
     def __repr__(self) -> str:
-        state = "closed" if self.closed else f"{self.h11.our_state}/{self.h11.their_state}"
+        state = "closed" if self.closed else ("done" if self.reader.done else "busy")
         return f"UpstreamConnection({self.upstream.host}:{self.upstream.port}, {state}, requests={self.requests})"
 
 
@@ -192,7 +191,6 @@ class UpstreamPool:
         if not conn.is_reusable():
             conn.close()
             return
-        conn.h11.start_next_cycle()
         conn.idle_since = anyio.current_time()
         idle = self._idle.setdefault((conn.upstream.host, conn.upstream.port), [])
         idle.append(conn)
@@ -206,7 +204,7 @@ class UpstreamPool:
         *,
         connect_timeout: float,
         on_sent: Callable[[], None] = lambda: None,
-    ) -> tuple[UpstreamConnection, h11.Response]:
+    ) -> tuple[UpstreamConnection, Head]:
         """Send one request and wait for the response head; retry once on a fresh connection when
         a reused one fails before any response byte (the child closed it while idle). The caller
         owns the returned connection and must `checkin` it."""
