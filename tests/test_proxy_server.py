@@ -184,6 +184,18 @@ def test_pool_reuses_a_connection_only_after_its_response_was_read_to_the_end(pr
     assert server.pool.opened == 2
 
 
+def test_a_connection_closed_after_a_whole_stream_is_replaced_before_the_next_request(proxy) -> None:
+    # llama-server closes the connection after every streamed response: the pool opens its
+    # successor in the background, so the next request (in a burst of streams, every one) finds one
+    server, base = proxy
+    body = {"model": "chat", "stream": True, "fake": {"chunks": 3, "interval_ms": 1}}
+    with httpx.stream("POST", f"{base}/v1/chat/completions", json=body, timeout=10) as response:
+        assert sum(line.startswith("data:") for line in response.iter_lines()) >= 3
+    wait_for(lambda: server.pool.idle_count() == 1, timeout=5, what="the successor connection")
+    assert httpx.post(f"{base}/v1/completions", json={"model": "chat"}, timeout=10).status_code == 200
+    assert (server.pool.opened, server.pool.reused) == (2, 1)
+
+
 def test_a_reused_connection_that_fails_before_any_byte_is_retried_once_on_a_fresh_one() -> None:
     upstream = ScriptedUpstream(lambda connection, request: "close" if request == 2 else "ok")
     try:

@@ -23,9 +23,15 @@ from typing import Any, Literal, Protocol
 from llama_smart_proxy.supervisor.proxy.events import EventLog
 
 DEFAULT_POOL_SIZE = 2
-"""Idle upstream connections kept per child. llama-server serves connections from
+"""Idle upstream connections kept per child, at the least. llama-server serves connections from
 n_threads_http = max(parallel + 2, cores - 1) threads and each idle keep-alive connection holds
 one, so the pool stays below that and leaves a thread for health checks."""
+
+
+def pool_size(parallel: int) -> int:
+    """Idle connections kept to a child with `parallel` slots: one per slot, so that as many
+    requests as it serves at once find a connection open, and two of its threads stay free."""
+    return max(DEFAULT_POOL_SIZE, parallel)
 
 
 class Progress:
@@ -298,6 +304,11 @@ class Backends(Protocol):
         hold it for the caller until the context exits (in-flight counting, concurrency limits
         and eviction live behind this). Raises ModelUnavailable instead of waiting unboundedly.
         The caller may be cancelled at any point while waiting or holding."""
+        ...
+
+    def admits_now(self, model: str) -> bool:
+        """Whether a lease on `model` would be granted at once, without waiting (a request that
+        will not wait needs no loading notes)."""
         ...
 
     async def status(self) -> ServiceStatus:

@@ -273,7 +273,7 @@ class ProxyServer:
         self._slots = anyio.Semaphore(settings.max_connections)
         try:
             async with anyio.create_task_group() as tg:
-                tg.start_soon(self.pool.run_sweeper)
+                tg.start_soon(self.pool.run)
                 tg.start_soon(self._accept_all, raw, tg)
                 log.info("listening on %s:%d", *self.address)
                 task_status.started(self.address)
@@ -770,6 +770,8 @@ class ProxyServer:
                         if not refused_once:  # it may have just died: the next lease waits for it
                             refused_once = True
                             log.info("model %s: %s; asking for it again", model, error.message)
+                            if notes is None:  # that wait may be a restart: notes, as for any wait
+                                notes = self._loading_notes(conn, client, setup, model, body, cors)
                             continue
                         status = error.status
                         await self._upstream_failed(conn, client, model, error, responded, answer_error)
@@ -829,7 +831,7 @@ class ProxyServer:
     ) -> LoadingNotes | None:
         """Notes for this request while it waits for a lease, or None when it gets none."""
         interval = setup.settings.loading_comment_interval
-        if interval <= 0 or client.head_request or not wants_stream(body):
+        if interval <= 0 or client.head_request or setup.backends.admits_now(model) or not wants_stream(body):
             return None
 
         async def status() -> Any:

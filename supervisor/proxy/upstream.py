@@ -7,7 +7,12 @@ or 100 requests, and each idle connection holds one of its few HTTP threads; DES
 - an idle connection expires after IDLE_EXPIRY_S, well before the child's 5 s, and one the child
   already closed (readable while idle) is dropped before reuse;
 - at most `Upstream.pool_size` idle connections per child; the oldest go first;
-- a reused connection that fails before any response byte is retried once on a fresh one;
+- a connection the child closes after a whole response (llama-server does after every streamed
+  one) is replaced in the background, up to pool_size, so that the next request, often the next
+  stream, finds a connection open instead of opening one; unused, the successor expires as any
+  idle connection does;
+- a connection that waited in the pool and fails before any response byte is retried once on a
+  fresh one;
 - closing never awaits, so a cancelled relay still closes its socket at once (llama-server stops
   generating when its client goes away).
 """
@@ -35,6 +40,7 @@ log = logging.getLogger("llama-smart-proxy.upstream")
 
 IDLE_EXPIRY_S = 2.0  # llama-server (cpp-httplib) closes idle keep-alive connections after 5 s
 SWEEP_INTERVAL_S = 0.5  # how often idle connections past their expiry are closed
+SUCCESSOR_CONNECT_TIMEOUT_S = 1.0  # a loopback connect takes microseconds; longer: the child is busy or gone
 
 
 class UpstreamError(Exception):
@@ -65,7 +71,7 @@ class UpstreamRefused(UpstreamError, UpstreamUnreachable):
 class UpstreamConnection:
     """One keep-alive connection to one child."""
 
-    __slots__ = ("upstream", "socket", "reader", "requests", "idle_since", "bytes_in")
+    __slots__ = ("upstream", "socket", "reader", "requests", "idle_since", "bytes_in", "was_idle")
 
     def __init__(self, upstream: Upstream, sock: Socket) -> None:
         self.upstream = upstream
@@ -74,14 +80,12 @@ class UpstreamConnection:
         self.requests = 0
         self.idle_since = 0.0
         self.bytes_in = 0
+        self.was_idle = False
+        """It waited in the pool before its request: the child may have closed it meanwhile."""
 
     @property
     def closed(self) -> bool:
         return self.socket.closed
-
-    @property
-    def is_reused(self) -> bool:
-        return self.requests > 1
 
     def is_reusable(self) -> bool:
         return not self.closed and self.reader.reusable
@@ -145,6 +149,9 @@ class UpstreamPool:
 
     def __init__(self) -> None:
         self._idle: dict[tuple[str, int], list[UpstreamConnection]] = {}
+        self._successors: list[Upstream] = []
+        """Children whose connection was closed after a whole response, one entry per connection."""
+        self._successors_wanted: anyio.Event | None = None
         self.opened = 0
         self.reused = 0
         self.retried = 0
@@ -165,7 +172,11 @@ class UpstreamPool:
                     conn.close()
                     continue
                 self.reused += 1
+                conn.was_idle = True
                 return conn
+        return await self._open(upstream, connect_timeout)
+
+    async def _open(self, upstream: Upstream, connect_timeout: float) -> UpstreamConnection:
         try:
             with anyio.fail_after(connect_timeout):
                 sock = await connect(upstream.host, upstream.port)
@@ -190,7 +201,13 @@ class UpstreamPool:
         """Return a connection after its exchange: pooled if both sides are done, else closed."""
         if not conn.is_reusable():
             conn.close()
+            if conn.reader.done and self._successors_wanted is not None:
+                self._successors.append(conn.upstream)
+                self._successors_wanted.set()
             return
+        self._keep(conn)
+
+    def _keep(self, conn: UpstreamConnection) -> None:
         conn.idle_since = anyio.current_time()
         idle = self._idle.setdefault((conn.upstream.host, conn.upstream.port), [])
         idle.append(conn)
@@ -216,7 +233,7 @@ class UpstreamPool:
                 return conn, await conn.receive_head()
             except UpstreamClosed:
                 conn.close()
-                if attempt == 2 or not conn.is_reused or conn.bytes_in:
+                if attempt == 2 or not conn.was_idle or conn.bytes_in:
                     raise
                 log.debug("retrying on a fresh connection after %r failed before any response byte", conn)
                 self.retried += 1
@@ -240,10 +257,25 @@ class UpstreamPool:
             else:
                 del self._idle[key]
 
-    async def run_sweeper(self) -> None:
+    async def run(self) -> None:
+        """Sweep expired idle connections every SWEEP_INTERVAL_S and open the successors `checkin`
+        asks for, until cancelled."""
         while True:
-            await anyio.sleep(SWEEP_INTERVAL_S)
+            self._successors_wanted = anyio.Event()
+            with anyio.move_on_after(SWEEP_INTERVAL_S):
+                await self._successors_wanted.wait()
             self.sweep()
+            successors, self._successors = self._successors, []
+            for upstream in successors:
+                if self.idle_count(upstream) >= upstream.pool_size:
+                    continue
+                try:
+                    conn = await self._open(upstream, SUCCESSOR_CONNECT_TIMEOUT_S)
+                except UpstreamError as exc:  # the child is going away: the next request will see
+                    log.debug("no successor connection: %s", exc.message)
+                    continue
+                conn.idle_since = anyio.current_time()
+                self._keep(conn)
 
     def close(self) -> None:
         idle, self._idle = self._idle, {}

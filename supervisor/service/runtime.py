@@ -61,6 +61,7 @@ from llama_smart_proxy.supervisor.proxy.backends import (
     UnknownModel,
     Upstream,
     UpstreamUnreachable,
+    pool_size,
 )
 from llama_smart_proxy.supervisor.proxy.events import EventLog
 from llama_smart_proxy.supervisor.service.admission import Admission, QueueFull
@@ -300,7 +301,7 @@ class Runtime:
             self.feed.notice()
             assert ready.child is not None and ready.child.port is not None
             try:
-                yield Upstream(CHILD_HOST, ready.child.port, progress=ready.progress)
+                yield Upstream(CHILD_HOST, ready.child.port, pool_size(ready.spec.parallel), ready.progress)
             except UpstreamUnreachable:
                 # the port refused: most likely the child just died; let its exit be noticed, so
                 # that the proxy's next lease waits for the restart instead of trying it again
@@ -312,6 +313,10 @@ class Runtime:
                 ready.last_used = time.monotonic()
                 ready.progress.at = anyio.current_time()  # an answered request is progress too
                 self._wake()
+
+    def admits_now(self, model: str) -> bool:
+        entry = self._entries.get(model)
+        return entry is not None and entry.takes_requests() and entry.admission.has_permit()
 
     @contextmanager
     def _noticing(self) -> Iterator[None]:

@@ -44,6 +44,9 @@ class StaticBackends:
             return name
         return self.aliases.get(name)
 
+    def admits_now(self, model: str) -> bool:
+        return model in self.upstreams and model not in self.refuse
+
     @asynccontextmanager
     async def lease(self, model: str) -> AsyncIterator[Upstream]:
         if model in self.refuse:
