@@ -5,6 +5,12 @@ slow event does not shift the next ones). A stream whose client goes away is log
 as `disconnect <id> <CLOCK_MONOTONIC seconds>` the moment the backend sees EOF or a reset.
 
 Run: python -m benchmarks.fast_backend PORT [CPU]
+
+It also stands in for llama-server under `serve` (the benchmark's config names this file's
+`fast-llama-server` wrapper as the binary): it takes llama-server's command line (--host, --port,
+--help, --version; every other flag is accepted and ignored) and answers any GET (/health, /slots)
+with 200. FAST_BACKEND_CPU=N pins it to CPU N, as the positional CPU does. FAST_BACKEND_EVENTS=PATH
+also appends each `disconnect` line to the file PATH (serve keeps its children's stdout to itself).
 """
 
 from __future__ import annotations
@@ -14,6 +20,8 @@ import json
 import os
 import sys
 import time
+
+EVENTS = os.environ.get("FAST_BACKEND_EVENTS")
 
 CHAT = json.dumps(
     {
@@ -34,6 +42,7 @@ def sse_chunk(i: int) -> bytes:
     return b"%x\r\n%s\r\n" % (len(event), event)
 
 
+HEALTH = b'HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 15\r\n\r\n{"status":"ok"}'
 DONE = b"e\r\ndata: [DONE]\n\n\r\n0\r\n\r\n"
 
 
@@ -59,7 +68,9 @@ class Handler(asyncio.Protocol):
                 return
             body = bytes(self.buffer[end + 4 : end + 4 + length])
             del self.buffer[: end + 4 + length]
-            if b'"stream":true' in body or b'"stream": true' in body:
+            if head.startswith(b"get "):
+                self.transport.write(HEALTH)  # type: ignore[attr-defined]
+            elif b'"stream":true' in body or b'"stream": true' in body:
                 payload = json.loads(body)
                 self.stream_id = payload.get("id")
                 self.task = asyncio.ensure_future(
@@ -90,20 +101,49 @@ class Handler(asyncio.Protocol):
 
     def _gone(self) -> None:
         if self.stream_id is not None and self.task is not None and not self.task.done():
-            print(f"disconnect {self.stream_id} {time.monotonic():.6f}", flush=True)
+            line = f"disconnect {self.stream_id} {time.monotonic():.6f}"
+            print(line, flush=True)
+            if EVENTS:
+                with open(EVENTS, "a") as events:
+                    events.write(line + "\n")
             self.task.cancel()
             self.stream_id = None
 
 
-async def main(port: int) -> None:
+HELP = """usage: llama-server [options]  (FAST FAKE llama-server for benchmarks/proxy_load.py)
+-m, --model FNAME  --host HOST  --port PORT  -c, --ctx-size N  -np, --parallel N
+-kvu, --kv-unified  -no-kvu, --no-kv-unified  -ctk, --cache-type-k TYPE  -ctv, --cache-type-v TYPE
+-fa, --flash-attn [on|off|auto]  -b, --batch-size N  -ub, --ubatch-size N  -ngl, --gpu-layers N
+-sm, --split-mode  -ts, --tensor-split  -mg, --main-gpu  -fit, --fit [on|off]  -dev, --device
+--mmproj FILE  --no-webui  --metrics  --alias  -v, --verbose  --slot-save-path PATH
+"""
+
+
+async def main(port: int, host: str = "127.0.0.1") -> None:
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(Handler, "127.0.0.1", port, backlog=1024)
+    server = await loop.create_server(Handler, host, port, backlog=1024)
     print("ready", flush=True)
     async with server:
         await server.serve_forever()
 
 
+def llama_server_main(argv: list[str]) -> None:
+    """The llama-server command line: --help, --version, or serve on --host/--port."""
+    if "--help" in argv:
+        print(HELP)
+        return
+    if "--version" in argv:
+        print("version: 0 (fast fake)\nbuilt with FAST FAKE for benchmarks", file=sys.stderr)
+        return
+    options = dict(zip(argv, argv[1:]))
+    asyncio.run(main(int(options.get("--port", "8080")), options.get("--host", "127.0.0.1")))
+
+
 if __name__ == "__main__":
-    if len(sys.argv) > 2 and hasattr(os, "sched_setaffinity"):
-        os.sched_setaffinity(0, {int(sys.argv[2])})
-    asyncio.run(main(int(sys.argv[1])))
+    cpu = os.environ.get("FAST_BACKEND_CPU") or (sys.argv[2] if len(sys.argv) > 2 and sys.argv[1].isdigit() else None)
+    if cpu is not None and hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, {int(cpu)})
+    if len(sys.argv) > 1 and sys.argv[1].isdigit():
+        asyncio.run(main(int(sys.argv[1])))
+    else:
+        llama_server_main(sys.argv[1:])
