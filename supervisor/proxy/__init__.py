@@ -1,4 +1,5 @@
-"""Proxy: the OpenAI-compatible HTTP/1.1 front on anyio + h11. It knows the running service
+"""Proxy: the OpenAI-compatible HTTP/1.1 front on anyio + h11 (which reads every request and
+writes every response the proxy makes; relayed responses are framed by `relay_framing`). It knows the running service
 only through the `Backends` protocol (`backends`), so it imports no other stage.
 
 - `server`: the listener, one loop per client connection, the relay to a child;
@@ -6,6 +7,7 @@ only through the `Backends` protocol (`backends`), so it imports no other stage.
 - `http`: HTTP framing and the request and response rules (pure);
 - `upstream`: pooled keep-alive connections to the children;
 - `upstream_http`: a request's bytes and a child's response read from bytes, without h11 (pure);
+- `relay_framing`: a child's response framed for the client, as h11 would, without it (pure);
 - `sockets`: non-blocking sockets driven by anyio's wait_readable/wait_writable;
 - `access`: API keys and CORS;
 - `routes`: the proxy's own routes (/health, /status, /v1/models, /metrics, admin) (pure);

@@ -77,6 +77,7 @@ from llama_smart_proxy.supervisor.proxy.http import (
 )
 from llama_smart_proxy.supervisor.proxy.loading_notes import LoadingNotes, error_event, upstream_error_event, wants_stream
 from llama_smart_proxy.supervisor.proxy.metrics import MODEL_MISSING, MODEL_UNKNOWN, NO_MODEL, ProxyMetrics
+from llama_smart_proxy.supervisor.proxy.relay_framing import RelayFraming, relay_head
 from llama_smart_proxy.supervisor.proxy.sockets import Socket, accept
 from llama_smart_proxy.supervisor.proxy.upstream_http import END, NEED_DATA, ResponseClosed, ResponseError
 from llama_smart_proxy.supervisor.proxy.upstream import (
@@ -135,6 +136,8 @@ class _Client:
         self.peer = peer
         self.at_eof = False
         self.head_request = False  # the request being answered is a HEAD: its replies carry no body
+        self.relayed: RelayFraming | None = None
+        """Set while a relayed response written without h11 is under way (h11 knows nothing of it)."""
         self.watch_scope: anyio.CancelScope | None = None
         self._chunks: deque[bytes] = deque()
         self._buffered = 0
@@ -351,6 +354,12 @@ class ProxyServer:
                 return
             first = False
             await self._handle(conn, client, self._setup, request)
+            relayed, client.relayed = client.relayed, None
+            if relayed is not None:  # the response went out without h11: a fresh h11 reads the next request
+                if not relayed.keep_alive:
+                    return
+                conn = _next_request_connection(conn)
+                continue
             if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
                 if conn.their_state not in (h11.DONE, h11.MUST_CLOSE, h11.CLOSED):
                     await self._linger(client)  # the request was not read to its end
@@ -745,6 +754,7 @@ class ProxyServer:
                                     upstream_conn = None
                                     break
                                 pending: list[bytes] = []
+                                body_framing: RelayFraming | _H11Body = _H11Body(conn)
                             else:
                                 if rename is not None:
                                     response_headers = without_length(response_headers)
@@ -752,11 +762,18 @@ class ProxyServer:
                                     response_headers.extend(cors)
                                 if self.draining:
                                     response_headers.append((b"connection", b"close"))
-                                head = h11.Response(status_code=status, headers=response_headers, reason=reason_phrase(status))
-                                pending = [conn.send(head) or b""]
+                                head, body_framing = relay_head(
+                                    status,
+                                    response_headers,
+                                    method=request.method,
+                                    http_version=request.http_version,
+                                    request_headers=request.headers,
+                                )
+                                client.relayed = body_framing
+                                pending = [head]
                                 responded = True
                             await self._relay_body(
-                                conn, client, upstream_conn, pending, scope, settings.stream_idle_timeout,
+                                body_framing, client, upstream_conn, pending, scope, settings.stream_idle_timeout,
                                 upstream.progress, rename,
                             )  # fmt: skip
                             self.pool.checkin(upstream_conn)
@@ -905,7 +922,7 @@ class ProxyServer:
 
     async def _relay_body(
         self,
-        conn: h11.Connection,
+        framing: RelayFraming | _H11Body,
         client: _Client,
         upstream: UpstreamConnection,
         pending: list[bytes],
@@ -944,13 +961,13 @@ class ProxyServer:
                 await upstream.receive_more()
                 continue
             if type(event) is bytes:
-                pending.append(conn.send(h11.Data(data=event if rename is None else rename.feed(event))) or b"")
+                pending.append(framing.data(event if rename is None else rename.feed(event)))
                 if event != SSE_PING:
                     got_data = True
             else:  # END
                 if rename is not None:
-                    pending.append(conn.send(h11.Data(data=rename.flush())) or b"")
-                pending.append(conn.send(h11.EndOfMessage()) or b"")
+                    pending.append(framing.data(rename.flush()))
+                pending.append(framing.end())
                 await client.send(b"".join(pending))
                 return
 
@@ -958,7 +975,7 @@ class ProxyServer:
 
     async def _reply(self, conn: h11.Connection, client: _Client, reply: Reply, cors: list[tuple[bytes, bytes]]) -> None:
         """Send a whole reply; ask to close when the request was not read to its end."""
-        if conn.our_state is not h11.SEND_RESPONSE and conn.our_state is not h11.IDLE:
+        if client.relayed is not None or (conn.our_state is not h11.SEND_RESPONSE and conn.our_state is not h11.IDLE):
             raise CloseConnection()  # a response already started: nothing sensible can follow
         if conn.their_state is h11.SEND_BODY and not reply.close:
             _drop_buffered_body(conn)
@@ -984,6 +1001,32 @@ class ProxyServer:
 
     def _observe(self, model: str, status: int, started: float) -> None:
         self.metrics.observe(model, status, time.perf_counter() - started)
+
+
+class _H11Body:
+    """A relayed body framed by h11, whose head h11 wrote (a stream that had loading notes)."""
+
+    __slots__ = ("conn",)
+
+    def __init__(self, conn: h11.Connection) -> None:
+        self.conn = conn
+
+    def data(self, data: bytes) -> bytes:
+        return self.conn.send(h11.Data(data=data)) or b""
+
+    def end(self) -> bytes:
+        return self.conn.send(h11.EndOfMessage()) or b""
+
+
+def _next_request_connection(conn: h11.Connection) -> h11.Connection:
+    """A fresh h11 connection for the next request, fed what already arrived after this one."""
+    data, closed = conn.trailing_data
+    fresh = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEADER_BYTES)
+    if data:
+        fresh.receive_data(bytes(data))
+    if closed:
+        fresh.receive_data(b"")
+    return fresh
 
 
 def _drop_buffered_body(conn: h11.Connection) -> None:
