@@ -1,6 +1,7 @@
 """Proxy: the OpenAI-compatible HTTP/1.1 front on anyio + h11 (which reads every request and
-writes every response the proxy makes; relayed responses are framed by `relay_framing`). It knows the running service
-only through the `Backends` protocol (`backends`), so it imports no other stage.
+writes every response the proxy makes itself; relayed responses are framed by `relay_framing`).
+It knows the running service only through the `Backends` protocol (`backends`), so it imports no
+other stage.
 
 - `server`: the listener, one loop per client connection, the relay to a child;
 - `backends`: what the proxy asks of the service, and the status it renders;
