@@ -305,7 +305,7 @@ class RuntimeMachine(RuleBasedStateMachine):
 
     # ---- rules: faults
 
-    def disturb(self, model: str, how: str) -> None:
+    def disturb(self, model: str, how: str, settle_s: float = 0.05) -> None:
         pid = self.model_pid(model)
         if pid is None:
             return
@@ -320,12 +320,21 @@ class RuntimeMachine(RuleBasedStateMachine):
                 self.send(model, "hang")
         except ProcessLookupError:
             pass  # it ended between the status read and the signal (the service stopped it)
-        time.sleep(0.05)
+        time.sleep(settle_s)
 
     @rule(model=st.sampled_from(MODELS))
     def crash(self, model: str) -> None:
         self.steps.append(f"crash({model!r})")
         self.disturb(model, "crash")
+
+    @rule(model=st.sampled_from(MODELS), kind=st.sampled_from(("plain", "stream")))
+    def request_as_its_child_dies(self, model: str, kind: str) -> None:
+        # sent the moment the child is killed, before the service can have noticed: it must wait
+        # for the restart, not get the dead port's "connection refused"
+        self.steps.append(f"request_as_its_child_dies({model!r}, {kind!r})")
+        self.disturb(model, "crash", settle_s=0)
+        self.send(model, kind)
+        time.sleep(0.05)
 
     @rule(model=st.sampled_from(MODELS), how=st.sampled_from(("stop", "hang")))
     def wedge(self, model: str, how: str) -> None:
