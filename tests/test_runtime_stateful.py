@@ -44,7 +44,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from llama_smart_proxy.schemas.config import LlamaServerSettings
+from llama_smart_proxy.schemas.config import Config, LlamaServerSettings
 from llama_smart_proxy.supervisor.service.tinymodel import write_tiny_model
 from tests.fakes.fake_pynvml import FakeNvml, gpu
 from tests.fakes.supervision import pid_alive
@@ -59,6 +59,8 @@ REQUEST_DEADLINE_S = QUEUE_TIMEOUT_S + 8.0
 """No request may take longer: waits are bounded by queue_timeout, and a hung child is noticed in
 about a second."""
 HAS_LIVENESS = "health_interval" in LlamaServerSettings.model_fields
+HAS_PROMPT_CACHE = "prompt_cache" in Config.model_fields
+"""These two let the test run on older code too, to show which of its bugs it finds."""
 MODELS = ("r", "c", "o1", "o2", "x")
 GPU_MODELS = ("r", "o1", "o2", "x")
 RESIDENTS = ("r", "c", "x")
@@ -198,6 +200,8 @@ class RuntimeMachine(RuleBasedStateMachine):
             "o1": {"mode": "on-demand", "max_concurrency": self.limit, "env": {"FAKE_LLAMA_IGNORE_SIGTERM": "1"}, "keep_cache": True},
             "o2": {"mode": "on-demand", "idle_ttl": "1s", "env": {"FAKE_LLAMA_IGNORE_SIGTERM": "1"}, "keep_cache": True},
         }
+        if not HAS_PROMPT_CACHE:
+            models = {name: {k: v for k, v in table.items() if k != "keep_cache"} for name, table in models.items()}
         if self.x_present:
             models["x"] = {}
         proxy = f'queue_timeout = "{QUEUE_TIMEOUT_S:g}s"\nfirst_byte_timeout = "60s"'
@@ -214,7 +218,7 @@ class RuntimeMachine(RuleBasedStateMachine):
             proxy=proxy,
             llama_server=quick + "crash_loop_deaths = 50",
             gpus="allow = [0]",
-            prompt_cache=f'dir = "{self.directory / "cache"}"\ndisk_reserve = "0"',
+            **({"prompt_cache": f'dir = "{self.directory / "cache"}"\ndisk_reserve = "0"'} if HAS_PROMPT_CACHE else {}),
         )
         text = path.read_text().replace('stop_grace = "2s"', 'stop_grace = "600ms"')  # quicker evictions
         if variant == "invalid_toml":

@@ -81,6 +81,9 @@ class Service:
     notifier: Notifier
     stop_requested: anyio.Event = field(default_factory=anyio.Event)
     ready: anyio.Event = field(default_factory=anyio.Event)
+    settles_heap: bool = False
+    """Settle the heap (`_settle_heap`) after each reload too: set by the `serve` command, not by
+    tests that run the service inside their own process."""
 
     def __post_init__(self) -> None:
         self.transaction = ReloadTransaction(self.source, self.runtime, self.proxy, self.notifier, self.status_line)
@@ -96,7 +99,11 @@ class Service:
         """Reload the config as a transaction (supervisor/service/reload_transaction.py); ActionRefused
         when it is refused, the running config whole."""
         await self.ready.wait()  # a reload asked for during start-up waits for the residents
-        return await self.transaction.run(problem)
+        try:
+            return await self.transaction.run(problem)
+        finally:
+            if self.settles_heap:
+                _settle_heap()
 
     async def reload_logged(self, problem: str | None = None) -> None:
         try:
@@ -151,6 +158,7 @@ async def _main(source: Source, prepared: Prepared, binary: Path, watch: bool) -
         service = await tg.start(serve_then_stop)
         tg.start_soon(_signals, service, tg)
         await service.ready.wait()
+        service.settles_heap = True
         _settle_heap()
     log.info("stopped: every child is gone")
 
@@ -241,7 +249,9 @@ def _settle_heap() -> None:
     """Collect once, then leave what survived (imports, config, plan, runtime) out of every later
     collection: a full collection walked all of it and stalled the event loop ~35 ms, a tail in
     every latency figure (benchmarks/results/proxy-profile.md). What is made later is collected as
-    before; frozen objects still go when their last reference does."""
+    before, and frozen objects still go when their last reference does; what an earlier settle
+    froze is judged again each time (a reload may have left cycles of it behind)."""
+    gc.unfreeze()
     gc.collect()
     gc.freeze()
 
