@@ -35,6 +35,7 @@ from typing import Any
 
 import httpx
 
+from benchmarks.accuracy.oracle import free_port
 from llama_smart_proxy.schemas.inventory import Gpu, Host, Inventory
 from llama_smart_proxy.supervisor.planning.inventory import dump_inventory
 from llama_smart_proxy.supervisor.children.llama_binary import find_llama_server
@@ -46,14 +47,6 @@ SHAPE = TinyShape(n_embd=384, n_layer=6, n_head=6, n_head_kv=2, n_ff=1024, n_ctx
 """About 12 M float32 parameters: a 5000-token prompt takes seconds on two CPU cores."""
 CTX = 8192
 PROMPT_WORDS = "The quick brown fox jumps over the lazy dog while the cat sleeps on the warm mat. "
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def inventory(total_bytes: int) -> str:

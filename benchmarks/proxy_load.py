@@ -48,6 +48,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from benchmarks.accuracy.oracle import free_port
+
 ROOT = Path(__file__).resolve().parent.parent
 PROXY_CPU, LOAD_CPU = 0, 1
 PAYLOAD = json.dumps(
@@ -80,12 +82,6 @@ REQUEST = request_bytes()
 def pin(cpu: int) -> None:
     if hasattr(os, "sched_setaffinity") and (os.cpu_count() or 1) > cpu:
         os.sched_setaffinity(0, {cpu})
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def pct(values: list[float], q: float) -> float:

@@ -30,6 +30,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from llama_smart_proxy.schemas.config import DEFAULT_PORT_RANGE
+
 MIB = 1024**2
 SERVER_TIMEOUT_S = 600.0  # a 5 GB model over RPC on a busy two-core machine
 _BUFFER_LINE = re.compile(
@@ -76,9 +78,15 @@ def find_llama_bin() -> Path:
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free loopback port outside the children's default range, which serve refuses to listen
+    in (and where a child could take it first)."""
+    first, last = DEFAULT_PORT_RANGE
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if not first <= port <= last:
+            return port
 
 
 def _stop(process: subprocess.Popen[bytes] | subprocess.Popen[str]) -> None:
