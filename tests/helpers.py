@@ -1,5 +1,6 @@
-"""Small helpers the tests share: free ports, waiting on a condition with a deadline, and a
-llama-server process started until healthy."""
+"""Small helpers the tests share: free ports, waiting on a condition with a deadline, a
+llama-server process started until healthy, and h11's reading of a response (the reference the
+proxy's own HTTP code is held to)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,28 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TypeVar
 
+import h11
+
 T = TypeVar("T")
+
+
+def h11_reads(raw: bytes, method: bytes = b"GET") -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+    """(status, headers, body) of the response in `raw` to a `method` request, as h11's client
+    reads it; the connection ends after `raw`."""
+    client = h11.Connection(h11.CLIENT)
+    client.send(h11.Request(method=method, target="/", headers=[("Host", "x")]))
+    client.send(h11.EndOfMessage())
+    client.receive_data(raw)
+    client.receive_data(b"")
+    status, headers, body = 0, [], b""
+    while True:
+        event = client.next_event()
+        if isinstance(event, h11.Response):
+            status, headers = event.status_code, list(event.headers)
+        elif isinstance(event, h11.Data):
+            body += event.data
+        elif isinstance(event, (h11.EndOfMessage, h11.ConnectionClosed)):
+            return status, headers, body
 
 
 def free_port() -> int:

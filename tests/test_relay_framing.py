@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from llama_smart_proxy.supervisor.proxy.http import reason_phrase
 from llama_smart_proxy.supervisor.proxy.relay_framing import relay_head
+from tests.helpers import h11_reads
 
 STATUSES = st.sampled_from([200, 201, 204, 304, 400, 404, 500, 502, 503])
 METHODS = st.sampled_from([b"GET", b"POST", b"HEAD"])
@@ -23,21 +24,9 @@ def client_request(method: bytes, version: bytes, close: bool) -> bytes:
 
 
 def read_as_client(method: bytes, raw: bytes) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
-    """What a client sees in `raw`: (status, sorted headers, body); the connection ends after."""
-    client = h11.Connection(h11.CLIENT)
-    client.send(h11.Request(method=method, target="/", headers=[("Host", "x")]))  # h11 sends only 1.1
-    client.send(h11.EndOfMessage())
-    client.receive_data(raw)
-    client.receive_data(b"")
-    status, headers, body = 0, [], b""
-    while True:
-        event = client.next_event()
-        if isinstance(event, h11.Response):
-            status, headers = event.status_code, sorted(event.headers)
-        elif isinstance(event, h11.Data):
-            body += event.data
-        elif isinstance(event, (h11.EndOfMessage, h11.ConnectionClosed)):
-            return status, headers, body
+    """What a client sees in `raw`: (status, headers sorted, body)."""
+    status, headers, body = h11_reads(raw, method)
+    return status, sorted(headers), body
 
 
 @given(

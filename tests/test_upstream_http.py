@@ -18,6 +18,7 @@ from llama_smart_proxy.supervisor.proxy.upstream_http import (
     ResponseReader,
     request_bytes,
 )
+from tests.helpers import h11_reads
 
 
 def read_all(pieces: list[bytes], *, head_request: bool = False) -> tuple[int, list[tuple[bytes, bytes]], bytes, bool]:
@@ -39,23 +40,6 @@ def read_all(pieces: list[bytes], *, head_request: bool = False) -> tuple[int, l
         else:
             assert isinstance(event, bytes) and event
             body += event
-
-
-def h11_reads(raw: bytes, *, head_request: bool = False) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
-    client = h11.Connection(h11.CLIENT)
-    client.send(h11.Request(method="HEAD" if head_request else "GET", target="/", headers=[("Host", "x")]))
-    client.send(h11.EndOfMessage())
-    client.receive_data(raw)
-    client.receive_data(b"")
-    status, headers, body = 0, [], b""
-    while True:
-        event = client.next_event()
-        if isinstance(event, h11.Response):
-            status, headers = event.status_code, list(event.headers)
-        elif isinstance(event, h11.Data):
-            body += event.data
-        elif isinstance(event, h11.EndOfMessage):
-            return status, headers, body
 
 
 def split(raw: bytes, cuts: list[int]) -> list[bytes]:
