@@ -94,10 +94,10 @@ READ_AHEAD_BYTES = 256 * 1024  # client bytes buffered beyond the current reques
 LINGER_S = 1.0  # after an early error reply, how long unread request bytes are drained before closing
 SSE_PING = b":\n\n"  # what llama-server sends while a stream is silent (--sse-ping-interval)
 STATUS_CLIENT_GONE = 499  # nginx's code for "client closed the request", used in metrics and logs
-ACCEPT_BACKOFF_S = 0.1
-# Bodies larger than this (base64 images) are JSON-parsed in a worker thread: tens of milliseconds
-# of parsing on the event loop would stall every other connection.
-THREAD_PARSE_BYTES = 256 * 1024  # pause after accept() fails (out of file descriptors) before trying again
+ACCEPT_BACKOFF_S = 0.1  # pause after accept() fails (out of file descriptors) before trying again
+# Bodies larger than this (base64 images, long prompts) are JSON-parsed in a worker thread: 2-7 ms
+# per MB of parsing on the event loop would stall every other connection.
+THREAD_PARSE_BYTES = 256 * 1024
 ERROR_BODY_BYTES = 64 * 1024
 """Of a child's error answer to a stream already answered 200 (loading notes), what is passed on."""
 LOGS_PREFIX = b"/logs/"
