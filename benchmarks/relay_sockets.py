@@ -80,10 +80,10 @@ def stream_socket_class() -> type:
             assert self.stream is not None
             return self.stream
 
-        async def receive(self, max_bytes: int) -> bytes:
+        async def receive(self) -> bytes:
             stream = self.stream or await self._stream()
             try:
-                return await stream.receive(max_bytes)
+                return await stream.receive(65536)
             except anyio.EndOfStream:
                 return b""
             except anyio.BrokenResourceError as exc:
@@ -160,7 +160,7 @@ def socket_layer_us(round_trips: int, repeats: int) -> dict[str, list[float]]:
             for _ in range(round_trips):
                 data = b""
                 while len(data) < len(payload):
-                    data += await b.receive(65536)
+                    data += await b.receive()
                 await b.send(data)
 
         started = time.process_time()
@@ -170,7 +170,7 @@ def socket_layer_us(round_trips: int, repeats: int) -> dict[str, list[float]]:
                 await a.send(payload)
                 data = b""
                 while len(data) < len(payload):
-                    data += await a.receive(65536)
+                    data += await a.receive()
         spent = time.process_time() - started
         a.close()
         b.close()

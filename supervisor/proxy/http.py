@@ -31,7 +31,6 @@ from llama_smart_proxy.schemas.launch import served_model_name
 Headers = list[tuple[bytes, bytes]]
 
 MAX_HEADER_BYTES = 16 * 1024  # h11's default max_incomplete_event_size; beyond it: 431
-READ_SIZE = 64 * 1024  # bytes asked of a socket per receive
 
 # RFC 9110 §7.6.1 hop-by-hop fields, plus Proxy-Connection (pre-standard, still sent) and the
 # framing fields that each hop re-computes.

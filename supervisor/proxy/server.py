@@ -52,7 +52,6 @@ from llama_smart_proxy.supervisor.proxy.http import (
     MAX_HEADER_BYTES,
     MODEL_ROUTES,
     READ_METHODS,
-    READ_SIZE,
     ChunkSizeGuard,
     HttpError,
     ModelRename,
@@ -150,7 +149,7 @@ class _Client:
                 if self._buffered >= READ_AHEAD_BYTES:
                     self._room = anyio.Event()
                     await self._room.wait()
-                data = await self.socket.receive(READ_SIZE)
+                data = await self.socket.receive()
                 if not data:
                     break
                 self._chunks.append(data)

@@ -1,40 +1,48 @@
-"""Non-blocking TCP sockets for the proxy, driven by anyio's wait_readable/wait_writable.
+"""Non-blocking TCP sockets for the proxy on anyio's asyncio backend: reads as asyncio's
+transports do them, writes through anyio's wait_writable.
 
-Why not anyio's SocketStream: its send always yields to the loop and each receive re-arms the
-transport's reading; here a syscall is tried first and the task waits only when the kernel has
-nothing to give or no room. Measured (benchmarks/relay_sockets.py, results in
-benchmarks/results/relay-sockets.md): the socket layer costs about 10 % less CPU per call than on
-SocketStream; the whole proxy 5-8 % less per sequential request (no difference beyond noise in a
-closed loop) and 5-11 % less per relayed stream chunk.
-Small, but the pool also needs what SocketStream does not offer without its private transport: a
-close that never awaits (a cancelled relay closes at once) and a peek at an idle connection.
+Reading: once a socket is first read from, it stays registered with the loop, and the loop's
+readiness callback reads what arrived into a buffer (up to BUFFER_BYTES, then reading pauses
+until the reader takes some) and wakes the reader. anyio's wait_readable registered and
+unregistered the socket around every wait (two epoll_ctl calls) and each wait began with a recv()
+that found nothing: with this, serve's CPU per relayed request fell ~22 % and per streamed chunk
+more (benchmarks/results/proxy-profile.md).
+Writing: a send() is tried first and the task waits only when the kernel has no room.
+Why not anyio's SocketStream: its send always yields to the loop, and the pool needs what it does
+not offer: a close that never awaits (a cancelled relay closes at once) and a look at an idle
+connection (benchmarks/results/relay-sockets.md measured the rest).
 
 Rules kept here:
-- each socket has one reader task and one writer task at a time (anyio raises BusyResourceError
-  otherwise);
+- each socket has one reader task and one writer task at a time (BusyResourceError otherwise);
 - a call that completes without waiting yields to the loop every YIELD_EVERY calls, so a fast
   peer cannot starve other connections and cancellation is still seen;
-- `close()` wakes any waiter (anyio.notify_closing) before closing; it is idempotent;
-- errors are OSError subclasses (ConnectionError for a reset); EOF is b"" from `receive`.
+- `close()` stops the reading, wakes any waiter (the reader with ClosedResourceError, a writer
+  through anyio.notify_closing) and closes; it is idempotent;
+- errors are OSError subclasses (ConnectionError for a reset), raised to the reader once the bytes
+  before them are taken; EOF is b"" from `receive`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import ipaddress
 import os
 import socket
+from collections import deque
 
 import anyio
 from anyio.lowlevel import checkpoint
 
 YIELD_EVERY = 16  # calls that did not wait before one checkpoint
+READ_SIZE = 64 * 1024  # bytes asked of the kernel per recv()
+BUFFER_BYTES = 256 * 1024  # bytes read ahead of the socket's reader before reading pauses
 
 
 class Socket:
     """One connected TCP socket."""
 
-    __slots__ = ("sock", "closed", "_unyielded")
+    __slots__ = ("sock", "closed", "_unyielded", "_loop", "_chunks", "_buffered", "_reading", "_ended", "_waiter")
 
     def __init__(self, sock: socket.socket) -> None:
         sock.setblocking(False)
@@ -43,6 +51,12 @@ class Socket:
         self.sock = sock
         self.closed = False
         self._unyielded = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._chunks: deque[bytes] = deque()
+        self._buffered = 0
+        self._reading = False  # registered with the loop: bytes are read as they arrive
+        self._ended: OSError | None | bool = False  # EOF (True) or the error that ended reading
+        self._waiter: asyncio.Future[None] | None = None
 
     async def _maybe_yield(self) -> None:
         self._unyielded += 1
@@ -50,18 +64,82 @@ class Socket:
             self._unyielded = 0
             await checkpoint()
 
-    async def receive(self, max_bytes: int) -> bytes:
-        """Some bytes, or b'' at EOF. Raises OSError on a reset, ClosedResourceError if closed."""
-        sock = self.sock
-        while True:
+    async def receive(self) -> bytes:
+        """Some bytes, or b'' at EOF. Raises OSError on a reset, ClosedResourceError if closed.
+
+        Once a socket was read from, it stays registered with the loop and its bytes are read as
+        they arrive (as asyncio's transports do), up to BUFFER_BYTES: a wait costs no
+        registration and no second recv() that finds nothing."""
+        waited = False
+        while not self._chunks:
+            if self.closed:
+                raise anyio.ClosedResourceError
+            if self._ended is True:
+                return b""
+            if self._ended:
+                raise self._ended
+            if self._waiter is not None:
+                raise anyio.BusyResourceError("reading from")
+            if not self._reading:
+                self._resume_reading()
+                continue  # the first read happens here, without a wait
+            loop = self._loop
+            assert loop is not None
+            self._waiter = loop.create_future()
             try:
-                data = sock.recv(max_bytes)
-            except BlockingIOError:
-                await anyio.wait_readable(sock)
-                self._unyielded = 0
-                continue
+                await self._waiter
+            finally:
+                self._waiter = None
+            waited = True
+        if waited:
+            self._unyielded = 0
+        else:
             await self._maybe_yield()
-            return data
+        data = self._chunks.popleft()
+        self._buffered -= len(data)
+        if not self._reading and self._ended is False and not self.closed:
+            self._resume_reading()
+        return data
+
+    def _resume_reading(self) -> None:
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+        self._reading = True
+        self._loop.add_reader(self.sock.fileno(), self._read_ready)
+        self._read_ready()  # what is there already
+
+    def _read_ready(self) -> None:
+        try:
+            data = self.sock.recv(READ_SIZE)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            self._end(exc)
+            return
+        if not data:
+            self._end(True)
+            return
+        self._chunks.append(data)
+        self._buffered += len(data)
+        if self._buffered >= BUFFER_BYTES:
+            self._pause_reading()
+        self._wake()
+
+    def _end(self, why: OSError | bool) -> None:
+        self._ended = why
+        self._pause_reading()
+        self._wake()
+
+    def _pause_reading(self) -> None:
+        if self._reading:
+            self._reading = False
+            assert self._loop is not None
+            self._loop.remove_reader(self.sock.fileno())
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     async def send(self, data: bytes) -> None:
         """All of `data`. Raises OSError (BrokenPipeError, ConnectionResetError) if the peer is gone."""
@@ -91,6 +169,10 @@ class Socket:
 
     def is_readable(self) -> bool:
         """Whether a receive would not wait (data, EOF or an error is pending)."""
+        if self._chunks or self._ended is not False:
+            return True
+        if self._reading:
+            return False  # the loop would have read what arrived
         try:
             self.sock.recv(1, socket.MSG_PEEK)
         except BlockingIOError:
@@ -103,6 +185,10 @@ class Socket:
         if self.closed:
             return
         self.closed = True
+        self._pause_reading()
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(anyio.ClosedResourceError())
         anyio.notify_closing(self.sock)
         self.sock.close()
 

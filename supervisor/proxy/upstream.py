@@ -25,7 +25,7 @@ from collections.abc import Callable
 import anyio
 
 from llama_smart_proxy.supervisor.proxy.backends import Upstream, UpstreamUnreachable
-from llama_smart_proxy.supervisor.proxy.http import READ_SIZE, Headers
+from llama_smart_proxy.supervisor.proxy.http import Headers
 from llama_smart_proxy.supervisor.proxy.sockets import Socket, connect
 from llama_smart_proxy.supervisor.proxy.upstream_http import (
     NEED_DATA,
@@ -114,7 +114,7 @@ class UpstreamConnection:
     async def receive_more(self) -> None:
         """Read once from the child into the reader (EOF and resets become b'', which it judges)."""
         try:
-            data = await self.socket.receive(READ_SIZE)
+            data = await self.socket.receive()
         except (anyio.ClosedResourceError, OSError):
             data = b""
         self.bytes_in += len(data)
