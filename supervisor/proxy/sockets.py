@@ -36,7 +36,7 @@ from anyio.lowlevel import checkpoint
 
 YIELD_EVERY = 16  # calls that did not wait before one checkpoint
 READ_SIZE = 64 * 1024  # bytes asked of the kernel per recv()
-BUFFER_BYTES = 256 * 1024  # bytes read ahead of the socket's reader before reading pauses
+BUFFER_BYTES = 64 * 1024  # bytes read ahead of the socket's reader before reading pauses (memory per connection)
 
 
 class Socket:
