@@ -55,7 +55,7 @@ class Socket:
         self._chunks: deque[bytes] = deque()
         self._buffered = 0
         self._reading = False  # registered with the loop: bytes are read as they arrive
-        self._ended: OSError | None | bool = False  # EOF (True) or the error that ended reading
+        self._ended: OSError | bool = False  # EOF (True) or the error that ended reading
         self._waiter: asyncio.Future[None] | None = None
 
     async def _maybe_yield(self) -> None:
@@ -97,8 +97,8 @@ class Socket:
             await self._maybe_yield()
         data = self._chunks.popleft()
         self._buffered -= len(data)
-        if not self._reading and self._ended is False and not self.closed:
-            self._resume_reading()
+        if not self._reading and self._buffered < BUFFER_BYTES and self._ended is False and not self.closed:
+            self._resume_reading()  # paused at the bound: below it again
         return data
 
     def _resume_reading(self) -> None:
