@@ -52,7 +52,8 @@ def relay_head(
     end-to-end and valid, with the child's Content-Length when the body keeps its length."""
     headers = list(headers)
     no_body = method == b"HEAD" or status == 204 or status == 304
-    keep_alive = http_version == b"1.1" and not _says_close(request_headers) and not _says_close(headers)
+    child_closes = _says_close(headers)
+    keep_alive = http_version == b"1.1" and not _says_close(request_headers) and not child_closes
     chunked = False
     if status != 204 and status != 304 and header_value(headers, b"content-length") is None:
         if http_version == b"1.1":
@@ -60,7 +61,7 @@ def relay_head(
             chunked = True
         elif method != b"HEAD":
             keep_alive = False  # the body ends with the connection
-    if not keep_alive and not _says_close(headers):
+    if not keep_alive and not child_closes:
         headers = [(n, v) for n, v in headers if n != b"connection"]
         headers.append((b"connection", b"close"))
     lines = [b"HTTP/1.1 %d %b" % (status, reason_phrase(status))]

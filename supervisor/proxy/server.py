@@ -336,7 +336,7 @@ class ProxyServer:
     # ---- one connection's requests -------------------------------------------------------
 
     async def _serve_requests(self, client: _Client) -> None:
-        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEADER_BYTES)
+        conn = _request_reader()
         first = True
         while True:
             setup = self._setup
@@ -1017,10 +1017,15 @@ class _H11Body:
         return self.conn.send(h11.EndOfMessage()) or b""
 
 
+def _request_reader() -> h11.Connection:
+    """h11's server side of a client connection, which reads its requests."""
+    return h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEADER_BYTES)
+
+
 def _next_request_connection(conn: h11.Connection) -> h11.Connection:
     """A fresh h11 connection for the next request, fed what already arrived after this one."""
     data, closed = conn.trailing_data
-    fresh = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEADER_BYTES)
+    fresh = _request_reader()
     if data:
         fresh.receive_data(bytes(data))
     if closed:

@@ -274,7 +274,6 @@ class UpstreamPool:
                 except UpstreamError as exc:  # the child is going away: the next request will see
                     log.debug("no successor connection: %s", exc.message)
                     continue
-                conn.idle_since = anyio.current_time()
                 self._keep(conn)
 
     def close(self) -> None:

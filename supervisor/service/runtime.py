@@ -133,6 +133,10 @@ class ModelEntry:
     def takes_requests(self) -> bool:
         return self.may_start() and self.child is not None and self.child.accepts_requests
 
+    def admits_one_more(self) -> bool:
+        """Takes requests, and its model's limit lets one more in now."""
+        return self.takes_requests() and self.admission.has_permit()
+
     def is_evictable(self) -> bool:
         """Idle on-demand, ready, and not already on its way out."""
         return (
@@ -316,7 +320,7 @@ class Runtime:
 
     def admits_now(self, model: str) -> bool:
         entry = self._entries.get(model)
-        return entry is not None and entry.takes_requests() and entry.admission.has_permit()
+        return entry is not None and entry.admits_one_more()
 
     @contextmanager
     def _noticing(self) -> Iterator[None]:
@@ -336,7 +340,7 @@ class Runtime:
             raise ModelUnavailable(model, "unplaced", entry.plan.reason, RETRY_AFTER_FAILED_S)
         if child.state is ChildState.FAILED:
             raise ModelUnavailable(model, "failed", child.last_error or "failed", RETRY_AFTER_FAILED_S)
-        if entry.takes_requests() and admission.has_permit():
+        if entry.admits_one_more():  # entry.admission is `admission` (checked above)
             return entry
         return None
 
