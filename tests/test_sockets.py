@@ -127,3 +127,19 @@ async def test_a_second_reader_at_once_is_refused() -> None:
             with pytest.raises(anyio.BusyResourceError):
                 await ours.receive()
             peer.sendall(b"!")
+
+
+async def test_on_end_is_called_once_when_the_peer_closes_though_nobody_reads() -> None:
+    with pair() as (ours, peer):
+        ends: list[bool] = []
+        ours.on_end = lambda: ends.append(True)
+        peer.sendall(b"x")
+        assert await ours.receive() == b"x"  # registered with the loop from now on
+        peer.sendall(b"unread")
+        peer.shutdown(socket.SHUT_WR)
+        with anyio.fail_after(2):
+            while not ends:  # nobody calls receive(): the loop's own read sees the EOF
+                await anyio.sleep(0.01)
+        assert await read_until(ours, 6) == b"unread"  # bytes before the EOF are kept
+        assert await ours.receive() == b""
+        assert ends == [True]

@@ -7,8 +7,8 @@ Rules kept here:
 - one timeout per phase, each a named setting: header_timeout (first request, and a whole header
   block once its first byte came), keepalive_timeout (idle between requests), body_timeout (each
   wait for body bytes), upstream_connect_timeout, first_byte_timeout, stream_idle_timeout;
-- while a request is forwarded, a reader task watches the client socket: EOF or reset cancels the
-  relay at once and the upstream connection is closed, so the child stops generating;
+- while a request is forwarded, the client socket keeps reading (sockets.py) and its EOF or reset
+  cancels the relay at once and the upstream connection is closed, so the child stops generating;
 - responses are relayed as they arrive: what one read of the child gives is written before the
   next read, never held back; what is already in hand is coalesced into one write;
 - settings and backends can be swapped with `configure()` while the listener stays bound; a
@@ -28,7 +28,6 @@ from __future__ import annotations
 import logging
 import socket
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
@@ -89,7 +88,6 @@ from llama_smart_proxy.supervisor.proxy.upstream import (
 
 log = logging.getLogger("llama-smart-proxy.proxy")
 
-READ_AHEAD_BYTES = 256 * 1024  # client bytes buffered beyond the current request before reading pauses
 LINGER_S = 1.0  # after an early error reply, how long unread request bytes are drained before closing
 SSE_PING = b":\n\n"  # what llama-server sends while a stream is silent (--sse-ping-interval)
 STATUS_CLIENT_GONE = 499  # nginx's code for "client closed the request", used in metrics and logs
@@ -127,8 +125,8 @@ class ClientGone(CloseConnection):
 
 
 class _Client:
-    """One client socket. A reader task owns receiving, so that EOF is noticed at any moment;
-    the connection loop takes the bytes from it."""
+    """One client socket. The socket tells the moment the client closes, even while a response
+    is being relayed and nothing reads: that cancels the request being watched."""
 
     def __init__(self, sock: Socket, peer: str) -> None:
         self.socket = sock
@@ -138,46 +136,20 @@ class _Client:
         self.relayed: RelayFraming | None = None
         """Set while a relayed response written without h11 is under way (h11 knows nothing of it)."""
         self.watch_scope: anyio.CancelScope | None = None
-        self._chunks: deque[bytes] = deque()
-        self._buffered = 0
-        self._data_ready: anyio.Event | None = None
-        self._room: anyio.Event | None = None
+        sock.on_end = self._ended
 
-    async def read_loop(self) -> None:
-        try:
-            while True:
-                if self._buffered >= READ_AHEAD_BYTES:
-                    self._room = anyio.Event()
-                    await self._room.wait()
-                data = await self.socket.receive()
-                if not data:
-                    break
-                self._chunks.append(data)
-                self._buffered += len(data)
-                if self._data_ready is not None:
-                    self._data_ready.set()
-        except (anyio.ClosedResourceError, OSError):
-            pass
+    def _ended(self) -> None:
         self.at_eof = True
-        if self._data_ready is not None:
-            self._data_ready.set()
         if self.watch_scope is not None:
             self.watch_scope.cancel()
 
     async def receive(self) -> bytes:
         """The next bytes from the client; b'' once it closed."""
-        while not self._chunks:
-            if self.at_eof:
-                return b""
-            self._data_ready = anyio.Event()
-            await self._data_ready.wait()
-            self._data_ready = None
-        data = self._chunks.popleft()
-        self._buffered -= len(data)
-        if self._room is not None:
-            self._room.set()
-            self._room = None
-        return data
+        try:
+            return await self.socket.receive()
+        except (anyio.ClosedResourceError, OSError):
+            self.at_eof = True
+            return b""
 
     async def send(self, data: bytes) -> None:
         try:
@@ -316,15 +288,10 @@ class ProxyServer:
         sock = Socket(raw)
         try:
             peer = str(address[0]) if isinstance(address, tuple) else "unix"
-            client = _Client(sock, peer)
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(client.read_loop)
-                try:
-                    await self._serve_requests(client)
-                except CloseConnection:
-                    pass
-                finally:
-                    tg.cancel_scope.cancel()
+            try:
+                await self._serve_requests(_Client(sock, peer))
+            except CloseConnection:
+                pass
         except Exception:
             log.exception("a connection failed; it was closed, the server goes on")
         finally:

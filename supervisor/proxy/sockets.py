@@ -19,7 +19,9 @@ Rules kept here:
 - `close()` stops the reading, wakes any waiter (the reader with ClosedResourceError, a writer
   through anyio.notify_closing) and closes; it is idempotent;
 - errors are OSError subclasses (ConnectionError for a reset), raised to the reader once the bytes
-  before them are taken; EOF is b"" from `receive`.
+  before them are taken; EOF is b"" from `receive`;
+- `on_end`, when set, is called once, the moment reading meets EOF or an error, even with bytes
+  still buffered: the proxy cancels a client's request by it without a task of its own reading.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import ipaddress
 import os
 import socket
 from collections import deque
+from collections.abc import Callable
 
 import anyio
 from anyio.lowlevel import checkpoint
@@ -42,7 +45,9 @@ BUFFER_BYTES = 64 * 1024  # bytes read ahead of the socket's reader before readi
 class Socket:
     """One connected TCP socket."""
 
-    __slots__ = ("sock", "closed", "_unyielded", "_loop", "_chunks", "_buffered", "_reading", "_ended", "_waiter")
+    __slots__ = (
+        "sock", "closed", "on_end", "_unyielded", "_loop", "_chunks", "_buffered", "_reading", "_ended", "_waiter",
+    )  # fmt: skip
 
     def __init__(self, sock: socket.socket) -> None:
         sock.setblocking(False)
@@ -50,6 +55,7 @@ class Socket:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.sock = sock
         self.closed = False
+        self.on_end: Callable[[], None] | None = None
         self._unyielded = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._chunks: deque[bytes] = deque()
@@ -129,6 +135,8 @@ class Socket:
         self._ended = why
         self._pause_reading()
         self._wake()
+        if self.on_end is not None:
+            self.on_end()
 
     def _pause_reading(self) -> None:
         if self._reading:
