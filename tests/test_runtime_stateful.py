@@ -1,7 +1,7 @@
 """The running service under random interleavings: a Hypothesis state machine drives the real
 runtime and proxy (over real sockets, FAKE llama-server children, a fake NVML inventory) through
 requests (plain, streamed, cancelled mid-stream), bursts, child crashes, stopped and hung children,
-reloads (no-op, a changed ctx, a changed limit, a model added or removed, invalid TOML, a plan that
+a GPU driver slow to answer, reloads (no-op, a changed ctx, a changed limit, a model added or removed, invalid TOML, a plan that
 does not fit, a broken GGUF, an unreadable key file), idle-TTL expiry, admin load/unload/reset and
 the memory pressure of on-demand models that evict each other.
 
@@ -13,7 +13,9 @@ After every step it checks what the service promises:
 - admission: a child never sees more requests at once than its model's limit at the time;
 - every request is answered, in time, with success or a documented error; a 502 or a cut stream
   only for a request whose child was crashed, stopped or hung while it ran;
-- a reload is applied exactly when the new config is valid and fits; a refused one restarts nothing;
+- a reload is applied exactly when the new config is valid and fits; a refused one restarts nothing
+  and leaves the running plan as it was;
+- the service's own routes answer while NVML is slow (it is read off the event loop);
 - a saved prompt cache (keep_cache) is restored only into a child of the launch that saved it.
 
 The examples and steps are few enough for CI (STATEFUL_EXAMPLES raises them) and derandomized, so a
@@ -56,6 +58,7 @@ EXAMPLES = int(os.environ.get("STATEFUL_EXAMPLES", "10"))
 STEPS = int(os.environ.get("STATEFUL_STEPS", "25"))
 QUEUE_TIMEOUT_S = 12.0
 REQUEST_DEADLINE_S = QUEUE_TIMEOUT_S + 8.0
+SLOW_DRIVER_S = 0.6
 """No request may take longer: waits are bounded by queue_timeout, and a hung child is noticed in
 about a second."""
 HAS_LIVENESS = "health_interval" in LlamaServerSettings.model_fields
@@ -81,7 +84,8 @@ KINDS = (
     "wrong_status",  # any other answer no documented rule gives
     "reload_unanswered",  # POST /admin/reload got no answer
     "reload_outcome",  # a valid reload refused, an invalid one applied, or last_reload wrong
-    "reload_restarted",  # a refused reload restarted a child
+    "reload_restarted",  # a refused reload restarted a child or changed the running plan
+    "loop_blocked",  # a route waited for a slow GPU driver: something read NVML on the event loop
     "admin",  # an admin action answered outside its documented statuses
     "cache_launch",  # a saved prompt cache restored into a child of another launch (its ctx)
 )
@@ -211,8 +215,12 @@ class RuntimeMachine(RuleBasedStateMachine):
             write_broken_gguf(self.harness.model_file("bad"))
             models["bad"] = {"gpus": []}
         if variant == "bad_key_file":
+            # the file exists (so the config's own check passes) but is no UTF-8 text: only reading
+            # it finds that, and a reload must do so before it applies anything
+            unreadable = self.directory / "keys-not-utf8.txt"
+            unreadable.write_bytes(b"\xff\xfe key\n")
             models["c"] = {**models["c"], "ctx": 2048}
-            proxy += f'\napi_keys_file = "{self.directory / "missing-keys.txt"}"'
+            proxy += f'\napi_keys_file = "{unreadable}"'
         path = self.harness.write_config(
             models,
             proxy=proxy,
@@ -276,8 +284,9 @@ class RuntimeMachine(RuleBasedStateMachine):
                             if response.status_code != 200:  # an error has no stream to leave: read its code
                                 response.read()
                                 sent.code = str(response.json().get("error", {}).get("code"))
-                            for _ in response.iter_raw():
-                                break  # the client goes away mid-stream
+                            else:
+                                for _ in response.iter_raw():
+                                    break  # the client goes away mid-stream
                     else:
                         response = client.post(f"{self.running.base}/v1/chat/completions", json=body)
                         sent.status = response.status_code
@@ -351,6 +360,7 @@ class RuntimeMachine(RuleBasedStateMachine):
     def reload(self, variant: str) -> None:
         self.steps.append(f"reload({variant!r})")
         before, restarts_before = self.pids(), self.restarts()
+        plan_before = self.running.status()["plan"]
         if variant == "ctx":
             self.ctx = 1024 if self.ctx == 512 else 512
         elif variant == "limit":
@@ -391,11 +401,38 @@ class RuntimeMachine(RuleBasedStateMachine):
             ]  # fmt: skip
             if restarted:
                 self.failures["reload_restarted"].append(f"refused reload {variant} restarted {restarted}")
+            if self.running.status()["plan"] != plan_before:
+                self.failures["reload_restarted"].append(f"refused reload {variant} changed the running plan")
 
     @rule(seconds=st.sampled_from((0.3, 1.3)))
     def wait(self, seconds: float) -> None:
         self.steps.append(f"wait({seconds})")
         time.sleep(seconds)  # 1.3 s lets o2's idle_ttl (1 s) expire
+
+    @rule()
+    def slow_gpu_driver(self) -> None:
+        """NVML takes its time to answer; the service's own routes must not wait for it."""
+        self.steps.append("slow_gpu_driver()")
+        self.nvml.memory_info_delay_s = SLOW_DRIVER_S
+        try:
+            # two rounds more than a second apart: a reading cached for up to a second expires
+            for round_ in range(2):
+                if round_:
+                    time.sleep(1.05)
+                for path in ("/health", "/status", "/v1/models"):
+                    started = time.monotonic()
+                    try:
+                        httpx.get(f"{self.running.base}{path}", timeout=REQUEST_DEADLINE_S)
+                    except httpx.HTTPError as exc:
+                        self.failures["loop_blocked"].append(f"GET {path} with a slow driver: {type(exc).__name__}")
+                        continue
+                    took = time.monotonic() - started
+                    if took > SLOW_DRIVER_S / 2:
+                        self.failures["loop_blocked"].append(
+                            f"GET {path} took {took:.2f} s while each NVML read took {SLOW_DRIVER_S} s"
+                        )
+        finally:
+            self.nvml.memory_info_delay_s = 0.0
 
     @rule(action=st.sampled_from(("load", "unload", "reset")), model=st.sampled_from(MODELS))
     def admin(self, action: str, model: str) -> None:

@@ -12,6 +12,7 @@ H200 returned str). Build one per test:
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 
@@ -72,6 +73,8 @@ class FakeNvml:
     bus_id_as_bytes: bool = True
     initialised: int = 0
     shutdowns: int = 0
+    memory_info_delay_s: float = 0.0
+    """How long each memory read takes: a driver that is slow to answer (it blocks the caller)."""
 
     NVMLError = NVMLError
     NVML_ERROR_DRIVER_NOT_LOADED = NVML_ERROR_DRIVER_NOT_LOADED
@@ -119,6 +122,8 @@ class FakeNvml:
 
     def nvmlDeviceGetMemoryInfo(self, handle: FakeDevice) -> SimpleNamespace:
         d = self._device(handle)
+        if self.memory_info_delay_s:
+            time.sleep(self.memory_info_delay_s)
         return SimpleNamespace(total=d.total, used=d.used, free=d.total - d.used)
 
     def nvmlDeviceGetCudaComputeCapability(self, handle: FakeDevice) -> tuple[int, int]:
