@@ -605,6 +605,7 @@ class Plan:
     interval_ms: float = 20.0
     disconnect_trials: int = 20
     stream_repeats: int = 5
+    settle_s: float = 0.5  # between a stream run's warm-up and the measured run, for every arm
     closed_repeats: int = 3
 
 
@@ -821,8 +822,11 @@ def measure(
     for mode, gap in (("steady", spacing), ("burst", 0.0)):
         for repeat in range(plan.stream_repeats):
             for arm, port in arms.items():
-                # warm: the proxies hold keep-alive connections to the backend, as in steady service
+                # warm: the proxies hold keep-alive connections to the backend, as in steady service;
+                # then settle, so that the measured starts do not share the CPU with the warm-up's
+                # end (its connections closing, serve's pool reopening the ones the child closed)
                 asyncio.run(run_streams(port, plan.streams, 3, plan.interval_ms, 0))
+                time.sleep(plan.settle_s)
                 note(f"streams-{mode}", arm, repeat)
                 start = cpu_of(arm)
                 times = asyncio.run(
@@ -1071,7 +1075,8 @@ def report(r: dict[str, Any], profile: str | None = None) -> str:
         (
             f"Each figure is the median over {plan['stream_repeats']} interleaved runs of that "
             "run's percentile; each run's figure is in brackets. Added = arm - direct. CPU: the "
-            "proxy's CPU time over a run over the streams in it."
+            "proxy's CPU time over a run over the streams in it. Before each run, a warm-up run of "
+            f"3-chunk streams, then {plan.get('settle_s', 0)} s to settle."
         ),
         "",
         (
