@@ -32,7 +32,8 @@ from llama_smart_proxy.supervisor.planning.headers import HeaderInfo
 from llama_smart_proxy.supervisor.planning.planner import plan
 
 EXACT_MODELS = 6  # up to this many models the assignment is searched to the end ...
-EXACT_ASSIGNMENTS = 4096  # ... when there are at most this many ways to assign them
+EXACT_ASSIGNMENTS = 8**5  # ... when there are at most this many ways to assign them: five models, each
+# on any set of up to three hosts (each host's share planned once: 2**5 plans a host)
 
 Score = tuple[int, ...]
 
@@ -240,14 +241,12 @@ def _exhaustive(config: Config, plans: _Plans) -> dict[str, frozenset[str]] | No
         options.append([c for k in range(replicas, -1, -1) for c in itertools.combinations(allowed, k)])
     if math.prod(len(o) for o in options) > EXACT_ASSIGNMENTS:
         return None
-    best: tuple[Score, dict[str, frozenset[str]]] | None = None
+    hosts = sorted(plans.machines)
+    best: tuple[Score, tuple[tuple[str, ...], ...]] | None = None
     for choice in itertools.product(*options):
-        shares = {host: set[str]() for host in plans.machines}
-        for name, hosts in zip(names, choice):
-            for host in hosts:
-                shares[host].add(name)
-        frozen = {h: frozenset(s) for h, s in shares.items()}
-        total = _total(plans, frozen)
+        total = _total(plans, {h: frozenset(n for n, on in zip(names, choice) if h in on) for h in hosts})
         if best is None or total > best[0]:
-            best = (total, frozen)
-    return best[1] if best else None
+            best = (total, choice)
+    if best is None:
+        return None
+    return {h: frozenset(n for n, on in zip(names, best[1]) if h in on) for h in hosts}
