@@ -327,3 +327,10 @@ def test_prepare_keeps_the_named_hosts_share_and_the_fleet(tmp_path: Path, monke
         prepare(Source(config, inventory_path=snapshot, require_model_files=False))
     with pytest.raises(UserError, match="--host delta: no such host"):
         prepare(Source(config, inventory_path=snapshot, fleet_host="delta", require_model_files=False))
+
+
+def test_serve_host_on_a_config_without_hosts_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "one.toml"
+    path.write_text('[models.q]\nfile = "/nowhere/q.gguf"\n')
+    with pytest.raises(UserError, match=r"--host alpha: .*one.toml has no \[hosts\] table"):
+        prepare(Source(path, inventory_path=EXAMPLES / "inventory-no-gpu.json", fleet_host="alpha", require_model_files=False))
