@@ -334,3 +334,22 @@ def test_serve_host_on_a_config_without_hosts_is_refused(tmp_path: Path) -> None
     path.write_text('[models.q]\nfile = "/nowhere/q.gguf"\n')
     with pytest.raises(UserError, match=r"--host alpha: .*one.toml has no \[hosts\] table"):
         prepare(Source(path, inventory_path=EXAMPLES / "inventory-no-gpu.json", fleet_host="alpha", require_model_files=False))
+
+
+def test_plan_fleet_file_gives_the_hosts_of_every_name_and_alias(tmp_path: Path) -> None:
+    from llama_smart_proxy.supervisor.planning.prepare import plan_fleet_file
+
+    fleet = plan_fleet_file(write_fleet(tmp_path, MODELS))
+    routes = {name: [h.name for h in hosts] for name, hosts in fleet.routes().items()}
+    assert routes["qwen"] == routes["chat"] == ["alpha", "beta"] and len(routes["coder"]) == 1
+    with pytest.raises(UserError, match="no \\[hosts\\] table"):
+        plan_fleet_file(EXAMPLES / "minimal.toml")
+
+
+def test_plan_inventory_without_hosts_keeps_its_meaning(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    shutil.copy(EXAMPLES / "minimal.toml", tmp_path / "minimal.toml")
+    snapshot = str(EXAMPLES / "inventory-no-gpu.json")
+    code = main(["plan", "-c", str(tmp_path / "minimal.toml"), "-i", snapshot, "--json"])
+    assert code in (0, 3) and "models" in json.loads(capsys.readouterr().out)
+    assert main(["plan", "-c", str(tmp_path / "minimal.toml"), "-i", snapshot, "-i", snapshot]) == 2
+    assert "--inventory FILE once" in capsys.readouterr().err

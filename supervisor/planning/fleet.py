@@ -137,8 +137,9 @@ def solve_fleet(config: Config, machines: Mapping[str, Machine]) -> FleetPlan:
     exact = _exhaustive(config, plans)
     if exact is not None and _total(plans, exact) > _total(plans, shares):
         notes.append(
-            "Placing the models in order, each on the host with the most room, left less placed than "
-            "the best assignment; the best one (searched over every assignment) is used."
+            "Placing the models in order, each on the host with the most room, gave a worse fleet by "
+            "the planner's order (placed, whole on GPUs, partly on GPUs, fewest GPUs split) than the "
+            "best assignment, searched over all of them; the best one is used."
         )
         shares, tried = exact, {}
     # a model its host's planner leaves unplaced takes no place there: it joins the unplaced

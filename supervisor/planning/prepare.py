@@ -24,8 +24,8 @@ from llama_smart_proxy.schemas.inventory import Inventory
 from llama_smart_proxy.schemas.plan import FleetPlan, Plan
 from llama_smart_proxy.supervisor.config.load import LoadedConfig, load_config
 from llama_smart_proxy.supervisor.errors import UserError
-from llama_smart_proxy.supervisor.planning.fleet import Machine, share_config, solve_fleet
 from llama_smart_proxy.supervisor.memory.reader import read_header
+from llama_smart_proxy.supervisor.planning.fleet import Machine, share_config, solve_fleet
 from llama_smart_proxy.supervisor.planning.headers import build_profiles
 from llama_smart_proxy.supervisor.planning.inventory import load_inventory, take_inventory
 from llama_smart_proxy.supervisor.planning.planner import plan

@@ -558,6 +558,7 @@ class Runtime:
         extra = {
             "config": str(self.prepared.loaded.path),
             "machine": self.prepared.machine,
+            "fleet_host": self.prepared.fleet.host if self.prepared.fleet else None,
             "last_reload": None if self.last_reload is None else self.last_reload.as_json(),
             "reloads": dict(self.reloads),
             "children": {
