@@ -7,10 +7,10 @@ from pathlib import Path
 
 from llama_smart_proxy.schemas.config import Config
 from llama_smart_proxy.schemas.inventory import Inventory
-from llama_smart_proxy.schemas.plan import Plan
+from llama_smart_proxy.schemas.plan import FleetPlan, Plan
 
 HERE = Path(__file__).parent
-SCHEMAS = {"config": Config, "plan": Plan, "inventory": Inventory}
+SCHEMAS = {"config": Config, "plan": Plan, "inventory": Inventory, "fleet-plan": FleetPlan}
 
 
 def schema_texts() -> dict[str, str]:

@@ -108,3 +108,52 @@ class Plan(Contract):
             if entry.name == name:
                 return entry
         raise KeyError(name)
+
+
+# --- a fleet: several hosts, each running its share of one config ------------------------------
+
+
+class FleetHostPlan(Contract):
+    address: str = Field(description="Where the host's service listens, host:port ([hosts.NAME] address).")
+    inventory: str = Field(description="The snapshot its share was planned against, for people.")
+    plan: Plan = Field(description="Its share, planned by the single-machine planner.")
+
+
+class FleetModel(Contract):
+    aliases: list[str] = Field(default_factory=list)
+    replicas: int = Field(ge=1, description="How many hosts should run it.")
+    hosts: list[str] = Field(description="The hosts that run it, by name; fewer than replicas when unplaced.")
+
+
+class FleetUnplaced(Contract):
+    model: str
+    replica: int = Field(ge=1, description="Which replica (1-based) found no host.")
+    reason: str = Field(description="Why, naming each host it was tried on.")
+
+
+class HostAddress(Contract):
+    name: str
+    address: str
+
+
+class FleetPlan(Contract):
+    """Which host runs each model, and each host's plan; `plan --json` for a config with [hosts]."""
+
+    hosts: dict[str, FleetHostPlan] = Field(description="Every host of [hosts], by name.")
+    models: dict[str, FleetModel] = Field(description="Every model, by name.")
+    unplaced: list[FleetUnplaced] = Field(
+        default_factory=list, description="Replicas no host can take; empty when every replica has a host."
+    )
+    notes: list[str] = Field(default_factory=list, description="Plain statements about the assignment.")
+
+    def hosts_of(self, model: str) -> list[HostAddress]:
+        """The hosts that run `model`, with their addresses."""
+        return [HostAddress(name=h, address=self.hosts[h].address) for h in self.models[model].hosts]
+
+    def routes(self) -> dict[str, list[HostAddress]]:
+        """Every name and alias a client may send -> the hosts that run its model (empty: none)."""
+        out: dict[str, list[HostAddress]] = {}
+        for name, model in sorted(self.models.items()):
+            for key in (name, *model.aliases):
+                out[key] = self.hosts_of(name)
+        return out

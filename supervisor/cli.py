@@ -12,12 +12,18 @@ import argparse
 import json
 import logging
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from llama_smart_proxy.schemas.plan import Plan
 from llama_smart_proxy.supervisor.config.load import load_config
 from llama_smart_proxy.supervisor.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_UNPLACED, RuntimeFailure, UserError
+
+if TYPE_CHECKING:
+    from llama_smart_proxy.supervisor.config.load import LoadedConfig
+    from llama_smart_proxy.supervisor.planning.prepare import Source
 
 log = logging.getLogger("llama-smart-proxy")
 
@@ -75,7 +81,14 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from llama_smart_proxy.supervisor.planning.prepare import Source, prepare
     from llama_smart_proxy.supervisor.planning.report import render_plan, verdict
 
-    prepared = prepare(Source(args.config, inventory_path=args.inventory, require_model_files=False))
+    source = Source(args.config, require_model_files=False)
+    loaded = source.load()
+    if loaded.config.hosts:
+        return plan_fleet(args, replace(source, host_inventories=host_inventories(args.inventory, loaded.config.hosts)), loaded)
+    if args.inventory and len(args.inventory) > 1:
+        raise UserError("plan: --inventory FILE once; NAME=FILE, several, is for a config with [hosts]")
+    source = replace(source, inventory_path=Path(args.inventory[0]) if args.inventory else None)
+    prepared = prepare(source, loaded=loaded)
     result = prepared.plan
     outcome = verdict(result, strict=args.strict)
     if args.against is not None:
@@ -97,6 +110,37 @@ def cmd_plan(args: argparse.Namespace) -> int:
     else:
         lines = [f"Plan for {prepared.loaded.path}", f"Machine: {prepared.machine}: {prepared.inventory.message}"]
         print(render_plan(result, lines))
+        print(f"Result: {outcome.text}")
+    return outcome.exit_code
+
+
+def host_inventories(values: Sequence[str] | None, hosts: Iterable[str]) -> dict[str, Path]:
+    """`--inventory NAME=FILE` values by host name."""
+    found: dict[str, Path] = {}
+    for value in values or ():
+        name, sep, path = value.partition("=")
+        if not sep or not name or not path:
+            raise UserError(f"plan: --inventory {value}: with [hosts], give NAME=FILE (hosts: {', '.join(sorted(hosts))})")
+        found[name] = Path(path)
+    return found
+
+
+def plan_fleet(args: argparse.Namespace, source: Source, loaded: LoadedConfig) -> int:
+    """`plan` for a config with [hosts]: every host's share, and where each model runs."""
+    from llama_smart_proxy.supervisor.planning.fleet_report import fleet_verdict, render_fleet
+    from llama_smart_proxy.supervisor.planning.prepare import prepare_fleet
+
+    if args.against is not None:
+        raise UserError("plan --against: not for a config with [hosts]; compare one host's plan from `plan --json`")
+    fleet = prepare_fleet(source, loaded=loaded).plan
+    outcome = fleet_verdict(fleet, strict=args.strict)
+    if args.json:
+        print_json(fleet.model_dump(mode="json"))
+        if outcome.exit_code:
+            print(f"llama-smart-proxy: plan: {outcome.text}", file=sys.stderr)
+    else:
+        header = [f"Fleet plan for {loaded.path}: {len(fleet.hosts)} hosts", ""]
+        print(render_fleet(fleet, header, strict=args.strict))
         print(f"Result: {outcome.text}")
     return outcome.exit_code
 
@@ -132,12 +176,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     overrides = {"proxy.listen": args.listen} if args.listen else None
     if args.demo:
-        if args.config is not None:
-            raise UserError("serve: give --config or --demo, not both")
+        if args.config is not None or args.host is not None:
+            raise UserError("serve: give --config or --demo, not both (--host is for a config with [hosts])")
         return serve(Source(builtin=demo_config(args.listen)))
     if args.config is None:
         raise UserError("serve: --config FILE is required (or --demo for the built-in tiny model)")
-    source = Source(args.config, overrides=overrides, inventory_path=args.inventory)
+    source = Source(args.config, overrides=overrides, inventory_path=args.inventory, fleet_host=args.host)
     return serve(source, watch=args.watch)
 
 
@@ -263,9 +307,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--config", "-c", type=Path, required=True, help="the TOML config")
     p.add_argument(
-        "--inventory", "-i", type=Path, help="plan for this snapshot (from `inventory --json`) instead of this machine"
+        "--inventory",
+        "-i",
+        action="append",
+        metavar="FILE | NAME=FILE",
+        help="plan for this snapshot (from `inventory --json`) instead of this machine; with [hosts], "
+        "NAME=FILE replaces that host's snapshot (repeat for several)",
     )
-    p.add_argument("--json", action="store_true", help="print the plan as JSON (schemas/plan.schema.json)")
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="print the plan as JSON (schemas/plan.schema.json; with [hosts], schemas/fleet-plan.schema.json)",
+    )
     p.add_argument(
         "--strict", action="store_true", help="also fail (exit 4) when a model falls back to partial offload or the CPU"
     )
@@ -282,6 +335,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--listen", help="host:port to bind, overriding proxy.listen and the environment")
     p.add_argument("--watch", action="store_true", help="reload when the config (or a file it includes) is saved")
     p.add_argument("--inventory", "-i", type=Path, help="plan for this snapshot instead of this machine (testing)")
+    p.add_argument(
+        "--host",
+        metavar="NAME",
+        help="with [hosts]: serve this host's share of the fleet (default: the host named like this machine)",
+    )
 
     p = command("admin", cmd_admin, "load, unload or reset a model, or reload the config, on a running proxy")
     p.add_argument("action", choices=["load", "unload", "reset", "reload"])
@@ -318,7 +376,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the Estimate as JSON")
 
     p = command("schema", cmd_schema, "print the JSON Schema of the config, plan or inventory")
-    p.add_argument("name", nargs="?", choices=["config", "plan", "inventory"], help="config, plan or inventory (default: all)")
+    p.add_argument(
+        "name", nargs="?", choices=["config", "plan", "inventory", "fleet-plan"],
+        help="config, plan, inventory or fleet-plan (default: all)",
+    )  # fmt: skip
     return parser
 
 

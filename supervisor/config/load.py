@@ -41,7 +41,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from llama_smart_proxy.schemas.config import Config, name_clashes, parse_listen
+from llama_smart_proxy.schemas.config import Config, fleet_problems, name_clashes, parse_listen
 from llama_smart_proxy.supervisor.config.owned_options import owned_option, owned_variable
 from llama_smart_proxy.supervisor.errors import ConfigError, ConfigProblem, UserError
 
@@ -150,6 +150,8 @@ def load_config(
         }
         for key_path, message in name_clashes(aliases):
             problems.append(ConfigProblem(*locate(key_path), _dotted(key_path), message))
+    for key_path, message in fleet_problems(*_fleet_tables(data)):
+        problems.append(ConfigProblem(*locate(key_path), _dotted(key_path), message))
 
     config: Config | None = None
     try:
@@ -157,7 +159,7 @@ def load_config(
     except ValidationError as exc:
         explained: dict[KeyPath, list[str]] = {}
         for error in exc.errors():
-            if error["type"] == "name_clash":
+            if error["type"] in ("name_clash", "fleet"):
                 continue  # reported above, with its key path
             key_path = _key_path(data, tuple(error["loc"]))
             if error["type"] == "unknown_model":
@@ -183,6 +185,23 @@ def load_config(
             str(main.path.parent / p) for p in main.data.get("include", []) if isinstance(p, str)
         ),
     )
+
+
+def _fleet_tables(data: dict[str, Any]) -> tuple[list[str], dict[str, tuple[list[str] | None, int | None]]]:
+    """fleet_problems' inputs from the raw tables; a value of the wrong type is left to the schema."""
+    hosts = data.get("hosts")
+    names = list(hosts) if isinstance(hosts, dict) else []
+    models = data.get("models")
+    fleet: dict[str, tuple[list[str] | None, int | None]] = {}
+    for name, table in models.items() if isinstance(models, dict) else ():
+        if not isinstance(table, dict):
+            continue
+        chosen, replicas = table.get("hosts"), table.get("replicas")
+        fleet[name] = (
+            [h for h in chosen if isinstance(h, str)] if isinstance(chosen, list) else None,
+            replicas if isinstance(replicas, int) and not isinstance(replicas, bool) and replicas >= 1 else None,
+        )
+    return names, fleet
 
 
 def files_digest(contents: Iterable[tuple[Path, bytes]]) -> str:
@@ -285,6 +304,8 @@ def _resolve_paths(data: dict[str, Any], owner: dict[str, _Source], main: _Sourc
         resolve(table, "mmproj", base)
     resolve(data.get("proxy"), "api_keys_file", main.path.parent)
     resolve(data.get("proxy"), "admin_api_keys_file", main.path.parent)
+    for table in data["hosts"].values() if isinstance(data.get("hosts"), dict) else ():
+        resolve(table, "inventory", main.path.parent)
     llama = data.get("llama_server")
     if isinstance(llama, dict) and isinstance(llama.get("binary"), str) and "/" in llama["binary"]:
         resolve(llama, "binary", main.path.parent)
@@ -308,6 +329,10 @@ def _check_files(data: dict[str, Any], require_model_files: bool = True) -> list
     header shows; checked on the raw tables so that a schema error elsewhere does not hide them."""
     problems: list[tuple[KeyPath, str]] = []
     wanted: list[tuple[KeyPath, Any]] = []
+    if isinstance(data.get("hosts"), dict) and data["hosts"]:
+        # a fleet: a model's file need be only on the hosts that run it; the share planned for this
+        # host says which of its files are missing (supervisor/planning/prepare.py)
+        require_model_files = False
     models = data.get("models")
     for name, table in models.items() if isinstance(models, dict) else ():
         if isinstance(table, dict):

@@ -7,6 +7,8 @@ files or NVML.
 - `inventory`: the GPUs (NVML), host RAM and CPUs now, or from a snapshot file;
 - `headers`: each model's GGUF header from its file or from the snapshot's record;
 - `planner`: `plan()`, the rules every plan keeps, from inputs to the finished Plan;
+- `fleet`: several hosts ([hosts]): which host runs each model, each host's share planned;
+- `fleet_report`: a fleet plan as one section per host and a summary, and its verdict;
 - `footprint`: what one model takes on each device for any layer count and split;
 - `search`: the search for the best arrangement of the resident models;
 - `shortfall`: how many bytes an unplaced model lacks, and where;

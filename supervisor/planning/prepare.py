@@ -3,21 +3,40 @@
 load the config → take the inventory (NVML, or a snapshot file) → read each model's header (its
 file, or the snapshot's record) → estimate → plan. Each step raises a UserError that says what is
 wrong; nothing here starts a process.
+
+A config with [hosts] is a fleet: `prepare_fleet` reads every host's snapshot and solves the fleet
+(planning/fleet.py); `prepare` then keeps this host's share (`Source.fleet_host`, else the host
+named like this machine) and plans it against this machine as for one machine, so `serve` and every
+reload run the same steps.
 """
 
 from __future__ import annotations
 
+import functools
+import socket
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from llama_smart_proxy.schemas.config import Config
 from llama_smart_proxy.schemas.inventory import Inventory
-from llama_smart_proxy.schemas.plan import Plan
+from llama_smart_proxy.schemas.plan import FleetPlan, Plan
 from llama_smart_proxy.supervisor.config.load import LoadedConfig, load_config
+from llama_smart_proxy.supervisor.errors import UserError
+from llama_smart_proxy.supervisor.memory.reader import read_header
+from llama_smart_proxy.supervisor.planning.fleet import Machine, share_config, solve_fleet
 from llama_smart_proxy.supervisor.planning.headers import build_profiles
 from llama_smart_proxy.supervisor.planning.inventory import load_inventory, take_inventory
 from llama_smart_proxy.supervisor.planning.planner import plan
+
+
+@dataclass(frozen=True)
+class FleetShare:
+    """This host's place in a fleet: its name and the whole fleet's assignment."""
+
+    host: str
+    fleet: FleetPlan
 
 
 @dataclass(frozen=True)
@@ -27,6 +46,14 @@ class Prepared:
     plan: Plan
     machine: str
     """Where the inventory came from, for people: "this machine (NVML now)" or the snapshot."""
+    fleet: FleetShare | None = None
+    """With [hosts]: this host's name and the fleet; `loaded.config` then holds its share only."""
+
+
+@dataclass(frozen=True)
+class PreparedFleet:
+    loaded: LoadedConfig
+    plan: FleetPlan
 
 
 @dataclass(frozen=True)
@@ -39,6 +66,10 @@ class Source:
     require_model_files: bool = True
     builtin: LoadedConfig | None = None
     """A config made in code (`serve --demo`), used instead of a file."""
+    fleet_host: str | None = None
+    """`serve --host NAME`: this host in the config's [hosts]; None: the host named like this machine."""
+    host_inventories: Mapping[str, Path] | None = None
+    """`plan --inventory NAME=FILE`: snapshots used instead of those hosts' `inventory`."""
 
     def load(self) -> LoadedConfig:
         if self.builtin is not None:
@@ -49,23 +80,93 @@ class Source:
     def inventory(self) -> tuple[Inventory, str]:
         if self.inventory_path is not None:
             inventory = load_inventory(self.inventory_path)
-            machine = f"snapshot {self.inventory_path}"
-            if inventory.hostname or inventory.taken_at:
-                machine += f" of {inventory.hostname or '?'} taken {inventory.taken_at or '?'}"
-            return inventory, machine
+            return inventory, _snapshot_words(self.inventory_path, inventory)
         return take_inventory(), "this machine (NVML now)"
 
 
-def prepare(source: Source, *, credit: Mapping[int, int] | None = None) -> Prepared:
+def prepare(
+    source: Source, *, credit: Mapping[int, int] | None = None, loaded: LoadedConfig | None = None
+) -> Prepared:
     """Load, inventory, estimate and plan; `credit` adds bytes back to GPUs' free memory (by
-    index) for children of ours that a new plan may replace (see `credit_for`)."""
-    loaded = source.load()
+    index) for children of ours that a new plan may replace (see `credit_for`). With [hosts],
+    this host's share only (the module docstring). `loaded`: the config, already loaded."""
+    loaded = loaded or source.load()
+    share = None
+    if loaded.config.hosts:
+        host = source.fleet_host or this_host(loaded.config)
+        if host not in loaded.config.hosts:
+            raise UserError(f"--host {host}: no such host in [hosts] ({', '.join(sorted(loaded.config.hosts))})")
+        fleet = prepare_fleet(source, loaded=loaded).plan
+        share = FleetShare(host, fleet)
+        mine = [name for name, model in fleet.models.items() if host in model.hosts]
+        loaded = replace(loaded, config=share_config(loaded.config, mine))
+    elif source.fleet_host is not None:
+        raise UserError(f"--host {source.fleet_host}: {loaded.path} has no [hosts] table")
     inventory, machine = source.inventory()
     if credit:
         inventory = with_credit(inventory, credit)
     found = build_profiles(loaded.config, inventory.models, have_snapshot=source.inventory_path is not None)
     result = plan(loaded.config, inventory, found.profiles, found.headers, found.notes)
-    return Prepared(loaded=loaded, inventory=inventory, plan=result, machine=machine)
+    return Prepared(loaded=loaded, inventory=inventory, plan=result, machine=machine, fleet=share)
+
+
+def this_host(config: Config) -> str:
+    """The host of [hosts] named like this machine (its short host name); a UserError otherwise."""
+    name = socket.gethostname().split(".")[0]
+    if name in config.hosts:
+        return name
+    raise UserError(
+        f"this machine ({name}) is not one of the hosts in [hosts] ({', '.join(sorted(config.hosts))}); "
+        "give serve --host NAME"
+    )
+
+
+def prepare_fleet(source: Source, *, loaded: LoadedConfig | None = None) -> PreparedFleet:
+    """Read every host's snapshot and solve the fleet (planning/fleet.py)."""
+    loaded = loaded or source.load()
+    config = loaded.config
+    given = dict(source.host_inventories or {})
+    for name in given:
+        if name not in config.hosts:
+            raise UserError(f"--inventory {name}=...: no such host in [hosts] ({', '.join(sorted(config.hosts))})")
+    read = functools.cache(read_header)  # one read of each header, however many hosts
+    machines = {}
+    for name, host in sorted(config.hosts.items()):
+        path = given.get(name, host.inventory)
+        if path is None:
+            raise UserError(f"hosts.{name}.inventory: not set; give it there or with --inventory {name}=FILE")
+        try:
+            inventory = load_inventory(path)
+        except UserError as exc:
+            raise UserError(f"hosts.{name}.inventory: {exc}") from None
+        found = build_profiles(config, inventory.models, have_snapshot=True, read=read)
+        machines[name] = Machine(
+            address=host.address,
+            inventory=inventory,
+            source=f"{_snapshot_words(Path(path), inventory)}: {inventory.message}",
+            profiles=found.profiles,
+            headers=found.headers,
+            notes=found.notes,
+        )
+    return PreparedFleet(loaded=loaded, plan=solve_fleet(config, machines))
+
+
+def plan_fleet_file(config_path: Path | str, inventories: Mapping[str, Path] | None = None) -> FleetPlan:
+    """The fleet plan of a config file with [hosts]: which hosts run each model (`FleetPlan.routes()`
+    by every name and alias), each host's address and plan. The model files may be absent where
+    the snapshots record their headers."""
+    source = Source(Path(config_path), host_inventories=inventories, require_model_files=False)
+    loaded = source.load()
+    if not loaded.config.hosts:
+        raise UserError(f"{loaded.path}: no [hosts] table: not a fleet")
+    return prepare_fleet(source, loaded=loaded).plan
+
+
+def _snapshot_words(path: Path, inventory: Inventory) -> str:
+    words = f"snapshot {path}"
+    if inventory.hostname or inventory.taken_at:
+        words += f" of {inventory.hostname or '?'} taken {inventory.taken_at or '?'}"
+    return words
 
 
 def with_credit(inventory: Inventory, credit: Mapping[int, int]) -> Inventory:

@@ -189,6 +189,41 @@ class HostStatus:
 
 
 @dataclass(frozen=True)
+class FleetHost:
+    """A host of the fleet: its name in [hosts] and where its service listens."""
+
+    name: str
+    address: str
+
+
+@dataclass(frozen=True)
+class FleetModelStatus:
+    """A model of the fleet and the hosts that run it (this one among them, or not)."""
+
+    name: str
+    aliases: tuple[str, ...] = ()
+    hosts: tuple[FleetHost, ...] = ()
+    """Empty: no host of the fleet runs it (`note` says why)."""
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class FleetStatus:
+    """Where every model of a fleet runs, as the fleet plan this host serves says."""
+
+    host: str
+    """This host's name in [hosts]."""
+    models: tuple[FleetModelStatus, ...] = ()
+
+    def model(self, name: str) -> FleetModelStatus | None:
+        """The model a name or alias means, or None."""
+        for model in self.models:
+            if name == model.name or name in model.aliases:
+                return model
+        return None
+
+
+@dataclass(frozen=True)
 class ServiceStatus:
     """Everything the proxy's own routes show, taken at one moment."""
 
@@ -203,6 +238,8 @@ class ServiceStatus:
     extra: Mapping[str, Any] = field(default_factory=dict)
     """Runtime facts for /status that have no field here yet."""
     host: HostStatus | None = None
+    fleet: FleetStatus | None = None
+    """With [hosts]: every model of the fleet and where it runs; None on one machine."""
 
     def model(self, name: str) -> ModelStatus | None:
         for status in self.models:

@@ -5,7 +5,10 @@ Rules kept here:
 - pure: the service's status (and the proxy's counters) in, a `Reply` out; the server does the I/O;
 - /health is 200 while the proxy can serve some model (a model that is stopped, loading or
   restarting can still be served; failed and unplaced ones cannot), else 503;
-- /v1/models lists every configured name and alias in OpenAI's format, each with its state;
+- /v1/models lists every configured name and alias in OpenAI's format, each with its state; in a
+  fleet, every model of the fleet, each with the hosts that run it (`hosts`), those that run only
+  elsewhere with the state "remote"; a request here for one of those is answered with where it
+  runs (`elsewhere_error`), never as an unknown name;
 - /status, /events (fed by the service's state feed) and the status page render a model, a GPU
   and the host through the same functions here (`model_json`, `gpu_json`, `host_json`,
   `status_body`), so that every view shows the same values.
@@ -17,7 +20,13 @@ import time
 from dataclasses import asdict
 from typing import Any
 
-from llama_smart_proxy.supervisor.proxy.backends import GpuStatus, HostStatus, ModelStatus, ServiceStatus
+from llama_smart_proxy.supervisor.proxy.backends import (
+    FleetModelStatus,
+    GpuStatus,
+    HostStatus,
+    ModelStatus,
+    ServiceStatus,
+)
 from llama_smart_proxy.supervisor.proxy.http import HttpError, Reply, json_reply, unknown_model_error
 from llama_smart_proxy.supervisor.proxy.metrics import CONTENT_TYPE, ProxyMetrics, render
 
@@ -25,9 +34,11 @@ OWNED_BY = "llama-smart-proxy"
 ADMIN_PREFIX = b"/admin/"
 ADMIN_ACTIONS = ("load", "unload", "reset")
 READ_ALLOW = b"GET, HEAD"  # the Allow header of the read-only own routes
+REMOTE = "remote"  # /v1/models' state of a model that only other hosts of the fleet run
+MISDIRECTED = 421  # RFC 9110: this server cannot answer for that model; the answer says which can
 
 
-def _model_entry(id_: str, status: ModelStatus, alias_of: str | None) -> dict[str, Any]:
+def _model_entry(id_: str, status: ModelStatus, alias_of: str | None, service: ServiceStatus) -> dict[str, Any]:
     entry: dict[str, Any] = {
         "id": id_,
         "object": "model",
@@ -39,24 +50,86 @@ def _model_entry(id_: str, status: ModelStatus, alias_of: str | None) -> dict[st
         entry["alias_of"] = alias_of
     else:
         entry["aliases"] = list(status.aliases)
+    where = service.fleet.model(status.name) if service.fleet else None
+    if where is not None:
+        entry["hosts"] = _hosts_json(where)
     return entry
 
 
+def _remote_entry(id_: str, model: FleetModelStatus, alias_of: str | None) -> dict[str, Any]:
+    entry: dict[str, Any] = {
+        "id": id_,
+        "object": "model",
+        "created": 0,
+        "owned_by": OWNED_BY,
+        "state": REMOTE if model.hosts else "unplaced",
+    }
+    if alias_of is not None:
+        entry["alias_of"] = alias_of
+    else:
+        entry["aliases"] = list(model.aliases)
+    entry["hosts"] = _hosts_json(model)
+    return entry
+
+
+def _hosts_json(model: FleetModelStatus) -> list[dict[str, str]]:
+    return [{"name": h.name, "address": h.address} for h in model.hosts]
+
+
+def _remote_models(service: ServiceStatus) -> list[FleetModelStatus]:
+    """The fleet's models this host does not run."""
+    local = {s.name for s in service.models}
+    return [m for m in service.fleet.models if m.name not in local] if service.fleet else []
+
+
 def models_reply(service: ServiceStatus) -> Reply:
-    data = []
-    for status in sorted(service.models, key=lambda s: s.name):
-        data.append(_model_entry(status.name, status, None))
-        data.extend(_model_entry(alias, status, status.name) for alias in status.aliases)
+    entries: list[tuple[str, list[dict[str, Any]]]] = []
+    for status in service.models:
+        rows = [_model_entry(status.name, status, None, service)]
+        rows += [_model_entry(alias, status, status.name, service) for alias in status.aliases]
+        entries.append((status.name, rows))
+    for model in _remote_models(service):
+        rows = [_remote_entry(model.name, model, None)]
+        rows += [_remote_entry(alias, model, model.name) for alias in model.aliases]
+        entries.append((model.name, rows))
+    data = [row for _, rows in sorted(entries, key=lambda e: e[0]) for row in rows]
     return json_reply(200, {"object": "list", "data": data})
 
 
 def model_reply(service: ServiceStatus, name: str) -> Reply:
     for status in service.models:
         if name == status.name:
-            return json_reply(200, _model_entry(name, status, None))
+            return json_reply(200, _model_entry(name, status, None, service))
         if name in status.aliases:
-            return json_reply(200, _model_entry(name, status, status.name))
+            return json_reply(200, _model_entry(name, status, status.name, service))
+    for model in _remote_models(service):
+        if name in (model.name, *model.aliases):
+            return json_reply(200, _remote_entry(name, model, None if name == model.name else model.name))
     raise unknown_model_error(name, service.known_names())
+
+
+def elsewhere_error(service: ServiceStatus, name: str) -> HttpError | None:
+    """The answer to a request here for a model of the fleet that this host does not run (it
+    names the hosts that do), or None when `name` is no such model."""
+    model = service.fleet.model(name) if service.fleet else None
+    if model is None or service.model(model.name) is not None:
+        return None
+    this = service.fleet.host if service.fleet else ""
+    if not model.hosts:
+        return HttpError(
+            503,
+            f"The model {name!r} runs on no host of this fleet: {model.note or 'no host can take it'}",
+            type="unavailable_error",
+            code="model_unplaced",
+            extra={"hosts": []},
+        )
+    where = ", ".join(f"{h.name} ({h.address})" for h in model.hosts)
+    return HttpError(
+        MISDIRECTED,
+        f"The model {name!r} runs on {where}, not on this host ({this}); send the request there",
+        code="model_on_other_host",
+        extra={"hosts": _hosts_json(model)},
+    )
 
 
 def overall_health(service: ServiceStatus) -> str:

@@ -496,8 +496,11 @@ class ProxyServer:
             self._observe(model, error.status, started)
 
     async def _resolve_failed(self, setup: Setup, name: str | None) -> HttpError:
-        known = (await setup.backends.status()).known_names()
-        return missing_model_error(known) if name is None else unknown_model_error(name, known)
+        service = await setup.backends.status()
+        if name is None:
+            return missing_model_error(service.known_names())
+        # a model another host of the fleet runs is no typo: say where it runs
+        return routes.elsewhere_error(service, name) or unknown_model_error(name, service.known_names())
 
     async def _own_route(
         self, conn: h11.Connection, client: _Client, setup: Setup, request: h11.Request, method: bytes, path: bytes

@@ -50,6 +50,9 @@ from llama_smart_proxy.supervisor.children.state import ChildState
 from llama_smart_proxy.supervisor.children.supervise import Children
 from llama_smart_proxy.supervisor.planning.prepare import Prepared
 from llama_smart_proxy.supervisor.proxy.backends import (
+    FleetHost,
+    FleetModelStatus,
+    FleetStatus,
     ActionRefused,
     GpuStatus,
     HostStatus,
@@ -555,6 +558,7 @@ class Runtime:
         extra = {
             "config": str(self.prepared.loaded.path),
             "machine": self.prepared.machine,
+            "fleet_host": self.prepared.fleet.host if self.prepared.fleet else None,
             "last_reload": None if self.last_reload is None else self.last_reload.as_json(),
             "reloads": dict(self.reloads),
             "children": {
@@ -575,6 +579,7 @@ class Runtime:
             reloads=dict(self.reloads),
             extra=extra,
             host=self.host_status(),
+            fleet=fleet_status(self.prepared),
         )
 
     def _admin_entry(self, model: str) -> ModelEntry:
@@ -800,6 +805,26 @@ class Runtime:
     def _install(self, entries: dict[str, ModelEntry]) -> None:
         self._entries = entries
         self._routing = RoutingTable.of(e.spec for e in entries.values())
+
+
+def fleet_status(prepared: Prepared) -> FleetStatus | None:
+    """Where every model of the fleet runs, from the fleet plan this host's share came from."""
+    if prepared.fleet is None:
+        return None
+    fleet = prepared.fleet.fleet
+    addresses = {name: host.address for name, host in fleet.hosts.items()}
+    return FleetStatus(
+        host=prepared.fleet.host,
+        models=tuple(
+            FleetModelStatus(
+                name=name,
+                aliases=tuple(model.aliases),
+                hosts=tuple(FleetHost(h, addresses[h]) for h in model.hosts),
+                note="; ".join(u.reason for u in fleet.unplaced if u.model == name),
+            )
+            for name, model in sorted(fleet.models.items())
+        ),
+    )
 
 
 def _usable_by_gpu(plan: Plan) -> dict[int, int]:

@@ -65,6 +65,14 @@ def demo_config(listen: str | None = None) -> LoadedConfig:
 
 def describe_plan(prepared: Prepared) -> list[str]:
     lines = [f"plan for {prepared.loaded.path} on {prepared.machine}: {prepared.inventory.message}"]
+    if prepared.fleet is not None:
+        fleet, host = prepared.fleet.fleet, prepared.fleet.host
+        elsewhere = [f"{n} on {', '.join(m.hosts) or 'no host'}" for n, m in sorted(fleet.models.items()) if host not in m.hosts]
+        lines.append(
+            f"  fleet host {host} ({fleet.hosts[host].address}) of {len(fleet.hosts)}: runs "
+            f"{', '.join(m.name for m in prepared.plan.models) or 'no model'}; elsewhere: {', '.join(elsewhere) or 'none'}"
+        )
+        lines += [f"  fleet: {u.reason}" for u in fleet.unplaced]
     for model in prepared.plan.models:
         lines.append(f"  {model.name}: {model.reason}")
     lines += [f"  note: {note}" for note in prepared.plan.notes]
