@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -20,6 +21,10 @@ import httpx
 from llama_smart_proxy.supervisor.fleet.haproxy_reload import HAPROXY, master_state
 from tests.helpers import wait_for
 
+# A path on which NamedBackend answers server-sent events, one every interval.
+SLOW_STREAM_PATH = "/slow-stream"
+SLOW_STREAM_EVENTS = 10
+SLOW_STREAM_INTERVAL_S = 0.1
 # show servers state's columns (HAProxy 2.6): srv_op_state 2 is running, 0 stopped
 _OP_STATES = {"0": "DOWN", "1": "STARTING", "2": "UP", "3": "STOPPING"}
 
@@ -105,7 +110,7 @@ def running_haproxy(config: Path, directory: Path, listen: str) -> Iterator[Runn
 
 class NamedBackend:
     """An HTTP server on loopback that answers every request with JSON naming itself, the path
-    and the body's length."""
+    and the body's length (or, on SLOW_STREAM_PATH, with slow server-sent events)."""
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -123,6 +128,9 @@ class NamedBackend:
                 length = int(self.headers.get("content-length") or 0)
                 body = self.rfile.read(length) if length else b""
                 backend.requests.append({"path": self.path, "length": len(body)})
+                if self.path == SLOW_STREAM_PATH:
+                    self._stream()
+                    return
                 payload = json.dumps({"host": backend.name, "path": self.path, "length": len(body)}).encode()
                 status = backend.health_status if self.path == "/health" else 200
                 self.send_response(status)
@@ -130,6 +138,18 @@ class NamedBackend:
                 self.send_header("content-length", str(len(payload)))
                 self.end_headers()
                 self.wfile.write(payload)
+
+            def _stream(self) -> None:
+                self.send_response(200)
+                self.send_header("content-type", "text/event-stream")
+                self.send_header("transfer-encoding", "chunked")
+                self.end_headers()
+                for i in range(SLOW_STREAM_EVENTS):
+                    event = f"data: {i}\n\n".encode()
+                    self.wfile.write(b"%x\r\n%s\r\n" % (len(event), event))
+                    self.wfile.flush()
+                    time.sleep(SLOW_STREAM_INTERVAL_S)
+                self.wfile.write(b"0\r\n\r\n")
 
             do_GET = do_POST = _answer
 

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -29,7 +30,7 @@ from llama_smart_proxy.supervisor.fleet.haproxy_reload import (
     parse_show_proc,
 )
 from llama_smart_proxy.supervisor.fleet.routes import FleetRoutes, HealthCheck, ModelRoute, fleet_routes
-from tests.haproxy_harness import NamedBackend, RunningHaproxy, running_haproxy, wait_server_state
+from tests.haproxy_harness import SLOW_STREAM_EVENTS, SLOW_STREAM_INTERVAL_S, SLOW_STREAM_PATH, NamedBackend, RunningHaproxy, running_haproxy, wait_server_state
 from tests.helpers import free_port, h11_reads, wait_for
 
 ODD = 'odd "name" #1 $HOME \\ é'  # quotes, a comment sign, a variable, a backslash, a space, UTF-8
@@ -242,6 +243,23 @@ def test_a_host_whose_health_answers_503_stays_up_and_a_dead_one_goes_down(tmp_p
         answer = httpx.post(f"{haproxy.base}/v1/chat/completions", json={"model": ODD}, timeout=5)
         assert answer.status_code == 503 and answer.headers["retry-after"] == "1"
         assert answer.json()["error"]["message"] == "model 'llama' is unavailable: no host serving it is up (beta)"
+
+
+def test_a_slow_event_stream_passes_each_event_when_it_is_sent(tmp_path: Path, two_hosts: tuple[NamedBackend, NamedBackend]) -> None:
+    alpha, beta = two_hosts
+    fleet, haproxy_running = start(tmp_path, alpha, beta)
+    with haproxy_running as haproxy:
+        wait_server_state(haproxy, "any_host", "alpha", "UP")
+        arrivals = []
+        with httpx.stream("POST", f"{haproxy.base}{SLOW_STREAM_PATH}", json={"model": "qwen"}, timeout=10) as stream:
+            start_at = time.monotonic()
+            for line in stream.iter_lines():
+                if line.startswith("data: "):
+                    arrivals.append(time.monotonic() - start_at)
+    assert len(arrivals) == SLOW_STREAM_EVENTS
+    gaps = [b - a for a, b in zip(arrivals, arrivals[1:])]
+    # each event arrives about one interval after the one before, not all at the end
+    assert all(gap > SLOW_STREAM_INTERVAL_S / 2 for gap in gaps), gaps
 
 
 def test_a_reload_through_the_master_takes_the_new_routes(tmp_path: Path, two_hosts: tuple[NamedBackend, NamedBackend]) -> None:
