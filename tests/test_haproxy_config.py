@@ -133,9 +133,9 @@ def test_show_proc_is_read_into_the_masters_reloads_and_workers() -> None:
 
 
 def test_haproxy_accepts_the_rendered_config_with_odd_names_and_ipv6_hosts(tmp_path: Path) -> None:
-    config = render_haproxy(routes({"alpha": "[::1]:8080", "beta": "localhost:8081"}, stats_socket=str(tmp_path / "s.sock")))
+    config = render_haproxy(routes({"alpha": "[::1]:8080", "beta": "localhost:8081"}, stats_socket=str(tmp_path / "s.sock"), run_as="haproxy"))
     path = write(config, tmp_path)
-    assert "server alpha [::1]:8080" in path.read_text()
+    assert "server alpha [::1]:8080" in path.read_text() and "    user haproxy\n    group haproxy\n" in path.read_text()
     assert "ALERT" not in check_config(path)
 
 

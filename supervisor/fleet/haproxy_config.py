@@ -148,6 +148,9 @@ def _global(routes: FleetRoutes) -> list[str]:
         "    # after a reload the old worker finishes the streams it holds, for this long at most",
         f"    hard-stop-after {_ms(routes.old_worker_grace_s)}",
     ]
+    if routes.run_as:
+        # the master keeps root (to bind and reload); the workers that talk to clients do not
+        lines += [f"    user {routes.run_as}", f"    group {routes.run_as}"]
     if routes.stats_socket:
         # expose-fd listeners: a reloaded worker takes the listening sockets over from the old one,
         # so no connection is refused during a reload

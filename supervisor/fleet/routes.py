@@ -10,6 +10,7 @@ Rules kept here:
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -111,6 +112,7 @@ class FleetRoutes:
     check: HealthCheck = field(default_factory=HealthCheck)
     stats_socket: str | None = None  # HAProxy's admin socket (also hands listeners to a reload)
     old_worker_grace_s: float = DEFAULT_OLD_WORKER_GRACE_S
+    run_as: str | None = None  # user and group the workers drop to (Debian's: "haproxy"); None: stay
 
     def __post_init__(self) -> None:
         try:
@@ -136,6 +138,8 @@ class FleetRoutes:
         if clashes:
             path, message = clashes[0]
             raise ValueError(f"{'.'.join(map(str, path))}: {message}")
+        if self.run_as is not None and not re.fullmatch(r"[a-z_][a-z0-9_-]*", self.run_as):
+            raise ValueError(f"run_as: {self.run_as!r} is not a user name")
         if self.body_limit_bytes < 1:
             raise ValueError(f"body limit must be at least 1 byte, got {self.body_limit_bytes}")
 
@@ -153,6 +157,7 @@ def fleet_routes(
     check: HealthCheck | None = None,
     stats_socket: str | None = None,
     old_worker_grace_s: float = DEFAULT_OLD_WORKER_GRACE_S,
+    run_as: str | None = None,
 ) -> FleetRoutes:
     """The routes of a fleet whose hosts share `proxy` settings: hosts by name → address, each
     model with its aliases and the hosts the fleet plan gave it.
@@ -170,4 +175,5 @@ def fleet_routes(
         check=check or HealthCheck(),
         stats_socket=stats_socket,
         old_worker_grace_s=old_worker_grace_s,
+        run_as=run_as,
     )
