@@ -170,12 +170,12 @@ def stream_reads(address: str, body: bytes) -> tuple[bytes, list[float]]:
     return b"".join(data for _, data in arrivals), [t for t, data in arrivals if b"data: " in data]
 
 
-def test_a_stream_from_the_real_llama_server_arrives_in_pieces_through_haproxy(fleet: Fleet) -> None:
-    """A real stream passes whole and in several reads, as it does straight from the host.
+def test_a_stream_from_the_real_llama_server_passes_whole_through_haproxy(fleet: Fleet) -> None:
+    """A real stream passes whole, framed as the host sent it.
 
-    The tiny model's speed on two shared cores swings from ~50 to ~4000 tokens/s between runs, so
-    timing is only printed here; tests/test_haproxy_config.py proves event-by-event delivery on a
-    stream paced at 100 ms."""
+    The tiny model's speed on two shared cores swings from ~10 to ~4000 tokens/s between runs, so
+    a stream may be over in 10 ms and its timing proves nothing: it is only printed here, and
+    tests/test_haproxy_config.py proves event-by-event delivery on a stream paced at 100 ms."""
     body = json.dumps({"model": "b", "messages": [{"role": "user", "content": "Tell a story"}], "max_tokens": 40,
                        "stream": True, "ignore_eos": True, "n_probs": 50}).encode()  # fmt: skip
     direct_raw, direct = stream_reads(fleet.hosts["beta"].listen, body)
@@ -184,7 +184,6 @@ def test_a_stream_from_the_real_llama_server_arrives_in_pieces_through_haproxy(f
     print(f"stream through HAProxy: {len(events_at)} reads with events, first {events_at[0] * 1000:.1f} ms, last {events_at[-1] * 1000:.1f} ms")
     assert raw.startswith(b"HTTP/1.1 200") and raw.endswith(b"data: [DONE]\n\n\r\n0\r\n\r\n"), raw[-300:]
     assert raw.count(b"data: ") >= 20 and direct_raw.count(b"data: ") >= 20  # tokens may merge into one event
-    assert len(events_at) >= 2 and events_at[0] < events_at[-1], events_at
 
 
 def test_models_listing_and_a_misspelt_model_are_answered_by_a_healthy_host(fleet: Fleet) -> None:
@@ -259,7 +258,7 @@ def test_a_reload_that_moves_a_model_drops_no_request_for_the_others(fleet: Flee
         moved = make_routes(fleet.routes.listen, fleet.hosts, {**ROUTED, "a": ("beta",)}, fleet.directory / "stats.sock")
         state = apply_config(render_haproxy(moved), fleet.directory / "haproxy.cfg",
                              pid_file=fleet.haproxy.pid_file, master_socket=fleet.haproxy.master_socket)  # fmt: skip
-        assert state is not None and state.old_workers, state
+        assert state is not None and state.reloads == 1, state
         # the old worker finishes what it holds and exits; the loops go on through the new one
         wait_for(lambda: not master_state(fleet.haproxy.master_socket).old_workers, 30, "the old worker to exit")
         wait_for(lambda: min(len(r) - counts[k] for k, r in results.items()) >= 10, 60, "requests after the reload")
