@@ -168,9 +168,11 @@ class NamedBackend:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.server.shutdown()
+        """Stop serving and close the listening socket (idempotent: a test may stop it early)."""
+        if self.thread.is_alive():
+            self.server.shutdown()
+            self.thread.join(timeout=5)
         self.server.server_close()
-        self.thread.join(timeout=5)
 
 
 def wait_server_state(haproxy: RunningHaproxy, backend: str, server: str, state: str, timeout: float = 10) -> None:

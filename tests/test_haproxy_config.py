@@ -172,7 +172,8 @@ def two_hosts() -> Iterator[tuple[NamedBackend, NamedBackend]]:
 
 
 def start(tmp_path: Path, alpha: NamedBackend, beta: NamedBackend, **overrides: object) -> tuple[FleetRoutes, AbstractContextManager[RunningHaproxy]]:
-    fleet = routes({"alpha": alpha.address, "beta": beta.address}, check=FAST_CHECK, stats_socket=str(tmp_path / "stats.sock"), **overrides)
+    settings = {"check": FAST_CHECK, "stats_socket": str(tmp_path / "stats.sock"), **overrides}
+    fleet = routes({"alpha": alpha.address, "beta": beta.address}, **settings)
     path = write(render_haproxy(fleet), tmp_path)
     return fleet, running_haproxy(path, tmp_path, fleet.listen)
 
@@ -243,6 +244,20 @@ def test_a_host_whose_health_answers_503_stays_up_and_a_dead_one_goes_down(tmp_p
         answer = httpx.post(f"{haproxy.base}/v1/chat/completions", json={"model": ODD}, timeout=5)
         assert answer.status_code == 503 and answer.headers["retry-after"] == "1"
         assert answer.json()["error"]["message"] == "model 'llama' is unavailable: no host serving it is up (beta)"
+
+
+def test_requests_to_a_replica_that_just_died_are_retried_on_the_other_before_any_check_notices(
+    tmp_path: Path, two_hosts: tuple[NamedBackend, NamedBackend]
+) -> None:
+    alpha, beta = two_hosts
+    slow_check = HealthCheck(interval_s=30, fast_interval_s=30, timeout_s=1, fall=2, rise=1)
+    fleet, haproxy_running = start(tmp_path, alpha, beta, check=slow_check)
+    with haproxy_running as haproxy:
+        wait_server_state(haproxy, "any_host", "alpha", "UP")
+        alpha.__exit__(None, None, None)  # its port now refuses connections; HAProxy checks in 30 s
+        answers = [httpx.post(f"{haproxy.base}/v1/chat/completions", json={"model": "qwen"}, timeout=5) for _ in range(6)]
+        assert [(a.status_code, a.json()["host"]) for a in answers] == [(200, "beta")] * 6
+        assert haproxy.server_states()[("any_host", "alpha")] == "UP"  # no check has run yet
 
 
 def test_a_slow_event_stream_passes_each_event_when_it_is_sent(tmp_path: Path, two_hosts: tuple[NamedBackend, NamedBackend]) -> None:
