@@ -9,13 +9,16 @@ Each host runs its own plain config with its share of the models for now; host b
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -27,7 +30,7 @@ from llama_smart_proxy.supervisor.fleet.haproxy_reload import apply_config, inst
 from llama_smart_proxy.supervisor.fleet.routes import FleetRoutes, HealthCheck, ModelRoute, fleet_routes
 from tests.haproxy_harness import RunningHaproxy, running_haproxy, wait_server_state
 from tests.helpers import free_port, wait_for
-from tests.test_serve import serve_process, wait_ready
+from tests.test_serve import wait_ready
 
 pytestmark = [pytest.mark.llama_server, pytest.mark.slow]
 
@@ -43,15 +46,42 @@ ROUTED = {"a": ("alpha",), "b": ("beta",), "shared": ("alpha", "beta")}
 
 @dataclass
 class Host:
+    """One host's `serve` (its own config, the no-GPU snapshot), started and stopped by the tests."""
+
     name: str
     listen: str
     config: Path
     log: Path
     env: dict[str, str]
+    process: subprocess.Popen | None = None
 
     @property
     def base(self) -> str:
         return f"http://{self.listen}"
+
+    def start(self) -> None:
+        with self.log.open("ab") as out:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "llama_smart_proxy.supervisor", "serve", "--config", str(self.config), "--inventory", str(NO_GPU)],
+                stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **self.env},
+            )  # fmt: skip
+
+    def wait_ready(self) -> None:
+        assert self.process is not None
+        wait_ready(self.base, self.process, self.log, timeout=120)
+
+    def stop(self) -> None:
+        """SIGTERM (serve stops its children and exits), SIGKILL after 30 s; always reaped."""
+        if self.process is None:
+            return
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=10)
+        self.process = None
 
     def served(self, model: str) -> int:
         """Requests for `model` (under any of its names) this host answered 200, from its /metrics."""
@@ -67,7 +97,6 @@ class Fleet:
     haproxy: RunningHaproxy
     routes: FleetRoutes
     directory: Path
-    processes: dict[str, object] = field(default_factory=dict)
 
     def chat(self, model: str, client: httpx.Client | None = None, **extra: object) -> httpx.Response:
         body = {"model": model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, **extra}
@@ -90,20 +119,6 @@ def make_routes(listen: str, hosts: dict[str, Host], routed: dict[str, tuple[str
     return fleet_routes(listen, addresses, models, ProxySettings(), check=CHECK, stats_socket=str(stats_socket))
 
 
-def start_host(host: Host, stack: dict[str, object]) -> None:
-    context = serve_process(["--config", str(host.config), "--inventory", str(NO_GPU)], host.log, host.env)
-    process = context.__enter__()
-    stack[host.name] = (context, process)
-
-
-def stop_host(name: str, stack: dict[str, object]) -> None:
-    context, process = stack.pop(name)  # type: ignore[misc]
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        process.wait(timeout=30)
-    context.__exit__(None, None, None)
-
-
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory, llama_server: Path, tiny_model: Path) -> Iterator[Fleet]:
     directory = tmp_path_factory.mktemp("fleet")
@@ -113,21 +128,20 @@ def fleet(tmp_path_factory: pytest.TempPathFactory, llama_server: Path, tiny_mod
         listen = f"127.0.0.1:{free_port()}"
         config = write_host_config(directory, name, listen, llama_server, tiny_model)
         hosts[name] = Host(name, listen, config, directory / f"{name}.log", env)
-    stack: dict[str, object] = {}
     try:
         for host in hosts.values():
-            start_host(host, stack)
+            host.start()
         for host in hosts.values():
-            wait_ready(host.base, stack[host.name][1], host.log, timeout=120)  # type: ignore[index]
+            host.wait_ready()
         routes = make_routes(f"127.0.0.1:{free_port()}", hosts, ROUTED, directory / "stats.sock")
         config = install_config(render_haproxy(routes), directory / "haproxy.cfg")
         with running_haproxy(config, directory, routes.listen) as haproxy:
             for host in hosts:
                 wait_server_state(haproxy, "any_host", host, "UP")
-            yield Fleet(hosts, haproxy, routes, directory, stack)
+            yield Fleet(hosts, haproxy, routes, directory)
     finally:
-        for name in list(stack):
-            stop_host(name, stack)
+        for host in hosts.values():
+            host.stop()
 
 
 def test_each_model_and_alias_reaches_only_the_host_that_serves_it(fleet: Fleet) -> None:
@@ -197,7 +211,7 @@ def test_models_listing_and_a_misspelt_model_are_answered_by_a_healthy_host(flee
 def test_a_stopped_host_is_marked_down_within_its_check_interval_and_comes_back(fleet: Fleet) -> None:
     alpha = fleet.hosts["alpha"]
     host, port = alpha.listen.rsplit(":", 1)
-    stop = threading.Thread(target=stop_host, args=("alpha", fleet.processes))
+    stop = threading.Thread(target=alpha.stop)
     stop.start()
 
     def refused() -> bool:
@@ -222,8 +236,8 @@ def test_a_stopped_host_is_marked_down_within_its_check_interval_and_comes_back(
     assert unavailable.status_code == 503 and error["code"] == "no_host_up" and error["model"] == "a"
     assert error["message"] == "model 'a' is unavailable: no host serving it is up (alpha)"
 
-    start_host(alpha, fleet.processes)
-    wait_ready(alpha.base, fleet.processes["alpha"][1], alpha.log, timeout=120)  # type: ignore[index]
+    alpha.start()
+    alpha.wait_ready()
     wait_server_state(fleet.haproxy, "any_host", "alpha", "UP", timeout=10)
     assert fleet.chat("a").status_code == 200
     assert alpha.served("a") == 1  # a fresh service: its counters started at 0
