@@ -30,7 +30,15 @@ from llama_smart_proxy.supervisor.fleet.haproxy_reload import (
     parse_show_proc,
 )
 from llama_smart_proxy.supervisor.fleet.routes import FleetRoutes, HealthCheck, ModelRoute, fleet_routes
-from tests.haproxy_harness import SLOW_STREAM_EVENTS, SLOW_STREAM_INTERVAL_S, SLOW_STREAM_PATH, NamedBackend, RunningHaproxy, running_haproxy, wait_server_state
+from tests.haproxy_harness import (
+    SLOW_STREAM_EVENTS,
+    SLOW_STREAM_INTERVAL_S,
+    SLOW_STREAM_PATH,
+    NamedBackend,
+    RunningHaproxy,
+    running_haproxy,
+    wait_server_state,
+)
 from tests.helpers import free_port, h11_reads, wait_for
 
 ODD = 'odd "name" #1 $HOME \\ é'  # quotes, a comment sign, a variable, a backslash, a space, UTF-8
@@ -66,9 +74,11 @@ def test_every_name_and_alias_selects_its_models_backend_and_odd_names_only_by_h
             assert line.lstrip().startswith("#") and json.dumps(ODD) in line, line
 
 
-def test_many_aliases_are_split_over_lines_haproxy_can_parse() -> None:
+def test_many_aliases_are_split_over_lines_haproxy_can_parse(tmp_path: Path) -> None:
     lines = list(match_lines("b", [f"n{i}" for i in range(40)]))
     assert len(lines) == 3 and all(len(line.split()) < 64 for line in lines)
+    many = ModelRoute("m", tuple(f"alias-{i}" for i in range(100)) + tuple(f"odd {i}" for i in range(100)), ("a",))
+    check_config(write(render_haproxy(fleet_routes("127.0.0.1:80", {"a": "10.0.0.1:1"}, [many], ProxySettings())), tmp_path))
 
 
 def test_timeouts_outlast_the_hosts_first_byte_and_stream_idle_timeouts_and_say_so() -> None:
