@@ -4,7 +4,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import socket
 import time
 from collections.abc import Iterator
 from contextlib import AbstractContextManager
@@ -23,6 +25,7 @@ from llama_smart_proxy.supervisor.fleet.haproxy_config import (
 )
 from llama_smart_proxy.supervisor.fleet.haproxy_reload import (
     HaproxyRefused,
+    HaproxyReloadFailed,
     apply_config,
     check_config,
     install_config,
@@ -302,6 +305,27 @@ def test_a_reload_through_the_master_takes_the_new_routes(tmp_path: Path, two_ho
         wait_server_state(haproxy, "model_0_llama", "alpha", "UP")
         answer = httpx.post(f"{haproxy.base}/v1/chat/completions", json={"model": "llama"}, timeout=5)
         assert answer.json()["host"] == "alpha"
+
+
+def test_a_reload_haproxy_cannot_apply_puts_the_old_file_back_and_the_old_worker_keeps_serving(
+    tmp_path: Path, two_hosts: tuple[NamedBackend, NamedBackend]
+) -> None:
+    alpha, beta = two_hosts
+    fleet, haproxy_running = start(tmp_path, alpha, beta)
+    with haproxy_running as haproxy, socket.socket() as taken:
+        wait_server_state(haproxy, "any_host", "beta", "UP")
+        path = tmp_path / "haproxy.cfg"
+        before = path.read_text()
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = f"127.0.0.1:{taken.getsockname()[1]}"  # haproxy -c accepts it; binding it fails
+        moved = dataclasses.replace(fleet, listen=busy)
+        with pytest.raises(HaproxyReloadFailed, match="failed to load the new config; it keeps the old one"):
+            apply_config(render_haproxy(moved), path, pid_file=haproxy.pid_file, master_socket=haproxy.master_socket)
+        assert path.read_text() == before
+        assert sorted(p.name for p in tmp_path.glob("llama-fleet-errors-*")) == [render_haproxy(fleet).files_dir]
+        answer = httpx.post(f"{haproxy.base}/v1/chat/completions", json={"model": "llama"}, timeout=5)
+        assert answer.status_code == 200 and answer.json()["host"] == "beta"
 
 
 def test_http_response_frames_an_error_file_h11_reads() -> None:

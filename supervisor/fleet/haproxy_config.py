@@ -102,7 +102,7 @@ def buffer_bytes(body_limit_bytes: int) -> int:
 
 def match_lines(backend: str, names: Iterable[str]) -> Iterator[str]:
     """`use_backend` lines for `names`: plain ones as written, the others by their hex."""
-    names = list(names)
+    names = [n for n in names if n]  # "model": "" names no model; the hosts answer it
     plain = [n for n in names if _PLAIN_NAME.match(n)]
     other = [n.encode().hex().upper() for n in names if not _PLAIN_NAME.match(n)]
     for i in range(0, len(plain), NAMES_PER_LINE):

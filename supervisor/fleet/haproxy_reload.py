@@ -73,25 +73,31 @@ def install_config(config: HaproxyConfig, path: Path, haproxy: Path = HAPROXY) -
     """Write `config` to `path` (and its error files beside it), checked first, atomically;
     returns `path`. The error folder the replaced config named is removed once the new one is in
     (the running HAProxy read its files when it started; other configs' folders are left alone)."""
+    previous, _ = _replace_checked(config, path, haproxy)
+    _remove_files_dirs(path.parent, _files_dirs_named(previous) - {config.files_dir})
+    return path
+
+
+def _replace_checked(config: HaproxyConfig, path: Path, haproxy: Path) -> tuple[str | None, bool]:
+    """Put `config` at `path` once `haproxy -c` accepts it: (the text it replaced, whether its
+    error folder was written now)."""
     folder = path.parent
     folder.mkdir(parents=True, exist_ok=True)
-    files_dir = folder / config.files_dir
     created = _write_files(config, folder)
     staged = folder / f".{path.name}.new-{os.getpid()}"
     try:
         _write_synced(staged, config.text.encode())
-        check_config(staged, haproxy, shown_as=f"{path} (new)")  # default-path config: staged beside path, it names the same files
+        # default-path config: staged beside `path`, it names the same error files
+        check_config(staged, haproxy, shown_as=f"{path} (new)")
     except BaseException:
         staged.unlink(missing_ok=True)
         if created:
-            shutil.rmtree(files_dir, ignore_errors=True)
+            shutil.rmtree(folder / config.files_dir, ignore_errors=True)
         raise
-    replaced = _files_dirs_named(path)
+    previous = path.read_text() if path.exists() else None
     os.replace(staged, path)
     _sync_folder(folder)
-    for name in replaced - {config.files_dir}:
-        shutil.rmtree(folder / name, ignore_errors=True)
-    return path
+    return previous, created
 
 
 def read_master_pid(pid_file: Path) -> int:
@@ -113,7 +119,10 @@ def reload_haproxy(pid_file: Path, master_socket: Path | None = None, timeout_s:
     """SIGUSR2 to the master named in `pid_file`. With `master_socket`, wait until a new worker
     runs and return the master's state; a reload the master reports failed raises."""
     pid = read_master_pid(pid_file)
-    before = master_state(master_socket) if master_socket else None
+    try:
+        before = master_state(master_socket) if master_socket else None
+    except OSError as exc:
+        raise HaproxyReloadFailed(f"{master_socket}: cannot reach HAProxy's master CLI ({exc})") from None
     try:
         os.kill(pid, signal.SIGUSR2)
     except PermissionError:
@@ -144,11 +153,27 @@ def apply_config(
     master_socket: Path | None = None,
     haproxy: Path = HAPROXY,
 ) -> MasterState | None:
-    """Install `config` at `path` (checked, atomic), then reload the master in `pid_file`, if given."""
-    install_config(config, path, haproxy)
+    """Install `config` at `path` (checked, atomic), then reload the master in `pid_file`, if
+    given. A reload the master reports failed (a new address it cannot bind, say) puts the old
+    file back, so that the file on disk is what HAProxy runs, and raises."""
     if pid_file is None:
+        install_config(config, path, haproxy)
         return None
-    return reload_haproxy(pid_file, master_socket)
+    read_master_pid(pid_file)  # not running: say so before anything is replaced
+    previous, created = _replace_checked(config, path, haproxy)
+    try:
+        state = reload_haproxy(pid_file, master_socket)
+    except HaproxyReloadFailed:
+        if previous is not None:
+            staged = path.parent / f".{path.name}.old-{os.getpid()}"
+            _write_synced(staged, previous.encode())
+            os.replace(staged, path)
+            _sync_folder(path.parent)
+        if created:
+            shutil.rmtree(path.parent / config.files_dir, ignore_errors=True)
+        raise
+    _remove_files_dirs(path.parent, _files_dirs_named(previous) - {config.files_dir})
+    return state
 
 
 def master_state(master_socket: Path, timeout_s: float = 2.0) -> MasterState:
@@ -198,21 +223,27 @@ def _write_files(config: HaproxyConfig, folder: Path) -> bool:
         return False
     staging = folder / f".{config.files_dir}.new-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
-    for name, data in config.files.items():
-        relative = Path(name).relative_to(config.files_dir)
-        (staging / relative).parent.mkdir(parents=True, exist_ok=True)
-        _write_synced(staging / relative, data)
-    staging.mkdir(exist_ok=True)
-    os.rename(staging, target)
+    try:
+        for name, data in config.files.items():
+            relative = Path(name).relative_to(config.files_dir)
+            (staging / relative).parent.mkdir(parents=True, exist_ok=True)
+            _write_synced(staging / relative, data)
+        staging.mkdir(exist_ok=True)
+        os.rename(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     return True
 
 
-def _files_dirs_named(path: Path) -> set[str]:
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        return set()
-    return set(re.findall(rf"\b({re.escape(FILES_PREFIX)}[0-9a-f]+)/", text))
+def _files_dirs_named(text: str | None) -> set[str]:
+    """The error folders of ours a config's text names."""
+    return set(re.findall(rf"\b({re.escape(FILES_PREFIX)}[0-9a-f]+)/", text or ""))
+
+
+def _remove_files_dirs(folder: Path, names: set[str]) -> None:
+    for name in names:
+        shutil.rmtree(folder / name, ignore_errors=True)
 
 
 def _write_synced(path: Path, data: bytes) -> None:
