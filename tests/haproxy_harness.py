@@ -116,6 +116,7 @@ class NamedBackend:
         self.name = name
         self.requests: list[dict] = []
         self.health_status = 200  # what GET /health answers
+        self.stream_cut_at: float | None = None  # when a slow stream's write failed
         backend = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -144,12 +145,16 @@ class NamedBackend:
                 self.send_header("content-type", "text/event-stream")
                 self.send_header("transfer-encoding", "chunked")
                 self.end_headers()
-                for i in range(SLOW_STREAM_EVENTS):
-                    event = f"data: {i}\n\n".encode()
-                    self.wfile.write(b"%x\r\n%s\r\n" % (len(event), event))
-                    self.wfile.flush()
-                    time.sleep(SLOW_STREAM_INTERVAL_S)
-                self.wfile.write(b"0\r\n\r\n")
+                try:
+                    for i in range(SLOW_STREAM_EVENTS):
+                        event = f"data: {i}\n\n".encode()
+                        self.wfile.write(b"%x\r\n%s\r\n" % (len(event), event))
+                        self.wfile.flush()
+                        time.sleep(SLOW_STREAM_INTERVAL_S)
+                    self.wfile.write(b"0\r\n\r\n")
+                except OSError:  # the peer (HAProxy) closed the connection
+                    backend.stream_cut_at = time.monotonic()
+                    self.close_connection = True
 
             do_GET = do_POST = _answer
 

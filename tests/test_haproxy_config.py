@@ -290,6 +290,23 @@ def test_a_slow_event_stream_passes_each_event_when_it_is_sent(tmp_path: Path, t
     assert all(gap > SLOW_STREAM_INTERVAL_S / 2 for gap in gaps), gaps
 
 
+def test_a_client_that_leaves_mid_stream_closes_the_hosts_connection(tmp_path: Path, two_hosts: tuple[NamedBackend, NamedBackend]) -> None:
+    """So that llama-server stops generating for nobody (DESIGN.md's runtime rule holds through
+    HAProxy too); the backend notices at its next write, one interval later."""
+    alpha, beta = two_hosts
+    fleet, haproxy_running = start(tmp_path, alpha, beta)
+    with haproxy_running as haproxy:
+        wait_server_state(haproxy, "any_host", "beta", "UP")
+        with httpx.stream("POST", f"{haproxy.base}{SLOW_STREAM_PATH}", json={"model": "llama"}, timeout=10) as stream:
+            lines = stream.iter_lines()
+            assert next(line for line in lines if line.startswith("data: ")) == "data: 0"
+        left_at = time.monotonic()  # the block closed the client's connection
+        wait_for(lambda: beta.stream_cut_at is not None, 5, "the backend's connection to be closed")
+        assert beta.stream_cut_at is not None
+        print(f"\nthe backend's write failed {beta.stream_cut_at - left_at:.3f} s after the client left")
+        assert beta.stream_cut_at - left_at < 3 * SLOW_STREAM_INTERVAL_S
+
+
 def test_a_reload_through_the_master_takes_the_new_routes(tmp_path: Path, two_hosts: tuple[NamedBackend, NamedBackend]) -> None:
     alpha, beta = two_hosts
     fleet, haproxy_running = start(tmp_path, alpha, beta)
