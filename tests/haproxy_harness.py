@@ -92,7 +92,10 @@ def running_haproxy(config: Path, directory: Path, listen: str) -> Iterator[Runn
                 httpx.get(f"{running.base}/haproxy-harness-probe", timeout=1)
             except httpx.TransportError:
                 return False
-            return running.master_socket.exists() and bool(master_state(running.master_socket).workers)
+            try:
+                return bool(master_state(running.master_socket).workers)
+            except OSError:
+                return False  # the master's socket is not there, or not listening, yet
 
         wait_for(answers, 15, "haproxy to answer")
         yield running

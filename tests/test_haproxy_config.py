@@ -84,12 +84,14 @@ def test_many_aliases_are_split_over_lines_haproxy_can_parse(tmp_path: Path) -> 
     check_config(write(render_haproxy(fleet_routes("127.0.0.1:80", {"a": "10.0.0.1:1"}, [many], ProxySettings())), tmp_path))
 
 
-def test_timeouts_outlast_the_hosts_first_byte_and_stream_idle_timeouts_and_say_so() -> None:
-    proxy = ProxySettings(first_byte_timeout=900, stream_idle_timeout=120, upstream_connect_timeout=3)
+def test_timeouts_outlast_the_hosts_load_queue_first_byte_and_stream_idle_timeouts_and_say_so() -> None:
+    proxy = ProxySettings(first_byte_timeout=900, queue_timeout=60, stream_idle_timeout=120, upstream_connect_timeout=3)
     text = render_haproxy(fleet_routes("127.0.0.1:80", {"a": "10.0.0.1:1"}, [], proxy)).text
-    assert "timeout server 905000ms" in text and "timeout client 905000ms" in text
+    assert "timeout server 965000ms" in text and "timeout client 965000ms" in text  # 60 + 900 + 5 s
     assert "timeout connect 3000ms" in text
-    assert "first_byte_timeout (900 s)" in text and "stream_idle_timeout (120 s)" in text
+    assert "queue_timeout (60 s" in text and "first_byte_timeout (900 s" in text and "stream_idle_timeout (120 s)" in text
+    long_gaps = ProxySettings(first_byte_timeout=10, queue_timeout=10, stream_idle_timeout=3600)
+    assert "timeout server 3605000ms" in render_haproxy(fleet_routes("127.0.0.1:80", {"a": "10.0.0.1:1"}, [], long_gaps)).text
 
 
 def test_the_buffer_holds_a_body_of_the_limit_behind_a_full_header_block() -> None:

@@ -160,7 +160,7 @@ def _global(routes: FleetRoutes) -> list[str]:
 
 def _defaults(routes: FleetRoutes, files_dir: str) -> list[str]:
     t = routes.timeouts
-    wait_s = max(t.first_byte_s, t.stream_idle_s) + TIMEOUT_MARGIN_S
+    wait_s = t.longest_silence_s + TIMEOUT_MARGIN_S
     lines = [
         "defaults",
         "    mode http",
@@ -187,9 +187,10 @@ def _defaults(routes: FleetRoutes, files_dir: str) -> list[str]:
         "    # the hosts' header_timeout + body_timeout: HAProxy reads the whole body before routing",
         f"    timeout http-request {_ms(t.request_s)}",
         f"    timeout http-keep-alive {_ms(t.keepalive_s)}",
-        f"    # a generation may wait first_byte_timeout ({t.first_byte_s:g} s) for its first token and",
-        f"    # stream_idle_timeout ({t.stream_idle_s:g} s) between chunks; HAProxy waits longer on both",
-        f"    # sides ({TIMEOUT_MARGIN_S:g} s more), so the host answers its own timeout first",
+        f"    # a host may send nothing for queue_timeout ({t.queue_s:g} s, its model loading) plus",
+        f"    # first_byte_timeout ({t.first_byte_s:g} s; a whole answer unless streamed), or for",
+        f"    # stream_idle_timeout ({t.stream_idle_s:g} s) between chunks; HAProxy waits {TIMEOUT_MARGIN_S:g} s",
+        "    # longer on both sides, so the host answers its own timeout (503, 504) first",
         f"    timeout server {_ms(wait_s)}",
         f"    timeout client {_ms(wait_s)}",
         f"    timeout queue {_ms(t.connect_s)}",

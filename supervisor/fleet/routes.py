@@ -86,8 +86,16 @@ class Timeouts:
     connect_s: float
     request_s: float  # header block and body from the client (HAProxy buffers the body)
     keepalive_s: float
+    queue_s: float  # a request may wait this long on its host for its model to load
     first_byte_s: float  # prompt processing of a long prompt counts here
     stream_idle_s: float  # the longest gap between two chunks of a stream
+
+    @property
+    def longest_silence_s(self) -> float:
+        """The longest a host may legitimately send nothing: a request that waits out the load
+        queue, then its first byte (a whole answer, unless streamed), or a stream's longest gap.
+        (A streamed request that waits for a load gets SSE comments meanwhile.)"""
+        return max(self.queue_s + self.first_byte_s, self.stream_idle_s)
 
     @classmethod
     def of(cls, proxy: ProxySettings) -> Timeouts:
@@ -95,6 +103,7 @@ class Timeouts:
             connect_s=proxy.upstream_connect_timeout,
             request_s=proxy.header_timeout + proxy.body_timeout,
             keepalive_s=proxy.keepalive_timeout,
+            queue_s=proxy.queue_timeout,
             first_byte_s=proxy.first_byte_timeout,
             stream_idle_s=proxy.stream_idle_timeout,
         )
