@@ -28,6 +28,7 @@ from llama_smart_proxy.schemas.config import ProxySettings
 from llama_smart_proxy.supervisor.fleet.haproxy_config import render_haproxy
 from llama_smart_proxy.supervisor.fleet.haproxy_reload import apply_config, install_config, master_state
 from llama_smart_proxy.supervisor.fleet.routes import FleetRoutes, HealthCheck, ModelRoute, fleet_routes
+from tests.fakes.supervision import TEST_PORT_RANGE
 from tests.haproxy_harness import RunningHaproxy, running_haproxy, wait_server_state
 from tests.helpers import free_port, wait_for
 from tests.test_serve import wait_ready
@@ -105,7 +106,10 @@ class Fleet:
 
 
 def write_host_config(directory: Path, host: str, listen: str, binary: Path, model: Path) -> Path:
-    lines = ["[proxy]", f'listen = "{listen}"', "[llama_server]", f'binary = "{binary}"', 'stop_grace = "2s"']
+    # children below the kernel's ephemeral ports, where free_port() finds the hosts' addresses
+    # (the default range, 41000-41999, lies among them and a host's own port may fall in it)
+    lines = ["[proxy]", f'listen = "{listen}"', "[llama_server]", f'binary = "{binary}"', 'stop_grace = "2s"',
+             f"port_range = [{TEST_PORT_RANGE[0]}, {TEST_PORT_RANGE[1]}]"]  # fmt: skip
     for name, aliases in HOST_MODELS[host].items():
         lines += [f'[models."{name}"]', f'file = "{model}"', f"aliases = {json.dumps(aliases)}", "ctx = 512"]
     path = directory / f"{host}.toml"
