@@ -120,7 +120,7 @@ def host_inventories(values: Sequence[str] | None, hosts: Iterable[str]) -> dict
     for value in values or ():
         name, sep, path = value.partition("=")
         if not sep or not name or not path:
-            raise UserError(f"plan: --inventory {value}: with [hosts], give NAME=FILE (hosts: {', '.join(sorted(hosts))})")
+            raise UserError(f"--inventory {value}: with [hosts], give NAME=FILE (hosts: {', '.join(sorted(hosts))})")
         found[name] = Path(path)
     return found
 
@@ -143,6 +143,44 @@ def plan_fleet(args: argparse.Namespace, source: Source, loaded: LoadedConfig) -
         print(render_fleet(fleet, header, strict=args.strict))
         print(f"Result: {outcome.text}")
     return outcome.exit_code
+
+
+def cmd_haproxy(args: argparse.Namespace) -> int:
+    """An HAProxy config for a fleet: solve it as `plan` does, render, check, install, reload."""
+    from llama_smart_proxy.schemas.units import parse_size
+    from llama_smart_proxy.supervisor.fleet.haproxy_config import render_haproxy
+    from llama_smart_proxy.supervisor.fleet.haproxy_reload import DEBIAN_MASTER_SOCKET, DEBIAN_PID_FILE, apply_config
+    from llama_smart_proxy.supervisor.fleet.routes import HealthCheck, routes_of_plan
+    from llama_smart_proxy.supervisor.planning.prepare import Source, prepare_fleet
+
+    source = Source(args.config, require_model_files=False)
+    loaded = source.load()
+    if not loaded.config.hosts:
+        raise UserError(f"haproxy: {loaded.path} has no [hosts] table: HAProxy is for a fleet of hosts")
+    source = replace(source, host_inventories=host_inventories(args.inventory, loaded.config.hosts))
+    fleet = prepare_fleet(source, loaded=loaded).plan
+    try:
+        limit = parse_size(args.body_limit) if args.body_limit is not None else None
+        # a host is down 2 failed checks after it stops: the second a quarter interval after the first
+        check = HealthCheck(interval_s=args.check_interval, fast_interval_s=args.check_interval / 4, timeout_s=args.check_interval)
+        routes = routes_of_plan(
+            fleet, loaded.config.proxy, args.listen, body_limit_bytes=limit, run_as=args.run_as,
+            stats_socket=args.stats_socket, check=check,
+        )  # fmt: skip
+    except ValueError as exc:
+        raise UserError(f"haproxy: {exc}") from None
+    for unplaced in fleet.unplaced:
+        print(f"note: {unplaced.reason} (HAProxy answers 503 for it)", file=sys.stderr)
+    config = render_haproxy(routes)
+    pid_file = master_socket = None
+    if args.reload:
+        pid_file = args.pid_file or DEBIAN_PID_FILE
+        master_socket = args.master_socket or (DEBIAN_MASTER_SOCKET if DEBIAN_MASTER_SOCKET.exists() else None)
+    apply_config(config, args.output, pid_file=pid_file, master_socket=master_socket)
+    served = sum(1 for m in fleet.models.values() if m.hosts)
+    done = "installed and HAProxy reloaded" if args.reload else "installed (HAProxy not reloaded: --reload)"
+    print(f"{args.output}: {served} of {len(fleet.models)} models on {len(fleet.hosts)} hosts behind {args.listen}; {done}")
+    return EXIT_OK
 
 
 def read_running_plan(where: str) -> Plan:
@@ -374,6 +412,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tensor-split", type=_fractions, metavar="A,B,...", help="split across GPUs (-ts), one number per GPU")
     p.add_argument("--mmproj", type=Path, metavar="FILE", help="a vision projector loaded with the model")
     p.add_argument("--json", action="store_true", help="print the Estimate as JSON")
+
+    p = command("haproxy", cmd_haproxy, "write (and reload) an HAProxy config that routes a fleet's models to their hosts")
+    p.add_argument("--config", "-c", type=Path, required=True, help="the fleet config (with [hosts])")
+    p.add_argument("--listen", required=True, metavar="HOST:PORT", help="where HAProxy listens for clients")
+    p.add_argument("--output", "-o", type=Path, required=True, help="the HAProxy config to write (its error files go beside it)")
+    p.add_argument("--reload", action="store_true", help="reload HAProxy's master after installing (hitless)")
+    p.add_argument("--pid-file", type=Path, help="the master's pid file (default with --reload: /run/haproxy.pid)")
+    p.add_argument(
+        "--master-socket", type=Path,
+        help="the master's CLI socket, to wait for the reload and see it fail (default: /run/haproxy-master.sock if present)",
+    )  # fmt: skip
+    p.add_argument("--inventory", "-i", action="append", metavar="NAME=FILE", help="use this snapshot for host NAME")
+    p.add_argument("--run-as", metavar="USER", help="user and group HAProxy's workers drop to (Debian's: haproxy)")
+    p.add_argument("--stats-socket", metavar="PATH", help="HAProxy's admin socket (optional)")
+    p.add_argument(
+        "--check-interval", type=float, default=2.0, metavar="S",
+        help="seconds between health checks of each host's /health (default: %(default)s)",
+    )  # fmt: skip
+    p.add_argument(
+        "--body-limit", metavar="SIZE",
+        help="largest request body HAProxy reads to find its model (default: the hosts' max_body_size, at most 1 MiB)",
+    )  # fmt: skip
 
     p = command("schema", cmd_schema, "print the JSON Schema of the config, plan or inventory")
     p.add_argument(

@@ -350,3 +350,44 @@ def test_a_reload_haproxy_cannot_apply_puts_the_old_file_back_and_the_old_worker
 def test_http_response_frames_an_error_file_h11_reads() -> None:
     status, headers, body = h11_reads(http_response(503, b"{}", [("retry-after", "2")]))
     assert status == 503 and (b"retry-after", b"2") in headers and body == b"{}"
+
+
+# ---- the `haproxy` command: a fleet config in, a checked HAProxy config out
+
+
+def write_fleet(directory: Path, model: Path, *, hosts: bool = True) -> Path:
+    snapshot = Path(__file__).resolve().parent.parent / "examples" / "inventory-no-gpu.json"
+    lines = ['[models.qwen]', f'file = "{model}"', 'aliases = ["qwen-latest"]']
+    if hosts:
+        lines += ['replicas = 2', '[models.llama]', f'file = "{model}"', 'hosts = ["beta"]']
+        for name, address in (("alpha", "10.0.0.1:8080"), ("beta", "10.0.0.2:8080")):
+            lines += [f"[hosts.{name}]", f'address = "{address}"', f'inventory = "{snapshot}"']
+    path = directory / "fleet.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_the_haproxy_command_writes_a_checked_config_routing_each_model_to_its_planned_hosts(
+    tmp_path: Path, tiny_model: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from llama_smart_proxy.supervisor.cli import main
+
+    output = tmp_path / "etc" / "haproxy.cfg"
+    argv = ["haproxy", "--config", str(write_fleet(tmp_path, tiny_model)), "--listen", "0.0.0.0:8080", "--output", str(output)]
+    assert main(argv) == 0
+    assert f"{output}: 2 of 2 models on 2 hosts behind 0.0.0.0:8080; installed" in capsys.readouterr().out
+    text = output.read_text()
+    assert "bind 0.0.0.0:8080" in text
+    check_config(output)  # what HAProxy itself says of the file, its error files beside it
+    sections = {part.split()[0]: part for part in text.split("\nbackend ")[1:]}
+    served = {name: [h for h in ("alpha", "beta") if f"server {h} " in body] for name, body in sections.items()}
+    assert served == {"any_host": ["alpha", "beta"], "model_0_llama": ["beta"], "model_1_qwen": ["alpha", "beta"]}
+
+
+def test_the_haproxy_command_refuses_a_config_without_hosts_naming_it(tmp_path: Path, tiny_model: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from llama_smart_proxy.supervisor.cli import main
+
+    config = write_fleet(tmp_path, tiny_model, hosts=False)
+    assert main(["haproxy", "--config", str(config), "--listen", "0.0.0.0:8080", "--output", str(tmp_path / "h.cfg")]) == 2
+    assert f"{config} has no [hosts] table" in capsys.readouterr().err
+    assert not (tmp_path / "h.cfg").exists()

@@ -1,9 +1,7 @@
-"""A fleet on one machine, end to end with real processes: two `llama-smart-proxy serve` hosts
-on the real llama-server (tiny model, no-GPU snapshot), HAProxy in front with the generated
-config, and the reload that moves a model between hosts.
-
-Each host runs its own plain config with its share of the models for now; host beta also serves
-`a`, so that a reload of HAProxy alone can move `a` from alpha to beta.
+"""A fleet on one machine, end to end with real processes, as the README walks it: one fleet config,
+two hosts each running `llama-smart-proxy serve --host NAME` on the real llama-server (tiny model,
+no-GPU snapshot), HAProxy in front with the config `llama-smart-proxy haproxy` writes, and a fleet
+reload that moves a model from one host to the other.
 """
 
 from __future__ import annotations
@@ -11,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -24,10 +23,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from llama_smart_proxy.schemas.config import ProxySettings
-from llama_smart_proxy.supervisor.fleet.haproxy_config import render_haproxy
-from llama_smart_proxy.supervisor.fleet.haproxy_reload import apply_config, install_config, master_state
-from llama_smart_proxy.supervisor.fleet.routes import FleetRoutes, HealthCheck, ModelRoute, fleet_routes
+from llama_smart_proxy.supervisor.fleet.haproxy_reload import master_state
+from llama_smart_proxy.supervisor.fleet.routes import HealthCheck
 from tests.fakes.supervision import TEST_PORT_RANGE
 from tests.haproxy_harness import RunningHaproxy, running_haproxy, wait_server_state
 from tests.helpers import free_port, wait_for
@@ -36,18 +33,18 @@ from tests.test_serve import wait_ready
 pytestmark = [pytest.mark.llama_server, pytest.mark.slow]
 
 NO_GPU = Path(__file__).resolve().parent.parent / "examples" / "inventory-no-gpu.json"
-CHECK = HealthCheck(interval_s=0.5, fast_interval_s=0.1, timeout_s=0.5, fall=2, rise=2)
-# What each host's config serves (name → aliases), and what the fleet routes to it at first.
-HOST_MODELS = {
-    "alpha": {"a": ["a-alias", "a two/é"], "shared": ["shared-alias"]},
-    "beta": {"b": ["b:latest"], "shared": ["shared-alias"], "a": ["a-alias", "a two/é"]},
-}
+CHECK_INTERVAL_S = 0.5
+CHECK = HealthCheck(interval_s=CHECK_INTERVAL_S, fast_interval_s=CHECK_INTERVAL_S / 4, timeout_s=CHECK_INTERVAL_S)
+"""What `haproxy --check-interval 0.5` sets."""
+ALIASES = {"a": ["a-alias", "a two/é"], "b": ["b:latest"], "shared": ["shared-alias"]}
 ROUTED = {"a": ("alpha",), "b": ("beta",), "shared": ("alpha", "beta")}
+"""Where the fleet plan puts each model at first: `a` may run on alpha only, `b` on beta only,
+and `shared` has a replica on each."""
 
 
 @dataclass
 class Host:
-    """One host's `serve` (its own config, the no-GPU snapshot), started and stopped by the tests."""
+    """One host's `serve --host NAME` on the fleet config, started and stopped by the tests."""
 
     name: str
     listen: str
@@ -61,9 +58,11 @@ class Host:
         return f"http://{self.listen}"
 
     def start(self) -> None:
+        # no --listen: a host listens on its [hosts.NAME] address
+        argv = ["serve", "--config", str(self.config), "--host", self.name, "--inventory", str(NO_GPU)]
         with self.log.open("ab") as out:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "llama_smart_proxy.supervisor", "serve", "--config", str(self.config), "--inventory", str(NO_GPU)],
+                [sys.executable, "-m", "llama_smart_proxy.supervisor", *argv],
                 stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **self.env},
             )  # fmt: skip
 
@@ -84,11 +83,16 @@ class Host:
                 self.process.wait(timeout=10)
         self.process = None
 
+    def reload(self) -> str:
+        answer = httpx.post(f"{self.base}/admin/reload", timeout=60)
+        assert answer.status_code == 200, answer.text
+        return answer.json()["summary"]
+
     def served(self, model: str) -> int:
         """Requests for `model` (under any of its names) this host answered 200, from its /metrics."""
         text = httpx.get(f"{self.base}/metrics", timeout=5).text
         pattern = re.compile(r'^llama_smart_proxy_requests_total\{model="([^"]*)",status="200"\} ([0-9.e+]+)$', re.M)
-        names = {model, *HOST_MODELS[self.name].get(model, [])}
+        names = {model, *ALIASES[model]}
         return int(sum(float(n) for m, n in pattern.findall(text) if m in names))
 
 
@@ -96,8 +100,10 @@ class Host:
 class Fleet:
     hosts: dict[str, Host]
     haproxy: RunningHaproxy
-    routes: FleetRoutes
+    listen: str
+    config: Path
     directory: Path
+    binary: Path
 
     def chat(self, model: str, client: httpx.Client | None = None, **extra: object) -> httpx.Response:
         body = {"model": model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, **extra}
@@ -105,47 +111,61 @@ class Fleet:
         return post(f"{self.haproxy.base}/v1/chat/completions", json=body, timeout=30)
 
 
-def write_host_config(directory: Path, host: str, listen: str, binary: Path, model: Path) -> Path:
+def write_fleet_config(directory: Path, addresses: dict[str, str], binary: Path, hosts_of_a: str) -> Path:
     # children below the kernel's ephemeral ports, where free_port() finds the hosts' addresses
     # (the default range, 41000-41999, lies among them and a host's own port may fall in it)
-    lines = ["[proxy]", f'listen = "{listen}"', "[llama_server]", f'binary = "{binary}"', 'stop_grace = "2s"',
-             f"port_range = [{TEST_PORT_RANGE[0]}, {TEST_PORT_RANGE[1]}]"]  # fmt: skip
-    for name, aliases in HOST_MODELS[host].items():
-        lines += [f'[models."{name}"]', f'file = "{model}"', f"aliases = {json.dumps(aliases)}", "ctx = 512"]
-    path = directory / f"{host}.toml"
+    lines = ["[llama_server]", f'binary = "{binary}"', 'stop_grace = "2s"',
+             f"port_range = [{TEST_PORT_RANGE[0]}, {TEST_PORT_RANGE[1]}]", "[defaults]", "ctx = 512"]  # fmt: skip
+    for host, address in addresses.items():
+        lines += [f"[hosts.{host}]", f'address = "{address}"', f'inventory = "{NO_GPU}"']
+    lines += ['[models."a"]', 'file = "a.gguf"', f"aliases = {json.dumps(ALIASES['a'])}", f'hosts = ["{hosts_of_a}"]']
+    lines += ['[models."b"]', 'file = "b.gguf"', f"aliases = {json.dumps(ALIASES['b'])}", 'hosts = ["beta"]']
+    lines += ['[models."shared"]', 'file = "shared.gguf"', f"aliases = {json.dumps(ALIASES['shared'])}", "replicas = 2"]
+    path = directory / "fleet.toml"
     path.write_text("\n".join(lines) + "\n")
     return path
 
 
-def make_routes(listen: str, hosts: dict[str, Host], routed: dict[str, tuple[str, ...]], stats_socket: Path) -> FleetRoutes:
-    models = [ModelRoute(name, tuple(HOST_MODELS[routed[name][0]][name]), routed[name]) for name in routed]
-    addresses = {name: host.listen for name, host in hosts.items()}
-    return fleet_routes(listen, addresses, models, ProxySettings(), check=CHECK, stats_socket=str(stats_socket))
+def write_haproxy_config(fleet_config: Path, listen: str, directory: Path, *reload: str) -> str:
+    """`llama-smart-proxy haproxy` as the README runs it (plus the test's own sockets and a short
+    check interval); its one line of output."""
+    argv = ["haproxy", "--config", str(fleet_config), "--listen", listen, "--output", str(directory / "haproxy.cfg"),
+            "--stats-socket", str(directory / "stats.sock"), "--check-interval", str(CHECK_INTERVAL_S), *reload]  # fmt: skip
+    done = subprocess.run([sys.executable, "-m", "llama_smart_proxy.supervisor", *argv], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
 
 
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory, llama_server: Path, tiny_model: Path) -> Iterator[Fleet]:
     directory = tmp_path_factory.mktemp("fleet")
+    for model in ALIASES:
+        shutil.copyfile(tiny_model, directory / f"{model}.gguf")
     env = {"XDG_CACHE_HOME": str(directory / "cache")}
-    hosts = {}
-    for name in HOST_MODELS:
-        listen = f"127.0.0.1:{free_port()}"
-        config = write_host_config(directory, name, listen, llama_server, tiny_model)
-        hosts[name] = Host(name, listen, config, directory / f"{name}.log", env)
+    addresses = {name: f"127.0.0.1:{free_port()}" for name in ("alpha", "beta")}
+    config = write_fleet_config(directory, addresses, llama_server, hosts_of_a="alpha")
+    hosts = {name: Host(name, address, config, directory / f"{name}.log", env) for name, address in addresses.items()}
     try:
         for host in hosts.values():
             host.start()
         for host in hosts.values():
             host.wait_ready()
-        routes = make_routes(f"127.0.0.1:{free_port()}", hosts, ROUTED, directory / "stats.sock")
-        config = install_config(render_haproxy(routes), directory / "haproxy.cfg")
-        with running_haproxy(config, directory, routes.listen) as haproxy:
+        listen = f"127.0.0.1:{free_port()}"
+        written = write_haproxy_config(config, listen, directory)
+        assert "3 of 3 models on 2 hosts" in written and "not reloaded" in written, written
+        with running_haproxy(directory / "haproxy.cfg", directory, listen) as haproxy:
             for host in hosts:
                 wait_server_state(haproxy, "any_host", host, "UP")
-            yield Fleet(hosts, haproxy, routes, directory)
+            yield Fleet(hosts, haproxy, listen, config, directory, llama_server)
     finally:
         for host in hosts.values():
             host.stop()
+
+
+def test_each_host_runs_its_share_of_the_fleet_plan(fleet: Fleet) -> None:
+    for name, host in fleet.hosts.items():
+        status = httpx.get(f"{host.base}/status", timeout=10).json()
+        assert sorted(m["name"] for m in status["models"]) == sorted(m for m, on in ROUTED.items() if name in on)
 
 
 def test_each_model_and_alias_reaches_only_the_host_that_serves_it(fleet: Fleet) -> None:
@@ -197,7 +217,7 @@ def test_a_stream_from_the_real_llama_server_passes_whole_through_haproxy(fleet:
     body = json.dumps({"model": "b", "messages": [{"role": "user", "content": "Tell a story"}], "max_tokens": 40,
                        "stream": True, "ignore_eos": True, "n_probs": 50}).encode()  # fmt: skip
     direct_raw, direct = stream_reads(fleet.hosts["beta"].listen, body)
-    raw, events_at = stream_reads(fleet.routes.listen, body)
+    raw, events_at = stream_reads(fleet.listen, body)
     print(f"\nstream direct: {len(direct)} reads with events, first {direct[0] * 1000:.1f} ms, last {direct[-1] * 1000:.1f} ms")
     print(f"stream through HAProxy: {len(events_at)} reads with events, first {events_at[0] * 1000:.1f} ms, last {events_at[-1] * 1000:.1f} ms")
     assert raw.startswith(b"HTTP/1.1 200") and raw.endswith(b"data: [DONE]\n\n\r\n0\r\n\r\n"), raw[-300:]
@@ -247,10 +267,10 @@ def test_a_stopped_host_is_marked_down_within_its_check_interval_and_comes_back(
     assert alpha.served("a") == 1  # a fresh service: its counters started at 0
 
 
-def test_a_reload_that_moves_a_model_drops_no_request_for_the_others(fleet: Fleet) -> None:
-    """`a` moves from alpha to beta by a regenerated config and a hitless reload, while two
-    clients loop on the other models: one on a keep-alive connection, one opening a new
-    connection per request."""
+def test_a_fleet_reload_that_moves_a_model_drops_no_request_for_the_others(fleet: Fleet) -> None:
+    """`a` moves from alpha to beta in the fleet config, while two clients loop on the other models
+    (one on a keep-alive connection, one opening a new connection per request): beta's reload starts
+    it, HAProxy's config is regenerated and reloaded hitlessly, then alpha's reload stops it."""
     results: dict[str, list[int | str]] = {"keep-alive": [], "new connection": []}
     stop = threading.Event()
 
@@ -273,10 +293,14 @@ def test_a_reload_that_moves_a_model_drops_no_request_for_the_others(fleet: Flee
     try:
         wait_for(lambda: min(len(r) for r in results.values()) >= 10, 60, "the loops to run")
         counts = {kind: len(r) for kind, r in results.items()}
-        moved = make_routes(fleet.routes.listen, fleet.hosts, {**ROUTED, "a": ("beta",)}, fleet.directory / "stats.sock")
-        state = apply_config(render_haproxy(moved), fleet.directory / "haproxy.cfg",
-                             pid_file=fleet.haproxy.pid_file, master_socket=fleet.haproxy.master_socket)  # fmt: skip
-        assert state is not None and state.reloads == 1, state
+        addresses = {name: host.listen for name, host in fleet.hosts.items()}
+        write_fleet_config(fleet.directory, addresses, fleet.binary, hosts_of_a="beta")
+        assert "start a" in fleet.hosts["beta"].reload()
+        written = write_haproxy_config(fleet.config, fleet.listen, fleet.directory, "--reload",
+                                       "--pid-file", str(fleet.haproxy.pid_file), "--master-socket", str(fleet.haproxy.master_socket))  # fmt: skip
+        assert "HAProxy reloaded" in written, written
+        assert master_state(fleet.haproxy.master_socket).reloads == 1
+        assert "stop a" in fleet.hosts["alpha"].reload()
         # the old worker finishes what it holds and exits; the loops go on through the new one
         wait_for(lambda: not master_state(fleet.haproxy.master_socket).old_workers, 30, "the old worker to exit")
         wait_for(lambda: min(len(r) - counts[k] for k, r in results.items()) >= 10, 60, "requests after the reload")

@@ -13,8 +13,10 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from llama_smart_proxy.schemas.config import ProxySettings, name_clashes, parse_listen
+from llama_smart_proxy.schemas.plan import FleetPlan
 
 # The largest request body HAProxy reads to find its "model", unless told otherwise. HAProxy holds
 # a request body in one buffer (tune.bufsize) and every stream may hold two such buffers: 1 MiB
@@ -186,3 +188,11 @@ def fleet_routes(
         old_worker_grace_s=old_worker_grace_s,
         run_as=run_as,
     )
+
+
+def routes_of_plan(plan: FleetPlan, proxy: ProxySettings, listen: str, **options: Any) -> FleetRoutes:
+    """The routes of a solved fleet (`plan --json` for a config with [hosts]): each model on the
+    hosts the plan gave it, the hosts' `[proxy]` settings; `options` as for `fleet_routes`."""
+    hosts = {name: host.address for name, host in plan.hosts.items()}
+    models = [ModelRoute(name, tuple(m.aliases), tuple(m.hosts)) for name, m in plan.models.items()]
+    return fleet_routes(listen, hosts, models, proxy, **options)

@@ -7,7 +7,8 @@ wrong; nothing here starts a process.
 A config with [hosts] is a fleet: `prepare_fleet` reads every host's snapshot and solves the fleet
 (planning/fleet.py); `prepare` then keeps this host's share (`Source.fleet_host`, else the host
 named like this machine) and plans it against this machine as for one machine, so `serve` and every
-reload run the same steps.
+reload run the same steps. A host listens on its `address` unless `proxy.listen` is set (in the
+file, the environment or by `serve --listen`).
 """
 
 from __future__ import annotations
@@ -99,7 +100,11 @@ def prepare(
         fleet = prepare_fleet(source, loaded=loaded).plan
         share = FleetShare(host, fleet)
         mine = [name for name, model in fleet.models.items() if host in model.hosts]
-        loaded = replace(loaded, config=share_config(loaded.config, mine))
+        config = share_config(loaded.config, mine)
+        if "listen" not in config.proxy.model_fields_set:  # not set by the file, the environment or a flag
+            # the host's address is where HAProxy and the other hosts' /v1/models send its clients
+            config = config.model_copy(update={"proxy": config.proxy.model_copy(update={"listen": config.hosts[host].address})})
+        loaded = replace(loaded, config=config)
     elif source.fleet_host is not None:
         raise UserError(f"--host {source.fleet_host}: {loaded.path} has no [hosts] table")
     inventory, machine = source.inventory()
