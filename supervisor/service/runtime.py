@@ -50,10 +50,10 @@ from llama_smart_proxy.supervisor.children.state import ChildState
 from llama_smart_proxy.supervisor.children.supervise import Children
 from llama_smart_proxy.supervisor.planning.prepare import Prepared
 from llama_smart_proxy.supervisor.proxy.backends import (
+    ActionRefused,
     FleetHost,
     FleetModelStatus,
     FleetStatus,
-    ActionRefused,
     GpuStatus,
     HostStatus,
     ModelState,
