@@ -5,7 +5,6 @@ HTTP backends that answer with their own name, for routing tests without llama-s
 from __future__ import annotations
 
 import json
-import signal
 import socket
 import subprocess
 import threading
@@ -19,7 +18,7 @@ from pathlib import Path
 import httpx
 
 from llama_smart_proxy.supervisor.fleet.haproxy_reload import HAPROXY, master_state
-from tests.helpers import wait_for
+from tests.helpers import stop_process, wait_for
 
 # A path on which NamedBackend answers server-sent events, one every interval.
 SLOW_STREAM_PATH = "/slow-stream"
@@ -100,14 +99,7 @@ def running_haproxy(config: Path, directory: Path, listen: str) -> Iterator[Runn
         wait_for(answers, 15, "haproxy to answer")
         yield running
     finally:
-        # SIGTERM to the master stops every worker, old ones too (a hard stop)
-        if running.process.poll() is None:
-            running.process.send_signal(signal.SIGTERM)
-            try:
-                running.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                running.process.kill()
-                running.process.wait(timeout=10)
+        stop_process(running.process, 10)  # SIGTERM to the master stops every worker, old ones too
         log.close()
 
 

@@ -1,5 +1,5 @@
-"""Small helpers the tests share: free ports, waiting on a condition with a deadline, a
-llama-server process started until healthy, and h11's reading of a response (the reference the
+"""Small helpers the tests share: free ports, waiting on a condition with a deadline, stopping a
+process (SIGTERM, then SIGKILL), a llama-server process started until healthy, and h11's reading of a response (the reference the
 proxy's own HTTP code is held to)."""
 
 from __future__ import annotations
@@ -33,6 +33,17 @@ def h11_reads(raw: bytes, method: bytes = b"GET") -> tuple[int, list[tuple[bytes
             body += event.data
         elif isinstance(event, (h11.EndOfMessage, h11.ConnectionClosed)):
             return status, headers, body
+
+
+def stop_process(process: subprocess.Popen, grace_s: float) -> None:
+    """SIGTERM, then SIGKILL after `grace_s`; reaped either way."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=10)
 
 
 def free_port() -> int:

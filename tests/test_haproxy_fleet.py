@@ -10,7 +10,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -27,7 +26,7 @@ from llama_smart_proxy.supervisor.fleet.haproxy_reload import master_state
 from llama_smart_proxy.supervisor.fleet.routes import HealthCheck
 from tests.fakes.supervision import TEST_PORT_RANGE
 from tests.haproxy_harness import RunningHaproxy, running_haproxy, wait_server_state
-from tests.helpers import free_port, wait_for
+from tests.helpers import free_port, stop_process, wait_for
 from tests.test_serve import wait_ready
 
 pytestmark = [pytest.mark.llama_server, pytest.mark.slow]
@@ -72,16 +71,9 @@ class Host:
 
     def stop(self) -> None:
         """SIGTERM (serve stops its children and exits), SIGKILL after 30 s; always reaped."""
-        if self.process is None:
-            return
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=10)
-        self.process = None
+        if self.process is not None:
+            stop_process(self.process, 30)
+            self.process = None
 
     def reload(self) -> str:
         answer = httpx.post(f"{self.base}/admin/reload", timeout=60)
