@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -194,6 +195,29 @@ def test_a_connection_closed_after_a_whole_stream_is_replaced_before_the_next_re
     wait_for(lambda: server.pool.idle_count() == 1, timeout=5, what="the successor connection")
     assert httpx.post(f"{base}/v1/completions", json={"model": "chat"}, timeout=10).status_code == 200
     assert (server.pool.opened, server.pool.reused) == (2, 1)
+
+
+def test_no_successor_is_opened_while_requests_hold_every_pooled_connection(proxy) -> None:
+    # the pool keeps 2 connections to "chat" (idle or in use): while 2 long streams hold theirs, a
+    # third stream's end opens no successor (it would only wait to expire); theirs do
+    server, base = proxy
+
+    def stream(chunks: int, interval_ms: int) -> None:
+        body = {"model": "chat", "stream": True, "fake": {"chunks": chunks, "interval_ms": interval_ms}}
+        with httpx.stream("POST", f"{base}/v1/chat/completions", json=body, timeout=10) as response:
+            assert sum(line.startswith("data:") for line in response.iter_lines()) >= chunks
+
+    long_ones = [threading.Thread(target=stream, args=(10, 100)) for _ in range(2)]
+    for thread in long_ones:
+        thread.start()
+    wait_for(lambda: server.pool.opened == 2, timeout=5, what="the long streams' connections")
+    stream(2, 1)
+    time.sleep(0.3)  # a successor, if one were opened, would be open by now
+    assert (server.pool.opened, server.pool.idle_count()) == (3, 0)
+    for thread in long_ones:
+        thread.join(timeout=10)
+    wait_for(lambda: server.pool.idle_count() == 2, timeout=5, what="the long streams' successors")
+    assert server.pool.opened == 5
 
 
 def test_a_reused_connection_that_fails_before_any_byte_is_retried_once_on_a_fresh_one() -> None:

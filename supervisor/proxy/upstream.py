@@ -8,9 +8,9 @@ or 100 requests, and each idle connection holds one of its few HTTP threads; DES
   already closed (readable while idle) is dropped before reuse;
 - at most `Upstream.pool_size` idle connections per child; the oldest go first;
 - a connection the child closes after a whole response (llama-server does after every streamed
-  one) is replaced in the background, up to pool_size, so that the next request, often the next
-  stream, finds a connection open instead of opening one; unused, the successor expires as any
-  idle connection does;
+  one) is replaced in the background, up to pool_size connections idle or in use, so that the next
+  request, often the next stream, finds a connection open instead of opening one; unused, the
+  successor expires as any idle connection does;
 - a connection that waited in the pool and fails before any response byte is retried once on a
   fresh one;
 - closing never awaits, so a cancelled relay still closes its socket at once (llama-server stops
@@ -149,6 +149,8 @@ class UpstreamPool:
 
     def __init__(self) -> None:
         self._idle: dict[tuple[str, int], list[UpstreamConnection]] = {}
+        self._out: dict[tuple[str, int], set[UpstreamConnection]] = {}
+        """Connections checked out, per child: a closed one is dropped when next counted."""
         self._successors: list[Upstream] = []
         """Children whose connection was closed after a whole response, one entry per connection."""
         self._successors_wanted: anyio.Event | None = None
@@ -163,8 +165,9 @@ class UpstreamPool:
 
     async def checkout(self, upstream: Upstream, connect_timeout: float, *, fresh: bool = False) -> UpstreamConnection:
         """An idle connection to `upstream` that is still good, else a new one."""
+        key = (upstream.host, upstream.port)
         if not fresh:
-            idle = self._idle.get((upstream.host, upstream.port))
+            idle = self._idle.get(key)
             now = anyio.current_time()
             while idle:
                 conn = idle.pop()
@@ -173,8 +176,19 @@ class UpstreamPool:
                     continue
                 self.reused += 1
                 conn.was_idle = True
+                self._out.setdefault(key, set()).add(conn)
                 return conn
-        return await self._open(upstream, connect_timeout)
+        conn = await self._open(upstream, connect_timeout)
+        self._out.setdefault(key, set()).add(conn)
+        return conn
+
+    def _in_use(self, upstream: Upstream) -> int:
+        """Connections to `upstream` checked out and still open."""
+        out = self._out.get((upstream.host, upstream.port))
+        if not out:
+            return 0
+        out.difference_update([c for c in out if c.closed])
+        return len(out)
 
     async def _open(self, upstream: Upstream, connect_timeout: float) -> UpstreamConnection:
         try:
@@ -199,6 +213,9 @@ class UpstreamPool:
 
     def checkin(self, conn: UpstreamConnection) -> None:
         """Return a connection after its exchange: pooled if both sides are done, else closed."""
+        out = self._out.get((conn.upstream.host, conn.upstream.port))
+        if out is not None:
+            out.discard(conn)
         if not conn.is_reusable():
             conn.close()
             if conn.reader.done and self._successors_wanted is not None:
@@ -244,7 +261,12 @@ class UpstreamPool:
         raise AssertionError("unreachable")
 
     def sweep(self) -> None:
-        """Close idle connections past their expiry."""
+        """Close idle connections past their expiry; forget checked-out ones closed since (a
+        cancelled relay closes its connection without a checkin)."""
+        for key, out in list(self._out.items()):
+            out.difference_update([c for c in out if c.closed])
+            if not out:
+                del self._out[key]
         now = anyio.current_time()
         for key in list(self._idle):
             idle = self._idle[key]
@@ -267,7 +289,9 @@ class UpstreamPool:
             self.sweep()
             successors, self._successors = self._successors, []
             for upstream in successors:
-                if self.idle_count(upstream) >= upstream.pool_size:
+                # counted with those in use: while requests hold every slot's connection (a burst
+                # that began meanwhile opened its own), a successor would only wait to expire
+                if self.idle_count(upstream) + self._in_use(upstream) >= upstream.pool_size:
                     continue
                 try:
                     conn = await self._open(upstream, SUCCESSOR_CONNECT_TIMEOUT_S)
