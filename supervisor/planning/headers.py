@@ -38,7 +38,9 @@ Reader = Callable[[Path], ModelHeader]
 Profiler = Callable[[ModelHeader, ModelSpec, "ModelHeader | None"], MemoryProfile]
 
 
-def _default_reader(path: Path) -> ModelHeader:
+def read_file_header(path: Path) -> ModelHeader:
+    """A GGUF file's header; gguf and numpy are imported only when a file is read (planning from
+    a snapshot needs neither)."""
     from llama_smart_proxy.supervisor.memory.reader import read_header
 
     return read_header(path)
@@ -50,7 +52,7 @@ def _default_profiler(header: ModelHeader, spec: ModelSpec, mmproj: ModelHeader 
     return memory_profile(header, spec, mmproj)
 
 
-def record_headers(config: Config, read: Reader = _default_reader) -> tuple[dict[str, ModelHeader], list[str]]:
+def record_headers(config: Config, read: Reader = read_file_header) -> tuple[dict[str, ModelHeader], list[str]]:
     """Every readable model and projector header the config names, by absolute path; a warning
     for each that cannot be read (it is then not in the snapshot)."""
     recorded: dict[str, ModelHeader] = {}
@@ -121,7 +123,7 @@ def build_profiles(
     recorded: Mapping[str, ModelHeader],
     *,
     have_snapshot: bool,
-    read: Reader = _default_reader,
+    read: Reader = read_file_header,
     profile: Profiler = _default_profiler,
 ) -> Profiles:
     """A memory profile per model from its file or its recorded header, saying which."""

@@ -25,9 +25,8 @@ from llama_smart_proxy.schemas.inventory import Inventory
 from llama_smart_proxy.schemas.plan import FleetPlan, Plan
 from llama_smart_proxy.supervisor.config.load import LoadedConfig, load_config
 from llama_smart_proxy.supervisor.errors import UserError
-from llama_smart_proxy.supervisor.memory.reader import read_header
 from llama_smart_proxy.supervisor.planning.fleet import Machine, share_config, solve_fleet
-from llama_smart_proxy.supervisor.planning.headers import build_profiles
+from llama_smart_proxy.supervisor.planning.headers import build_profiles, read_file_header
 from llama_smart_proxy.supervisor.planning.inventory import load_inventory, take_inventory
 from llama_smart_proxy.supervisor.planning.planner import plan
 
@@ -134,7 +133,7 @@ def prepare_fleet(source: Source, *, loaded: LoadedConfig | None = None) -> Prep
     for name in given:
         if name not in config.hosts:
             raise UserError(f"--inventory {name}=...: no such host in [hosts] ({', '.join(sorted(config.hosts))})")
-    read = functools.cache(read_header)  # one read of each header, however many hosts
+    read = functools.cache(read_file_header)  # one read of each header, however many hosts
     machines = {}
     for name, host in sorted(config.hosts.items()):
         path = given.get(name, host.inventory)
