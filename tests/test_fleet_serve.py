@@ -75,6 +75,11 @@ def test_a_model_another_host_runs_is_answered_with_where_it_runs() -> None:
     assert elsewhere_error(ServiceStatus(models=SERVICE.models), "c") is None
 
 
+def test_a_misspelt_name_is_answered_with_the_names_of_the_whole_fleet() -> None:
+    # a balancer sends a typo to any host: its 404 must list what every host serves
+    assert SERVICE.known_names() == ["a", "b", "c", "chat-a", "chat-b", "d"]
+
+
 # --- two real services ----------------------------------------------------------------------------
 
 
@@ -154,6 +159,8 @@ def test_two_hosts_serve_their_shares_and_a_reload_moves_a_model(tmp_path: Path,
         error = refused.json()["error"]
         assert error["code"] == "model_on_other_host" and error["hosts"] == where["beta"]
         assert f"runs on beta (127.0.0.1:{ports['beta']})" in error["message"]
+        admin = httpx.post(f"{base['alpha']}/admin/models/b/load", timeout=30)  # admin acts on its own host
+        assert admin.status_code == 421 and admin.json()["error"]["hosts"] == where["beta"]
 
         # a moves to beta: beta starts it, alpha stops it, and each says so
         write_fleet(tmp_path, llama_server, ports, hosts_of_a="beta")

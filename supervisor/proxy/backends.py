@@ -248,11 +248,15 @@ class ServiceStatus:
         return None
 
     def known_names(self) -> list[str]:
-        """Every name and alias a client may send, sorted."""
+        """Every name and alias a client may send, sorted; in a fleet, every host's (a balancer
+        sends a misspelt name to any host, whose answer should suggest from the whole fleet)."""
         names: set[str] = set()
         for status in self.models:
             names.add(status.name)
             names.update(status.aliases)
+        for model in self.fleet.models if self.fleet is not None else ():
+            names.add(model.name)
+            names.update(model.aliases)
         return sorted(names)
 
 

@@ -538,7 +538,7 @@ class ProxyServer:
             if name is not None:
                 model = backends.resolve(name)
                 if model is None:
-                    raise unknown_model_error(name, (await backends.status()).known_names())
+                    raise await self._resolve_failed(setup, name)
                 name = model
                 log.info("admin: %s %s", action, model)
                 if action == "load":
