@@ -148,7 +148,7 @@ def plan_fleet(args: argparse.Namespace, source: Source, loaded: LoadedConfig) -
 def cmd_haproxy(args: argparse.Namespace) -> int:
     """An HAProxy config for a fleet: solve it as `plan` does, render, check, install, reload."""
     from llama_smart_proxy.schemas.units import parse_size
-    from llama_smart_proxy.supervisor.fleet.haproxy_config import render_haproxy
+    from llama_smart_proxy.supervisor.fleet.haproxy_config import render_haproxy, unroutable_when_escaped
     from llama_smart_proxy.supervisor.fleet.haproxy_reload import DEBIAN_MASTER_SOCKET, DEBIAN_PID_FILE, apply_config
     from llama_smart_proxy.supervisor.fleet.routes import HealthCheck, routes_of_plan
     from llama_smart_proxy.supervisor.planning.prepare import Source, prepare_fleet
@@ -171,6 +171,12 @@ def cmd_haproxy(args: argparse.Namespace) -> int:
         raise UserError(f"haproxy: {exc}") from None
     for unplaced in fleet.unplaced:
         print(f"note: {unplaced.reason} (HAProxy answers 503 for it)", file=sys.stderr)
+    for name in unroutable_when_escaped(n for m in routes.models for n in m.names):
+        print(
+            f"note: HAProxy reads the model name {name!r} only from a body that sends it as UTF-8; a client "
+            "that escapes it (\\uXXXX) reaches any host, which answers 421 naming the right one",
+            file=sys.stderr,
+        )
     config = render_haproxy(routes)
     pid_file = master_socket = None
     if args.reload:

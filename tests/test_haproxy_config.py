@@ -18,10 +18,12 @@ import pytest
 from llama_smart_proxy.schemas.config import ProxySettings
 from llama_smart_proxy.supervisor.fleet.haproxy_config import (
     HaproxyConfig,
+    as_read,
     buffer_bytes,
     http_response,
     match_lines,
     render_haproxy,
+    unroutable_when_escaped,
 )
 from llama_smart_proxy.supervisor.fleet.haproxy_reload import (
     HaproxyRefused,
@@ -68,13 +70,21 @@ def write(config: HaproxyConfig, directory: Path) -> Path:
 def test_every_name_and_alias_selects_its_models_backend_and_odd_names_only_by_hex() -> None:
     text = render_haproxy(routes()).text
     assert "use_backend model_1_qwen if { var(txn.model) -m str qwen qwen-latest qwen2.5:7b/q4.k_m }" in text
-    odd_hex = ODD.encode().hex().upper()
+    odd_hex, odd_escaped_hex = ODD.encode().hex().upper(), ODD.encode("latin-1").hex().upper()
     assert f"use_backend model_0_llama if {{ var(txn.model) -m str llama }}" in text
-    assert f"use_backend model_0_llama if {{ var(txn.model),hex -m str {odd_hex} 2D69 }}" in text
+    # UTF-8 as sent, and what HAProxy's JSON reader makes of "\u00e9" (one byte, E9)
+    assert f"use_backend model_0_llama if {{ var(txn.model),hex -m str {odd_hex} {odd_escaped_hex} 2D69 }}" in text
     # the odd name appears only inside comments, JSON-quoted
     for line in text.splitlines():
         if "$HOME" in line:
             assert line.lstrip().startswith("#") and json.dumps(ODD) in line, line
+
+
+def test_names_beyond_latin_1_are_flagged_as_unroutable_when_a_client_escapes_them() -> None:
+    # HAProxy 2.6's JSON reader decodes only \u00XX escapes (to one byte): é is matched both ways
+    # (test_requests_route_by_model_alias_odd_name_and_upstream_path), 中 only as UTF-8
+    assert as_read("é") == ["é".encode(), b"\xe9"] and as_read("qwen") == [b"qwen"]
+    assert unroutable_when_escaped(["qwen", ODD, "模型-7b"]) == ["模型-7b"]
 
 
 def test_many_aliases_are_split_over_lines_haproxy_can_parse(tmp_path: Path) -> None:
@@ -200,12 +210,14 @@ def test_requests_route_by_model_alias_odd_name_and_upstream_path(tmp_path: Path
         wait_server_state(haproxy, "any_host", "alpha", "UP")
         wait_server_state(haproxy, "any_host", "beta", "UP")
 
-        def host_for(model: str) -> str:
-            response = httpx.post(f"{haproxy.base}/v1/chat/completions", json={"model": model}, timeout=5)
+        def host_for(model: str, escaped: bool = False) -> str:
+            # JSON with UTF-8 as is (JSON.stringify, newer httpx) or with \uXXXX escapes (json.dumps)
+            body = json.dumps({"model": model}, ensure_ascii=escaped).encode()
+            response = httpx.post(f"{haproxy.base}/v1/chat/completions", content=body, timeout=5)
             assert response.status_code == 200, response.text
             return response.json()["host"]
 
-        assert {host_for(name) for name in ("llama", ODD, "-i") for _ in range(3)} == {"beta"}
+        assert {host_for(name, escaped) for name in ("llama", ODD, "-i") for escaped in (False, True) for _ in range(3)} == {"beta"}
         assert {host_for("qwen-latest") for _ in range(6)} == {"alpha", "beta"}
         assert httpx.get(f"{haproxy.base}/upstream/llama/props", timeout=5).json()["host"] == "beta"
         # a typo and the routes naming no model go to any host, whose own answer names the models

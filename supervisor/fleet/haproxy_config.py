@@ -101,14 +101,32 @@ def buffer_bytes(body_limit_bytes: int) -> int:
 
 
 def match_lines(backend: str, names: Iterable[str]) -> Iterator[str]:
-    """`use_backend` lines for `names`: plain ones as written, the others by their hex."""
+    """`use_backend` lines for `names`: plain ones as written, the others by their hex, in each
+    form HAProxy's JSON reader gives them (`as_read`)."""
     names = [n for n in names if n]  # "model": "" names no model; the hosts answer it
     plain = [n for n in names if _PLAIN_NAME.match(n)]
-    other = [n.encode().hex().upper() for n in names if not _PLAIN_NAME.match(n)]
+    other = list(dict.fromkeys(form.hex().upper() for n in names if not _PLAIN_NAME.match(n) for form in as_read(n)))
     for i in range(0, len(plain), NAMES_PER_LINE):
         yield f"    use_backend {backend} if {{ var(txn.model) -m str {' '.join(plain[i : i + NAMES_PER_LINE])} }}"
     for i in range(0, len(other), NAMES_PER_LINE):
         yield f"    use_backend {backend} if {{ var(txn.model),hex -m str {' '.join(other[i : i + NAMES_PER_LINE])} }}"
+
+
+def as_read(name: str) -> list[bytes]:
+    """The bytes json_query gives for `name`, whichever way a client's JSON writes it: UTF-8 as
+    is, or escaped as \\uXXXX (Python's json.dumps, older httpx). HAProxy 2.6's JSON reader
+    (mjson) turns \\u00XX into the one byte XX and gives up on any other \\u escape, so a name
+    with a character above U+00FF is routed only when the client sends it unescaped
+    (`unroutable_when_escaped`)."""
+    forms = [name.encode()]
+    if not name.isascii() and max(map(ord, name)) <= 0xFF:
+        forms.append(name.encode("latin-1"))
+    return forms
+
+
+def unroutable_when_escaped(names: Iterable[str]) -> list[str]:
+    """Names HAProxy cannot read from a body that escapes their non-ASCII characters."""
+    return [n for n in names if n and max(map(ord, n)) > 0xFF]
 
 
 def http_response(status: int, body: bytes, headers: Iterable[tuple[str, str]] = ()) -> bytes:
