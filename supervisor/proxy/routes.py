@@ -39,36 +39,26 @@ MISDIRECTED = 421  # RFC 9110: this server cannot answer for that model; the ans
 
 
 def _model_entry(id_: str, status: ModelStatus, alias_of: str | None, service: ServiceStatus) -> dict[str, Any]:
-    entry: dict[str, Any] = {
-        "id": id_,
-        "object": "model",
-        "created": int(status.ready_since or 0),
-        "owned_by": OWNED_BY,
-        "state": status.state.value,
-    }
-    if alias_of is not None:
-        entry["alias_of"] = alias_of
-    else:
-        entry["aliases"] = list(status.aliases)
     where = service.fleet.model(status.name) if service.fleet else None
-    if where is not None:
-        entry["hosts"] = _hosts_json(where)
-    return entry
+    return _entry(id_, int(status.ready_since or 0), status.state.value, status.aliases, alias_of, where)
 
 
 def _remote_entry(id_: str, model: FleetModelStatus, alias_of: str | None) -> dict[str, Any]:
-    entry: dict[str, Any] = {
-        "id": id_,
-        "object": "model",
-        "created": 0,
-        "owned_by": OWNED_BY,
-        "state": REMOTE if model.hosts else "unplaced",
-    }
+    return _entry(id_, 0, REMOTE if model.hosts else "unplaced", model.aliases, alias_of, model)
+
+
+def _entry(
+    id_: str, created: int, state: str, aliases: tuple[str, ...], alias_of: str | None, where: FleetModelStatus | None
+) -> dict[str, Any]:
+    """One /v1/models entry: OpenAI's fields, our state, the aliases (or what it is an alias of),
+    and in a fleet the hosts that run it."""
+    entry: dict[str, Any] = {"id": id_, "object": "model", "created": created, "owned_by": OWNED_BY, "state": state}
     if alias_of is not None:
         entry["alias_of"] = alias_of
     else:
-        entry["aliases"] = list(model.aliases)
-    entry["hosts"] = _hosts_json(model)
+        entry["aliases"] = list(aliases)
+    if where is not None:
+        entry["hosts"] = _hosts_json(where)
     return entry
 
 
