@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 from llama_smart_proxy.schemas.plan import FleetPlan
 from llama_smart_proxy.supervisor.errors import EXIT_FALLBACK, EXIT_OK, EXIT_UNPLACED
-from llama_smart_proxy.supervisor.planning.report import Verdict, render_plan, verdict
+from llama_smart_proxy.supervisor.planning.report import Verdict, aligned, render_plan, verdict
 
 SEVERITY = {EXIT_OK: 0, EXIT_FALLBACK: 1, EXIT_UNPLACED: 2}
 
@@ -45,9 +45,7 @@ def render_fleet(fleet: FleetPlan, header_lines: Sequence[str] = (), strict: boo
     for name, model in sorted(fleet.models.items()):
         hosts = ", ".join(f"{h} ({fleet.hosts[h].address})" for h in model.hosts) or "-"
         table.append((name, str(model.replicas), hosts if len(model.hosts) == model.replicas else f"{hosts}; UNPLACED"))
-    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
-    for row in table:
-        lines.append("  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+    lines += aligned(table)
     for u in fleet.unplaced:
         lines.append(f"      why: {u.reason}")
     if fleet.notes:

@@ -49,6 +49,12 @@ def _mib(n: int) -> str:
     return f"{n:,}"
 
 
+def aligned(table: Sequence[Sequence[str]]) -> list[str]:
+    """A table's rows as lines, each column padded to its widest cell, indented by two."""
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    return ["  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in table]
+
+
 def render_plan(plan: Plan, header_lines: Sequence[str] = ()) -> str:
     lines = list(header_lines)
     if plan.gpus:
@@ -91,9 +97,8 @@ def render_plan(plan: Plan, header_lines: Sequence[str] = ()) -> str:
                 m.header_source,
             )
         )
-    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
-    for i, row in enumerate(table):
-        lines.append("  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+    for i, row in enumerate(aligned(table)):
+        lines.append(row)
         if i == 0:
             continue
         m = plan.models[i - 1]
