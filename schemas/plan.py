@@ -131,11 +131,6 @@ class FleetUnplaced(Contract):
     reason: str = Field(description="Why, naming each host it was tried on.")
 
 
-class HostAddress(Contract):
-    name: str
-    address: str
-
-
 class FleetPlan(Contract):
     """Which host runs each model, and each host's plan; `plan --json` for a config with [hosts]."""
 
@@ -145,15 +140,3 @@ class FleetPlan(Contract):
         default_factory=list, description="Replicas no host can take; empty when every replica has a host."
     )
     notes: list[str] = Field(default_factory=list, description="Plain statements about the assignment.")
-
-    def hosts_of(self, model: str) -> list[HostAddress]:
-        """The hosts that run `model`, with their addresses."""
-        return [HostAddress(name=h, address=self.hosts[h].address) for h in self.models[model].hosts]
-
-    def routes(self) -> dict[str, list[HostAddress]]:
-        """Every name and alias a client may send -> the hosts that run its model (empty: none)."""
-        out: dict[str, list[HostAddress]] = {}
-        for name, model in sorted(self.models.items()):
-            for key in (name, *model.aliases):
-                out[key] = self.hosts_of(name)
-        return out

@@ -14,17 +14,18 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from llama_smart_proxy.schemas.config import Config
+from llama_smart_proxy.schemas.config import Config, ProxySettings
 from llama_smart_proxy.schemas.estimate import MemoryProfile
 from llama_smart_proxy.schemas.plan import FleetPlan
 from llama_smart_proxy.supervisor.cli import main
 from llama_smart_proxy.supervisor.config.load import load_config
 from llama_smart_proxy.supervisor.errors import ConfigError, UserError
+from llama_smart_proxy.supervisor.fleet.routes import routes_of_plan
 from llama_smart_proxy.supervisor.planning import fleet as fleet_module
 from llama_smart_proxy.supervisor.planning.fleet import Machine, plan_order, plan_score, share_config, solve_fleet
 from llama_smart_proxy.supervisor.planning.headers import HeaderInfo
 from llama_smart_proxy.supervisor.planning.planner import plan
-from llama_smart_proxy.supervisor.planning.prepare import Source, prepare, this_host
+from llama_smart_proxy.supervisor.planning.prepare import Source, prepare, prepare_fleet, this_host
 from tests.json_schema import validate
 from tests.planning import GIB, MIB, make_config, make_inventory, make_profile
 from tests.test_planner_properties import check_invariants
@@ -276,7 +277,9 @@ def test_plan_json_for_a_fleet_validates_and_names_each_model_hosts(tmp_path: Pa
     assert validate(data, FLEET_SCHEMA) == []
     fleet = FleetPlan.model_validate(data)
     assert fleet.models["qwen"].hosts == ["alpha", "beta"] and len(fleet.models["coder"].hosts) == 1
-    assert [h.address for h in fleet.routes()["chat"]] == ["10.0.0.1:8080", "10.0.0.2:8080"]
+    routes = routes_of_plan(fleet, ProxySettings(), "0.0.0.0:8080")
+    (chat,) = [m for m in routes.models if "chat" in m.names]
+    assert [routes.host(h).address for h in chat.hosts] == ["10.0.0.1:8080", "10.0.0.2:8080"]
     assert {m.name for m in fleet.hosts["alpha"].plan.models} | {m.name for m in fleet.hosts["beta"].plan.models} == {"qwen", "coder"}
 
 
@@ -336,14 +339,12 @@ def test_serve_host_on_a_config_without_hosts_is_refused(tmp_path: Path) -> None
         prepare(Source(path, inventory_path=EXAMPLES / "inventory-no-gpu.json", fleet_host="alpha", require_model_files=False))
 
 
-def test_plan_fleet_file_gives_the_hosts_of_every_name_and_alias(tmp_path: Path) -> None:
-    from llama_smart_proxy.supervisor.planning.prepare import plan_fleet_file
-
-    fleet = plan_fleet_file(write_fleet(tmp_path, MODELS))
-    routes = {name: [h.name for h in hosts] for name, hosts in fleet.routes().items()}
-    assert routes["qwen"] == routes["chat"] == ["alpha", "beta"] and len(routes["coder"]) == 1
-    with pytest.raises(UserError, match="no \\[hosts\\] table"):
-        plan_fleet_file(EXAMPLES / "minimal.toml")
+def test_the_routes_of_a_fleet_give_the_hosts_of_every_name_and_alias(tmp_path: Path) -> None:
+    # what `llama-smart-proxy haproxy` routes by (a config without [hosts]: test_haproxy_config.py)
+    fleet = prepare_fleet(Source(write_fleet(tmp_path, MODELS), require_model_files=False)).plan
+    routes = routes_of_plan(fleet, ProxySettings(), "0.0.0.0:8080")
+    hosts = {name: list(m.hosts) for m in routes.models for name in m.names}
+    assert hosts["qwen"] == hosts["chat"] == ["alpha", "beta"] and len(hosts["coder"]) == 1
 
 
 def test_plan_inventory_without_hosts_keeps_its_meaning(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

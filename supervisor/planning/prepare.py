@@ -155,17 +155,6 @@ def prepare_fleet(source: Source, *, loaded: LoadedConfig | None = None) -> Prep
     return PreparedFleet(loaded=loaded, plan=solve_fleet(config, machines))
 
 
-def plan_fleet_file(config_path: Path | str, inventories: Mapping[str, Path] | None = None) -> FleetPlan:
-    """The fleet plan of a config file with [hosts]: which hosts run each model (`FleetPlan.routes()`
-    by every name and alias), each host's address and plan. The model files may be absent where
-    the snapshots record their headers."""
-    source = Source(Path(config_path), host_inventories=inventories, require_model_files=False)
-    loaded = source.load()
-    if not loaded.config.hosts:
-        raise UserError(f"{loaded.path}: no [hosts] table: not a fleet")
-    return prepare_fleet(source, loaded=loaded).plan
-
-
 def _snapshot_words(path: Path, inventory: Inventory) -> str:
     words = f"snapshot {path}"
     if inventory.hostname or inventory.taken_at:
