@@ -33,12 +33,18 @@ class Loaded:
 
 
 async def run_watcher(
-    path: Path, edits, settle_s: float = 0.4, loaded: Loaded | None = None, problems: list[str] | None = None
+    path: Path,
+    edits,
+    settle_s: float = 0.4,
+    loaded: Loaded | None = None,
+    problems: list[str] | None = None,
+    applies: bool = False,
 ) -> int:
     """Apply `edits` (an async callable) under the watcher; return how many reloads it asked for.
 
-    The running config is the file as it is now unless `loaded` says otherwise; saves handed on
-    with a problem are appended to `problems`.
+    The running config is the file as it is now unless `loaded` says otherwise; with `applies`,
+    each reload makes the file's bytes the running config, as one that succeeds does. Saves handed
+    on with a problem are appended to `problems`.
     """
     reloads = 0
     running = loaded or Loaded.read(path)
@@ -47,6 +53,8 @@ async def run_watcher(
         nonlocal reloads
         if problem is None:
             reloads += 1
+            if applies:
+                running.digest = Loaded.read(path).digest
         elif problems is not None:
             problems.append(problem)
 
@@ -183,3 +191,39 @@ async def test_a_refused_reload_is_not_retried_until_the_next_save(tmp_path: Pat
         await anyio.sleep(0.5)
 
     assert await run_watcher(path, save_then_wait, loaded=running) == 1
+
+
+async def test_a_save_back_to_a_tried_config_is_reloaded_after_another_reload_ran(tmp_path: Path) -> None:
+    # saved ctx=2 (reloaded), then ctx=3 was applied by SIGHUP or /admin/reload before the watcher
+    # settled; saving ctx=2 again differs from what runs, so it must be reloaded, not skipped as
+    # "already tried"
+    path = tmp_path / "config.toml"
+    path.write_text(CONFIG.format(ctx=1))
+    running = Loaded.read(path)
+
+    async def edits() -> None:
+        path.write_text(CONFIG.format(ctx=2))
+        await anyio.sleep(0.3)
+        path.write_text(CONFIG.format(ctx=3))
+        running.digest = Loaded.read(path).digest  # applied by another route at once
+        await anyio.sleep(0.3)
+        path.write_text(CONFIG.format(ctx=2))
+
+    assert await run_watcher(path, edits, loaded=running) == 2
+
+
+async def test_a_save_back_to_an_applied_config_is_reloaded_after_another_reload_reverted_it(tmp_path: Path) -> None:
+    # A runs; saving B is applied; /admin/reload puts A back; saving B again must be reloaded
+    path = tmp_path / "config.toml"
+    path.write_text(CONFIG.format(ctx=1))
+    running = Loaded.read(path)
+
+    async def edits() -> None:
+        path.write_text(CONFIG.format(ctx=2))
+        await anyio.sleep(0.3)  # the watcher's reload applies it
+        path.write_text(CONFIG.format(ctx=1))
+        running.digest = Loaded.read(path).digest  # applied by another route at once
+        await anyio.sleep(0.3)
+        path.write_text(CONFIG.format(ctx=2))
+
+    assert await run_watcher(path, edits, loaded=running, applies=True) == 2
