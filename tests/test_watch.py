@@ -227,3 +227,17 @@ async def test_a_save_back_to_an_applied_config_is_reloaded_after_another_reload
         path.write_text(CONFIG.format(ctx=2))
 
     assert await run_watcher(path, edits, loaded=running, applies=True) == 2
+
+
+async def test_a_broken_save_made_again_after_a_good_one_is_handed_on_again(tmp_path: Path) -> None:
+    path = tmp_path / "config.toml"
+    path.write_text(CONFIG.format(ctx=1))
+    problems: list[str] = []
+
+    async def broken_fixed_broken() -> None:
+        for text in ("[models.a\n", CONFIG.format(ctx=1), "[models.a\n"):
+            path.write_text(text)
+            await anyio.sleep(0.3)
+
+    assert await run_watcher(path, broken_fixed_broken, problems=problems) == 0
+    assert len(problems) == 2

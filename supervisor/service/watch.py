@@ -9,10 +9,10 @@ Rules kept here:
   however many writes the editor made);
 - a save is compared with the bytes the running config was read from, not with the file as it was
   when watching began: an edit made while the first models load is applied once watching starts;
-- a save whose bytes equal what runs does nothing, and so does one handed on before while what
-  runs is still what ran after it (a refused save is not retried until the files change); but a
-  save back to earlier bytes after another reload (SIGHUP, /admin/reload) changed what runs is a
-  change;
+- a save whose bytes equal what runs does nothing, and so does one whose bytes equal the last
+  settled save's while what runs is what ran then (a touch; a refused save, which is not retried
+  until the files change); any other save is handed on, even one back to bytes tried before (a
+  broken save made again, an edit reverted after a SIGHUP or /admin/reload reload);
 - a settled save that is empty or does not parse as TOML is handed on with its problem, once per
   save, so that it is recorded as a refused reload; it is never applied.
 """
@@ -115,7 +115,7 @@ async def watch_config(
     `loaded` is asked again at every poll, since a reload may change what is included.
     """
     seen: FileStats | None = None  # the first poll reads the files: they may have changed since loading
-    handed: tuple[str, str] | None = None  # (a save's digest, what ran once its reload ended)
+    last: tuple[str, str] | None = None  # (the last settled save's digest, what ran once it was dealt with)
     while True:
         await anyio.sleep(poll_s)
         current = take_stats(watched_files(loaded()))
@@ -130,12 +130,12 @@ async def watch_config(
                 break
         digest, problem = content_digest(current.paths)
         running = loaded().digest
-        if digest == running or (digest, running) == handed:
-            continue
-        if problem is not None:
-            log.warning("config changed but cannot be read as TOML, not applied: %s", problem)
-        else:
-            log.info("config file changed: reloading")
-        await on_change(problem)
-        handed = (digest, loaded().digest)
-        seen = None  # a save made during the reload is read on the next poll
+        if digest != running and (digest, running) != last:
+            if problem is not None:
+                log.warning("config changed but cannot be read as TOML, not applied: %s", problem)
+            else:
+                log.info("config file changed: reloading")
+            await on_change(problem)
+            running = loaded().digest
+            seen = None  # a save made during the reload is read on the next poll
+        last = (digest, running)
