@@ -1,9 +1,12 @@
 """The running service under random interleavings: a Hypothesis state machine drives the real
 runtime and proxy (over real sockets, FAKE llama-server children, a fake NVML inventory) through
-requests (plain, streamed, cancelled mid-stream), bursts, child crashes, stopped and hung children,
-a GPU driver slow to answer, reloads (no-op, a changed ctx, a changed limit, a model added or removed, invalid TOML, a plan that
-does not fit, a broken GGUF, an unreadable key file), idle-TTL expiry, admin load/unload/reset and
-the memory pressure of on-demand models that evict each other.
+requests (plain, streamed, cancelled mid-stream), bursts, child crashes (one whose port closes
+before its process is gone among them), stopped and hung children, a GPU driver slow to answer,
+reloads through /admin/reload (no-op, a changed ctx, a changed limit, a model added or removed,
+invalid TOML, a plan that does not fit, a broken GGUF, an unreadable key file) and saves that
+`--watch` must notice (a changed ctx, a model added or removed as a file its include glob matches,
+invalid TOML), idle-TTL expiry, admin load/unload/reset and the memory pressure of on-demand models
+that evict each other.
 
 After every step it checks what the service promises:
 - memory: the GPU bytes of every live child process stay within the GPU's usable bytes (read from
@@ -14,7 +17,8 @@ After every step it checks what the service promises:
 - every request is answered, in time, with success or a documented error; a 502 or a cut stream
   only for a request whose child was crashed, stopped or hung while it ran;
 - a reload is applied exactly when the new config is valid and fits; a refused one restarts nothing
-  and leaves the running plan as it was;
+  and leaves the running plan as it was; every settled save is reloaded once by the watcher, and
+  recorded as refused when it does not parse;
 - the service's own routes answer while NVML is slow (it is read off the event loop);
 - at the end, the stop's drain closes an idle keep-alive connection instead of serving it;
 - a saved prompt cache (keep_cache) is restored only into a child of the launch that saved it.
@@ -60,9 +64,11 @@ EXAMPLES = int(os.environ.get("STATEFUL_EXAMPLES", "10"))
 STEPS = int(os.environ.get("STATEFUL_STEPS", "25"))
 QUEUE_TIMEOUT_S = 12.0
 REQUEST_DEADLINE_S = QUEUE_TIMEOUT_S + 8.0
-SLOW_DRIVER_S = 0.6
 """No request may take longer: waits are bounded by queue_timeout, and a hung child is noticed in
 about a second."""
+SLOW_DRIVER_S = 0.6
+WATCH_NOTICE_S = 8.0
+"""A save is polled within 0.25 s, settles in 0.5 s, then its reload may restart c (a cache save)."""
 HAS_LIVENESS = "health_interval" in LlamaServerSettings.model_fields
 HAS_PROMPT_CACHE = "prompt_cache" in Config.model_fields
 """These two let the test run on older code too, to show which of its bugs it finds."""
@@ -87,6 +93,7 @@ KINDS = (
     "reload_unanswered",  # POST /admin/reload got no answer
     "reload_outcome",  # a valid reload refused, an invalid one applied, or last_reload wrong
     "reload_restarted",  # a refused reload restarted a child or changed the running plan
+    "watch",  # a save under --watch was not reloaded, or was recorded as the wrong outcome
     "loop_blocked",  # a route waited for a slow GPU driver: something read NVML on the event loop
     "drain_keepalive",  # during the stop's drain, an idle keep-alive connection took a new request
     "admin",  # an admin action answered outside its documented statuses
@@ -95,6 +102,7 @@ KINDS = (
 BROKEN = {kind: type(f"Broken_{kind}", (BrokenPromise,), {}) for kind in KINDS}
 RELOADS = ("noop", "ctx", "limit", "toggle_x", "invalid_toml", "no_fit", "broken_gguf", "bad_key_file")
 VALID_RELOADS = {"noop", "ctx", "limit", "toggle_x"}
+SAVES = ("ctx", "toggle_x", "invalid_toml")
 
 
 def fake_nvml(total: int) -> FakeNvml:
@@ -151,7 +159,7 @@ class Disturbance:
     def excuses(self, sent: Sent) -> bool:
         if self.model != sent.model:
             return False
-        if self.how == "crash":
+        if self.how in ("crash", "slow_crash"):
             return sent.started <= self.since <= (sent.ended or math.inf)
         return self.since <= (sent.ended or math.inf) and sent.started <= self.until
 
@@ -180,7 +188,7 @@ class RuntimeMachine(RuleBasedStateMachine):
         self.nvml = fake_nvml(self.gpu_total)
         self.nvml_patch = pytest.MonkeyPatch()
         self.nvml_patch.setitem(sys.modules, "pynvml", self.nvml)
-        self._serving = self.harness.serving(self.config)
+        self._serving = self.harness.serving(self.config, watch=True)
         self.running: Running = self._serving.__enter__()
         self.usable = self.running.status()["plan"]["gpus"][0]["usable_bytes"]
 
@@ -209,8 +217,6 @@ class RuntimeMachine(RuleBasedStateMachine):
         }
         if not HAS_PROMPT_CACHE:
             models = {name: {k: v for k, v in table.items() if k != "keep_cache"} for name, table in models.items()}
-        if self.x_present:
-            models["x"] = {}
         proxy = f'queue_timeout = "{QUEUE_TIMEOUT_S:g}s"\nfirst_byte_timeout = "60s"'
         if variant == "no_fit":
             models["r"] = {**models["r"], "allow_cpu": False, "allow_partial": False}
@@ -232,9 +238,19 @@ class RuntimeMachine(RuleBasedStateMachine):
             **({"prompt_cache": f'dir = "{self.directory / "cache"}"\ndisk_reserve = "0"'} if HAS_PROMPT_CACHE else {}),
         )
         text = path.read_text().replace('stop_grace = "2s"', 'stop_grace = "600ms"')  # quicker evictions
+        # x comes and goes as a file of its own that the include glob matches, as conf.d files do
+        included = self.directory / "conf.d"
+        included.mkdir(exist_ok=True)
+        text = f'include = ["{included}/*.toml"]\n' + text
+        x_file = included / "x.toml"
+        if self.x_present:
+            x_file.write_text(f'[models.x]\nfile = "{self.harness.model_file("x")}"\n')
+        else:
+            x_file.unlink(missing_ok=True)
         if variant == "invalid_toml":
             text += "\n[models.broken\n"
         path.write_text(text)
+        self.written = time.monotonic()
         return path
 
     # ---- what the machine observes
@@ -329,6 +345,8 @@ class RuntimeMachine(RuleBasedStateMachine):
         try:
             if how == "crash":
                 os.kill(pid, signal.SIGKILL)
+            elif how == "slow_crash":  # its port closes at once, the process exits 0.1 s later
+                os.kill(pid, signal.SIGUSR1)
             elif how == "stop":
                 self.stopped_pids.add(pid)
                 os.kill(pid, signal.SIGSTOP)
@@ -343,12 +361,16 @@ class RuntimeMachine(RuleBasedStateMachine):
         self.steps.append(f"crash({model!r})")
         self.disturb(model, "crash")
 
-    @rule(model=st.sampled_from(MODELS), kind=st.sampled_from(("plain", "stream")))
-    def request_as_its_child_dies(self, model: str, kind: str) -> None:
+    @rule(
+        model=st.sampled_from(MODELS),
+        kind=st.sampled_from(("plain", "stream")),
+        how=st.sampled_from(("crash", "slow_crash")),
+    )
+    def request_as_its_child_dies(self, model: str, kind: str, how: str) -> None:
         # sent the moment the child is killed, before the service can have noticed: it must wait
         # for the restart, not get the dead port's "connection refused"
-        self.steps.append(f"request_as_its_child_dies({model!r}, {kind!r})")
-        self.disturb(model, "crash", settle_s=0)
+        self.steps.append(f"request_as_its_child_dies({model!r}, {kind!r}, {how!r})")
+        self.disturb(model, how, settle_s=0)
         self.send(model, kind)
         time.sleep(0.05)
 
@@ -406,6 +428,28 @@ class RuntimeMachine(RuleBasedStateMachine):
                 self.failures["reload_restarted"].append(f"refused reload {variant} restarted {restarted}")
             if self.running.status()["plan"] != plan_before:
                 self.failures["reload_restarted"].append(f"refused reload {variant} changed the running plan")
+
+    @rule(variant=st.sampled_from(SAVES))
+    def save(self, variant: str) -> None:
+        """Edit the files as a person would and leave the reload to --watch."""
+        self.steps.append(f"save({variant!r})")
+        # a write of the last step (an /admin/reload's) has been polled and settled by now
+        time.sleep(max(0.0, self.written + 1.0 - time.monotonic()))
+        before = self.running.status()["last_reload"]
+        if variant == "ctx":
+            self.ctx = 1024 if self.ctx == 512 else 512
+        elif variant == "toggle_x":
+            self.x_present = not self.x_present
+        self.write_config(variant)
+        deadline = time.monotonic() + WATCH_NOTICE_S
+        while (last := self.running.status()["last_reload"]) == before and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if variant == "invalid_toml":
+            self.write_config()  # fixed again: the running config's own bytes, which reload nothing
+        if last == before:
+            self.failures["watch"].append(f"save {variant}: --watch did not reload it within {WATCH_NOTICE_S:g} s")
+        elif last["ok"] != (variant != "invalid_toml"):
+            self.failures["watch"].append(f"save {variant}: last_reload says {last}")
 
     @rule(seconds=st.sampled_from((0.3, 1.3)))
     def wait(self, seconds: float) -> None:
@@ -561,17 +605,15 @@ class RuntimeMachine(RuleBasedStateMachine):
                 spans[(e["pid"], e["id"])] = [e["t"], math.inf]
             elif e["event"] in ("done", "aborted", "disconnect") and (e["pid"], e.get("id")) in spans:
                 spans[(e["pid"], e["id"])][1] = e["t"]
-        for d in self.disturbed:  # a request on a child we killed ended with it
-            for (pid, _), span in spans.items():
-                if pid == d.pid and span[1] == math.inf:
-                    span[1] = d.until
-        # A child the service killed (a drain's deadline, a liveness verdict under load) records
-        # no end for what it held; o1's next child starts only once it is reaped (the same
-        # memory), so by then its requests had ended.
+        # A child that was killed (by us, by a drain's deadline, by a liveness verdict) records no
+        # end for what it held; o1's next child starts only once it is reaped (the same memory),
+        # so by then its requests had ended. (Our own record of a kill, `until`, is taken when a
+        # step next looks, which may be after the next child took requests.)
         o1_starts = sorted((e["t"], e["pid"]) for e in events if e["event"] == "start" and model_of.get(e["pid"]) == "o1")
         for (pid, _), span in spans.items():
             if span[1] == math.inf:
-                span[1] = next((t for t, other in o1_starts if other != pid and t > span[0]), math.inf)
+                killed = min((d.until for d in self.disturbed if d.pid == pid), default=math.inf)
+                span[1] = min(killed, next((t for t, other in o1_starts if other != pid and t > span[0]), math.inf))
         for start, _ in spans.values():
             limit = [lim for since, lim in sorted(self.limits) if since <= start][-1]
             running = sum(1 for s, end in spans.values() if s <= start < end)

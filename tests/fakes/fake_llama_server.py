@@ -17,6 +17,9 @@ Faults, from the environment (a test sets them through the model's `env`):
   FAKE_LLAMA_SLOT_SAVE_MS=100  take this long to answer a slot save (with --slot-save-path)
   FAKE_LLAMA_BIND_DELAY_S=0.5  wait this long before binding the port (a slow start that another
                                program's listener on the same port can answer for)
+SIGUSR1 is a crash that the service cannot see at once: the port closes and every connection is
+reset, and the process exits DYING_S later. It widens, on demand, the window a loaded machine
+opens between a child's death and the service noticing it.
 Per request, a JSON body may carry "fake": {"chunks": 50, "interval_ms": 20, "delay_ms": 0,
 "die_after_chunks": 3, "hang": true} to shape the response (die_after_chunks kills the process
 mid-stream; hang wedges its "inference loop": this request never answers, and neither does GET
@@ -38,6 +41,7 @@ import sys
 import time
 
 ENV = os.environ
+DYING_S = 0.1
 
 
 def record(event: str, **fields: object) -> None:
@@ -151,8 +155,14 @@ class Server:
     def __init__(self, state: State) -> None:
         self.state = state
         self.requests = 0
+        self.writers: set[asyncio.StreamWriter] = set()
+
+    def reset_connections(self) -> None:
+        for writer in self.writers:
+            writer.transport.abort()
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.writers.add(writer)
         try:
             while True:
                 request = await read_request(reader)
@@ -164,6 +174,7 @@ class Server:
         except ConnectionError:
             return
         finally:
+            self.writers.discard(writer)
             writer.close()
 
     async def respond(self, method: str, target: str, body: bytes, reader, writer) -> bool:
@@ -270,13 +281,25 @@ async def serve() -> None:
     port = int(arg(("--port",), "8080"))
     state = State()
     await asyncio.sleep(float(ENV.get("FAKE_LLAMA_BIND_DELAY_S", "0")))
+    handler = Server(state)
     try:
-        server = await asyncio.start_server(Server(state).handle, host, port)
+        server = await asyncio.start_server(handler.handle, host, port)
     except OSError:
         # llama-server's own words (tools/server/server-http.cpp), which the supervisor recognises
         print(f"srv    start: couldn't bind HTTP server socket, hostname: {host}, port: {port}", file=sys.stderr, flush=True)
         sys.exit(1)
     record("start", port=port, argv=sys.argv[1:])
+
+    dying = asyncio.Event()
+
+    def die_slowly() -> None:
+        record("dying")
+        dying.set()
+        server.close()
+        handler.reset_connections()
+        asyncio.get_running_loop().call_later(DYING_S, os._exit, 1)
+
+    asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, die_slowly)
     print(f"main: server is listening on http://{host}:{port} - starting the main loop (FAKE)", file=sys.stderr, flush=True)
     async with server:
         if not ENV.get("FAKE_LLAMA_SILENT_LOAD") and (state.load_s or state.never_ready):
@@ -286,7 +309,12 @@ async def serve() -> None:
                 else:
                     print("llama_model_load: loading tensors ... (FAKE)", file=sys.stderr, flush=True)
                 await asyncio.sleep(0.1)
-        await server.serve_forever()
+        try:
+            await server.serve_forever()
+        except asyncio.CancelledError:
+            if not dying.is_set():
+                raise
+            await asyncio.sleep(3600)  # until die_slowly's exit
 
 
 def main() -> None:
