@@ -1,7 +1,8 @@
 """The running service under random interleavings: a Hypothesis state machine drives the real
 runtime and proxy (over real sockets, FAKE llama-server children, a fake NVML inventory) through
 requests (plain, streamed, cancelled mid-stream), bursts, child crashes (one whose port closes
-before its process is gone among them), stopped and hung children, a GPU driver slow to answer,
+before its process is gone among them), stopped and hung children, a GPU driver slow to answer, a
+/proc slow to read while a child stops,
 reloads through /admin/reload (no-op, a changed ctx, a changed limit, a model added or removed,
 invalid TOML, a plan that does not fit, a broken GGUF, an unreadable key file) and saves that
 `--watch` must notice (a changed ctx, a model added or removed as a file its include glob matches,
@@ -19,7 +20,7 @@ After every step it checks what the service promises:
 - a reload is applied exactly when the new config is valid and fits; a refused one restarts nothing
   and leaves the running plan as it was; every settled save is reloaded once by the watcher, and
   recorded as refused when it does not parse;
-- the service's own routes answer while NVML is slow (it is read off the event loop);
+- the service's own routes answer while NVML or /proc is slow (both are read off the event loop);
 - at the end, the stop's drain closes an idle keep-alive connection instead of serving it;
 - a saved prompt cache (keep_cache) is restored only into a child of the launch that saved it.
 
@@ -53,6 +54,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from llama_smart_proxy.schemas.config import Config, LlamaServerSettings
+from llama_smart_proxy.supervisor.children import process_group
 from llama_smart_proxy.supervisor.service.tinymodel import write_tiny_model
 from tests.fakes.fake_pynvml import FakeNvml, gpu
 from tests.fakes.supervision import pid_alive
@@ -67,6 +69,7 @@ REQUEST_DEADLINE_S = QUEUE_TIMEOUT_S + 8.0
 """No request may take longer: waits are bounded by queue_timeout, and a hung child is noticed in
 about a second."""
 SLOW_DRIVER_S = 0.6
+SLOW_PROC_S = 0.3
 WATCH_NOTICE_S = 8.0
 """A save is polled within 0.25 s, settles in 0.5 s, then its reload may restart c (a cache save)."""
 HAS_LIVENESS = "health_interval" in LlamaServerSettings.model_fields
@@ -480,6 +483,45 @@ class RuntimeMachine(RuleBasedStateMachine):
                         )
         finally:
             self.nvml.memory_info_delay_s = 0.0
+
+    @rule(model=st.sampled_from(("o1", "o2")))
+    def unload_with_a_slow_proc(self, model: str) -> None:
+        """Stopping a child looks for its group's members in every /proc entry, which a busy host
+        makes slow; the service's own routes must not wait for it."""
+        self.steps.append(f"unload_with_a_slow_proc({model!r})")
+        if self.model_pid(model) is None:
+            return
+        scan = process_group.group_has_live_members
+
+        def slow_scan(pgid: int) -> bool:
+            time.sleep(SLOW_PROC_S)
+            return scan(pgid)
+
+        patch = pytest.MonkeyPatch()
+        patch.setattr(process_group, "group_has_live_members", slow_scan)
+        try:
+            unload = threading.Thread(
+                target=lambda: httpx.post(f"{self.running.base}/admin/models/{model}/unload", timeout=REQUEST_DEADLINE_S),
+                daemon=True,
+            )
+            unload.start()
+            while unload.is_alive():
+                started = time.monotonic()
+                try:
+                    httpx.get(f"{self.running.base}/health", timeout=REQUEST_DEADLINE_S)
+                except httpx.HTTPError as exc:
+                    self.failures["loop_blocked"].append(f"GET /health while {model} stopped: {type(exc).__name__}")
+                    break
+                took = time.monotonic() - started
+                if took > SLOW_PROC_S / 2:
+                    self.failures["loop_blocked"].append(
+                        f"GET /health took {took:.2f} s while {model} stopped and each /proc scan took {SLOW_PROC_S} s"
+                    )
+                    break
+                time.sleep(0.05)
+            unload.join(REQUEST_DEADLINE_S)
+        finally:
+            patch.undo()
 
     @rule(action=st.sampled_from(("load", "unload", "reset")), model=st.sampled_from(MODELS))
     def admin(self, action: str, model: str) -> None:
