@@ -4,7 +4,8 @@ requests (plain, streamed, cancelled mid-stream), bursts, child crashes (one who
 before its process is gone among them), stopped and hung children, a GPU driver slow to answer, a
 /proc slow to read while a child stops,
 reloads through /admin/reload (no-op, a changed ctx, a changed limit, a model added or removed,
-invalid TOML, a plan that does not fit, a broken GGUF, an unreadable key file) and saves that
+another llama-server binary with settings that apply only later, invalid TOML, a plan that does
+not fit, a broken GGUF, an unreadable key file) and saves that
 `--watch` must notice (a changed ctx, a model added or removed as a file its include glob matches,
 invalid TOML), idle-TTL expiry, admin load/unload/reset and the memory pressure of on-demand models
 that evict each other.
@@ -18,7 +19,8 @@ After every step it checks what the service promises:
 - every request is answered, in time, with success or a documented error; a 502 or a cut stream
   only for a request whose child was crashed, stopped or hung while it ran;
 - a reload is applied exactly when the new config is valid and fits; a refused one restarts nothing
-  and leaves the running plan as it was; every settled save is reloaded once by the watcher, and
+  and leaves the running plan as it was; a new binary runs every ready resident, and settings
+  that wait for a later start are named in last_reload; every settled save is reloaded once by the watcher, and
   recorded as refused when it does not parse;
 - the service's own routes answer while NVML or /proc is slow (both are read off the event loop);
 - at the end, the stop's drain closes an idle keep-alive connection instead of serving it;
@@ -103,8 +105,8 @@ KINDS = (
     "cache_launch",  # a saved prompt cache restored into a child of another launch (its ctx)
 )
 BROKEN = {kind: type(f"Broken_{kind}", (BrokenPromise,), {}) for kind in KINDS}
-RELOADS = ("noop", "ctx", "limit", "toggle_x", "invalid_toml", "no_fit", "broken_gguf", "bad_key_file")
-VALID_RELOADS = {"noop", "ctx", "limit", "toggle_x"}
+RELOADS = ("noop", "ctx", "limit", "toggle_x", "build", "invalid_toml", "no_fit", "broken_gguf", "bad_key_file")
+VALID_RELOADS = {"noop", "ctx", "limit", "toggle_x", "build"}
 SAVES = ("ctx", "toggle_x", "invalid_toml")
 
 
@@ -173,6 +175,9 @@ class RuntimeMachine(RuleBasedStateMachine):
         self.directory = Path(tempfile.mkdtemp(prefix="stateful-"))
         self.harness = Harness.create(self.directory, tiny_model())
         self.x_present = True
+        self.build = 1
+        """Which llama-server binary the config names: build 2 is the FAKE one started with
+        FAKE_LLAMA_BUILD=2 in its environment, and sets max_connections too."""
         self.ctx = 512
         self.limit = 1
         self.gpu_total = 0
@@ -221,6 +226,8 @@ class RuntimeMachine(RuleBasedStateMachine):
         if not HAS_PROMPT_CACHE:
             models = {name: {k: v for k, v in table.items() if k != "keep_cache"} for name, table in models.items()}
         proxy = f'queue_timeout = "{QUEUE_TIMEOUT_S:g}s"\nfirst_byte_timeout = "60s"'
+        if self.build == 2:
+            proxy += "\nmax_connections = 300"
         if variant == "no_fit":
             models["r"] = {**models["r"], "allow_cpu": False, "allow_partial": False}
         if variant == "broken_gguf":
@@ -241,6 +248,11 @@ class RuntimeMachine(RuleBasedStateMachine):
             **({"prompt_cache": f'dir = "{self.directory / "cache"}"\ndisk_reserve = "0"'} if HAS_PROMPT_CACHE else {}),
         )
         text = path.read_text().replace('stop_grace = "2s"', 'stop_grace = "600ms"')  # quicker evictions
+        if self.build == 2:
+            build_2 = self.directory / "fake-llama-server-2"
+            build_2.write_text(f"#!/bin/sh\nFAKE_LLAMA_BUILD=2 exec {self.harness.fake_binary} \"$@\"\n")
+            build_2.chmod(0o755)
+            text = text.replace(f'binary = "{self.harness.fake_binary}"', f'binary = "{build_2}"')
         # x comes and goes as a file of its own that the include glob matches, as conf.d files do
         included = self.directory / "conf.d"
         included.mkdir(exist_ok=True)
@@ -395,6 +407,8 @@ class RuntimeMachine(RuleBasedStateMachine):
             self.limit = 2 if self.limit == 1 else 1
         elif variant == "toggle_x":
             self.x_present = not self.x_present
+        elif variant == "build":
+            self.build = 3 - self.build
         elif variant == "no_fit":
             self.nvml.devices[0] = gpu(0, total=64 * 1024**2, used=0)  # the GPU "shrank"
         self.write_config(variant)
@@ -417,6 +431,8 @@ class RuntimeMachine(RuleBasedStateMachine):
         last = self.running.status()["last_reload"]
         if last is None or last["ok"] != expected_ok:
             self.failures["reload_outcome"].append(f"reload {variant}: last_reload says {last}")
+        if variant == "build" and answer.status_code == 200:
+            self.check_build(last)
         if not expected_ok and answer.status_code != 200:  # (an accepted one is a reload_outcome above)
             after, restarts_after = self.pids(), self.restarts()
             # residents only: an on-demand model may be evicted and started again by its requests;
@@ -453,6 +469,28 @@ class RuntimeMachine(RuleBasedStateMachine):
             self.failures["watch"].append(f"save {variant}: --watch did not reload it within {WATCH_NOTICE_S:g} s")
         elif last["ok"] != (variant != "invalid_toml"):
             self.failures["watch"].append(f"save {variant}: last_reload says {last}")
+
+    def check_build(self, last: dict | None) -> None:
+        """After a reload to the other binary: max_connections is named as waiting for the next
+        start, and every ready resident runs the new binary (restarted with it)."""
+        if last is None or not any("max_connections" in line for line in last.get("deferred", [])):
+            self.failures["reload_outcome"].append(f"reload build: max_connections changed, last_reload says {last}")
+        deadline = time.monotonic() + 5
+        while True:
+            stale = [m for m in RESIDENTS if (pid := self.model_pid(m)) is not None and self.child_build(pid) != self.build]
+            if not stale or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        if stale:
+            self.failures["reload_outcome"].append(f"reload build: {stale} still run the old llama-server binary")
+
+    @staticmethod
+    def child_build(pid: int) -> int | None:
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            return None
+        return 2 if b"FAKE_LLAMA_BUILD=2" in environ else 1
 
     @rule(seconds=st.sampled_from((0.3, 1.3)))
     def wait(self, seconds: float) -> None:
