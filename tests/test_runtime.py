@@ -4,6 +4,7 @@ starts, queueing while loading, eviction by memory, TTL, failed models, admin ac
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 
 import httpx
@@ -144,6 +145,18 @@ def test_idle_ttl_unloads_an_on_demand_model(harness: Harness) -> None:
         assert pid is not None
         running.wait_state("brief", "stopped", timeout=10)
         assert running.model("brief")["pid"] is None
+
+
+def test_an_admin_load_is_not_idle_past_its_ttl_at_once(harness: Harness) -> None:
+    # the model's entry is older than its idle_ttl and it was never used: its idle time starts
+    # when it is loaded, not when the service started
+    config = harness.write_config({"warm": {"mode": "on-demand", "idle_ttl": "2s"}})
+    with harness.serving(config) as running:
+        time.sleep(2.2)
+        assert httpx.post(f"{running.base}/admin/models/warm/load", timeout=10).status_code == 200
+        time.sleep(1.0)
+        assert running.model("warm")["state"] == "ready"
+        running.wait_state("warm", "stopped", timeout=10)  # and it is unloaded once idle for 2 s
 
 
 def test_admin_load_and_unload_a_model(harness: Harness) -> None:

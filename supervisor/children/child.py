@@ -288,6 +288,11 @@ class Child:
         return self._state is ChildState.READY and self._process_alive
 
     @property
+    def ready_since(self) -> float | None:
+        """time.monotonic() when it last became ready; None while it is not ready."""
+        return self._ready_since
+
+    @property
     def port(self) -> int | None:
         """The port the child listens on; None when no child is running."""
         return self._port

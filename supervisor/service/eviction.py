@@ -21,6 +21,7 @@ class Occupant:
     bytes_by_gpu: Mapping[int, int]
     priority: int
     last_used: float
+    """When it last answered a request or became ready, whichever is later (ModelEntry.idle_since)."""
 
 
 def choose_victims(short_by_gpu: Mapping[int, int], candidates: Sequence[Occupant]) -> tuple[str, ...] | None:

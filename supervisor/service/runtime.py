@@ -152,6 +152,12 @@ class ModelEntry:
             and self.holds_memory()
         )
 
+    def idle_since(self) -> float:
+        """When its idle_ttl began to run: the end of its last request, or its child's becoming
+        ready if later (a model loaded and not yet asked for is not idle since the service began)."""
+        ready = self.child.ready_since if self.child is not None else None
+        return self.last_used if ready is None else max(self.last_used, ready)
+
     def is_permanent_holder(self) -> bool:
         """Holds memory that no wait will free: a configured resident model."""
         return self.spec.mode == "resident" and not self.retiring and not self.stopping
@@ -428,7 +434,7 @@ class Runtime:
 
     def _occupants(self, keep: Callable[[ModelEntry], bool]) -> list[Occupant]:
         return [
-            Occupant(e.name, e.reservation.bytes_by_gpu, e.spec.priority, e.last_used)
+            Occupant(e.name, e.reservation.bytes_by_gpu, e.spec.priority, e.idle_since())
             for e in self._all_entries()
             if e.holds_memory() and e.reservation is not None and keep(e)
         ]
@@ -672,7 +678,7 @@ class Runtime:
     async def _unload_expired(self) -> None:
         def expired(entry: ModelEntry, now: float) -> bool:
             ttl = entry.spec.idle_ttl
-            return ttl > 0 and entry.is_evictable() and now - entry.last_used >= ttl
+            return ttl > 0 and entry.is_evictable() and now - entry.idle_since() >= ttl
 
         if not any(expired(e, time.monotonic()) for e in self._entries.values()):
             return
