@@ -415,6 +415,7 @@ class RuntimeMachine(RuleBasedStateMachine):
         started = time.monotonic()
         try:
             answer = httpx.post(f"{self.running.base}/admin/reload", timeout=60)
+            took = time.monotonic() - started
         except httpx.HTTPError as exc:
             self.failures["reload_unanswered"].append(f"reload {variant}: no answer ({type(exc).__name__}: {exc})")
             return
@@ -429,11 +430,15 @@ class RuntimeMachine(RuleBasedStateMachine):
         if (answer.status_code == 200) != expected_ok:
             self.failures["reload_outcome"].append(f"reload {variant}: answered {answer.status_code} {answer.text[:300]}")
         last = self.running.status()["last_reload"]
-        if last is None or last["ok"] != expected_ok:
+        # a reload slower than the watcher's settling (0.5 s) lets --watch reload the same save
+        # too (a refused one: the file is put right only after the answer), and its outcome may
+        # be the one recorded
+        watcher_too = took > 0.5
+        if last is None or (last["ok"] != expected_ok and not watcher_too):
             self.failures["reload_outcome"].append(f"reload {variant}: last_reload says {last}")
         if variant == "build" and answer.status_code == 200:
             self.check_build(last)
-        if not expected_ok and answer.status_code != 200:  # (an accepted one is a reload_outcome above)
+        if not expected_ok and answer.status_code != 200 and not watcher_too:  # (an accepted one: reload_outcome)
             after, restarts_after = self.pids(), self.restarts()
             # residents only: an on-demand model may be evicted and started again by its requests;
             # and not through the crash path, which may replace a child (one whose new start lost
