@@ -513,17 +513,7 @@ class RuntimeMachine(RuleBasedStateMachine):
                 if round_:
                     time.sleep(1.05)
                 for path in ("/health", "/status", "/v1/models"):
-                    started = time.monotonic()
-                    try:
-                        httpx.get(f"{self.running.base}{path}", timeout=REQUEST_DEADLINE_S)
-                    except httpx.HTTPError as exc:
-                        self.failures["loop_blocked"].append(f"GET {path} with a slow driver: {type(exc).__name__}")
-                        continue
-                    took = time.monotonic() - started
-                    if took > SLOW_DRIVER_S / 2:
-                        self.failures["loop_blocked"].append(
-                            f"GET {path} took {took:.2f} s while each NVML read took {SLOW_DRIVER_S} s"
-                        )
+                    self.answers_at_once(path, SLOW_DRIVER_S / 2, f"while each NVML read took {SLOW_DRIVER_S} s")
         finally:
             self.nvml.memory_info_delay_s = 0.0
 
@@ -548,23 +538,26 @@ class RuntimeMachine(RuleBasedStateMachine):
                 daemon=True,
             )
             unload.start()
-            while unload.is_alive():
-                started = time.monotonic()
-                try:
-                    httpx.get(f"{self.running.base}/health", timeout=REQUEST_DEADLINE_S)
-                except httpx.HTTPError as exc:
-                    self.failures["loop_blocked"].append(f"GET /health while {model} stopped: {type(exc).__name__}")
-                    break
-                took = time.monotonic() - started
-                if took > SLOW_PROC_S / 2:
-                    self.failures["loop_blocked"].append(
-                        f"GET /health took {took:.2f} s while {model} stopped and each /proc scan took {SLOW_PROC_S} s"
-                    )
-                    break
+            why = f"while {model} stopped and each /proc scan took {SLOW_PROC_S} s"
+            while unload.is_alive() and self.answers_at_once("/health", SLOW_PROC_S / 2, why):
                 time.sleep(0.05)
             unload.join(REQUEST_DEADLINE_S)
         finally:
             patch.undo()
+
+    def answers_at_once(self, path: str, limit_s: float, why: str) -> bool:
+        """GET `path` within `limit_s`; else a loop_blocked failure (`why`: what was slow meanwhile)."""
+        started = time.monotonic()
+        try:
+            httpx.get(f"{self.running.base}{path}", timeout=REQUEST_DEADLINE_S)
+        except httpx.HTTPError as exc:
+            self.failures["loop_blocked"].append(f"GET {path} {why}: {type(exc).__name__}")
+            return False
+        took = time.monotonic() - started
+        if took > limit_s:
+            self.failures["loop_blocked"].append(f"GET {path} took {took:.2f} s {why}")
+            return False
+        return True
 
     @rule(action=st.sampled_from(("load", "unload", "reset")), model=st.sampled_from(MODELS))
     def admin(self, action: str, model: str) -> None:
