@@ -193,40 +193,30 @@ async def test_a_refused_reload_is_not_retried_until_the_next_save(tmp_path: Pat
     assert await run_watcher(path, save_then_wait, loaded=running) == 1
 
 
-async def test_a_save_back_to_a_tried_config_is_reloaded_after_another_reload_ran(tmp_path: Path) -> None:
-    # saved ctx=2 (reloaded), then ctx=3 was applied by SIGHUP or /admin/reload before the watcher
-    # settled; saving ctx=2 again differs from what runs, so it must be reloaded, not skipped as
-    # "already tried"
+@pytest.mark.parametrize(
+    ("applied", "other_ctx"),
+    [
+        (False, 3),  # ctx=2 was refused; SIGHUP or /admin/reload then applied ctx=3
+        (True, 1),  # ctx=2 was applied; /admin/reload then put ctx=1 back
+    ],
+)
+async def test_a_save_back_to_bytes_handed_on_before_is_reloaded_once_another_reload_changed_what_runs(
+    tmp_path: Path, applied: bool, other_ctx: int
+) -> None:
+    # saving ctx=2 again differs from what runs now: it must be reloaded, not skipped as "already tried"
     path = tmp_path / "config.toml"
     path.write_text(CONFIG.format(ctx=1))
     running = Loaded.read(path)
 
     async def edits() -> None:
         path.write_text(CONFIG.format(ctx=2))
-        await anyio.sleep(0.3)
-        path.write_text(CONFIG.format(ctx=3))
+        await anyio.sleep(0.3)  # the watcher hands it on
+        path.write_text(CONFIG.format(ctx=other_ctx))
         running.digest = Loaded.read(path).digest  # applied by another route at once
         await anyio.sleep(0.3)
         path.write_text(CONFIG.format(ctx=2))
 
-    assert await run_watcher(path, edits, loaded=running) == 2
-
-
-async def test_a_save_back_to_an_applied_config_is_reloaded_after_another_reload_reverted_it(tmp_path: Path) -> None:
-    # A runs; saving B is applied; /admin/reload puts A back; saving B again must be reloaded
-    path = tmp_path / "config.toml"
-    path.write_text(CONFIG.format(ctx=1))
-    running = Loaded.read(path)
-
-    async def edits() -> None:
-        path.write_text(CONFIG.format(ctx=2))
-        await anyio.sleep(0.3)  # the watcher's reload applies it
-        path.write_text(CONFIG.format(ctx=1))
-        running.digest = Loaded.read(path).digest  # applied by another route at once
-        await anyio.sleep(0.3)
-        path.write_text(CONFIG.format(ctx=2))
-
-    assert await run_watcher(path, edits, loaded=running, applies=True) == 2
+    assert await run_watcher(path, edits, loaded=running, applies=applied) == 2
 
 
 async def test_a_broken_save_made_again_after_a_good_one_is_handed_on_again(tmp_path: Path) -> None:
