@@ -396,11 +396,8 @@ class RuntimeMachine(RuleBasedStateMachine):
 
     # ---- rules: reloads, time, admin
 
-    @rule(variant=st.sampled_from(RELOADS))
-    def reload(self, variant: str) -> None:
-        self.steps.append(f"reload({variant!r})")
-        before, restarts_before = self.pids(), self.restarts()
-        plan_before = self.running.status()["plan"]
+    def change(self, variant: str) -> None:
+        """The state a valid reload or save of `variant` moves to (the others change no state)."""
         if variant == "ctx":
             self.ctx = 1024 if self.ctx == 512 else 512
         elif variant == "limit":
@@ -409,7 +406,14 @@ class RuntimeMachine(RuleBasedStateMachine):
             self.x_present = not self.x_present
         elif variant == "build":
             self.build = 3 - self.build
-        elif variant == "no_fit":
+
+    @rule(variant=st.sampled_from(RELOADS))
+    def reload(self, variant: str) -> None:
+        self.steps.append(f"reload({variant!r})")
+        before, restarts_before = self.pids(), self.restarts()
+        plan_before = self.running.status()["plan"]
+        self.change(variant)
+        if variant == "no_fit":
             self.nvml.devices[0] = gpu(0, total=64 * 1024**2, used=0)  # the GPU "shrank"
         self.write_config(variant)
         started = time.monotonic()
@@ -460,10 +464,7 @@ class RuntimeMachine(RuleBasedStateMachine):
         # a write of the last step (an /admin/reload's) has been polled and settled by now
         time.sleep(max(0.0, self.written + 1.0 - time.monotonic()))
         before = self.running.status()["last_reload"]
-        if variant == "ctx":
-            self.ctx = 1024 if self.ctx == 512 else 512
-        elif variant == "toggle_x":
-            self.x_present = not self.x_present
+        self.change(variant)
         self.write_config(variant)
         deadline = time.monotonic() + WATCH_NOTICE_S
         while (last := self.running.status()["last_reload"]) == before and time.monotonic() < deadline:
