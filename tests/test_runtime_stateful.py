@@ -123,6 +123,12 @@ def tiny_model() -> Path:
     return _TINY["path"]
 
 
+def save_atomically(path: Path, text: str) -> None:
+    staged = path.with_name(path.name + ".saving")
+    staged.write_text(text)
+    os.replace(staged, path)
+
+
 def write_broken_gguf(path: Path) -> None:
     """The tiny model with `llama.block_count` stored as a float32: a header field of the wrong type."""
     data = bytearray(tiny_model().read_bytes())
@@ -240,14 +246,15 @@ class RuntimeMachine(RuleBasedStateMachine):
             unreadable.write_bytes(b"\xff\xfe key\n")
             models["c"] = {**models["c"], "ctx": 2048}
             proxy += f'\napi_keys_file = "{unreadable}"'
-        path = self.harness.write_config(
+        draft = self.harness.write_config(
             models,
+            name="config.draft.toml",
             proxy=proxy,
             llama_server=quick + "crash_loop_deaths = 50",
             gpus="allow = [0]",
             **({"prompt_cache": f'dir = "{self.directory / "cache"}"\ndisk_reserve = "0"'} if HAS_PROMPT_CACHE else {}),
         )
-        text = path.read_text().replace('stop_grace = "2s"', 'stop_grace = "600ms"')  # quicker evictions
+        text = draft.read_text().replace('stop_grace = "2s"', 'stop_grace = "600ms"')  # quicker evictions
         if self.build == 2:
             build_2 = self.directory / "fake-llama-server-2"
             build_2.write_text(f"#!/bin/sh\nFAKE_LLAMA_BUILD=2 exec {self.harness.fake_binary} \"$@\"\n")
@@ -259,12 +266,15 @@ class RuntimeMachine(RuleBasedStateMachine):
         text = f'include = ["{included}/*.toml"]\n' + text
         x_file = included / "x.toml"
         if self.x_present:
-            x_file.write_text(f'[models.x]\nfile = "{self.harness.model_file("x")}"\n')
+            save_atomically(x_file, f'[models.x]\nfile = "{self.harness.model_file("x")}"\n')
         else:
             x_file.unlink(missing_ok=True)
         if variant == "invalid_toml":
             text += "\n[models.broken\n"
-        path.write_text(text)
+        # every save is an editor's atomic rename: --watch must never read a file half written
+        # (a write in place that it reads between truncating and writing is recorded as "empty")
+        path = self.directory / "config.toml"
+        save_atomically(path, text)
         self.written = time.monotonic()
         return path
 
