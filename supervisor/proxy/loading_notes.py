@@ -28,6 +28,7 @@ import anyio
 
 from llama_smart_proxy.supervisor.proxy.backends import ModelState, ModelStatus
 from llama_smart_proxy.supervisor.proxy.events import sse_comment
+from llama_smart_proxy.supervisor.proxy.loop_clock import now as loop_now
 
 WRITE_S = 5.0
 """Longest one note's write may take; a client that reads nothing for that long is dropped."""
@@ -117,14 +118,14 @@ class LoadingNotes:
         self._scope.cancel()
 
     async def run(self) -> None:
-        started = anyio.current_time()
+        started = loop_now()
         with self._scope:
             while not self.broken:
                 await anyio.sleep(self.interval_s)
                 status = await self._status()
-                text = describe(self.model, status, anyio.current_time() - started, time.time())
+                text = describe(self.model, status, loop_now() - started, time.time())
                 with anyio.CancelScope(shield=True) as write:
-                    write.deadline = anyio.current_time() + WRITE_S
+                    write.deadline = loop_now() + WRITE_S
                     try:
                         if not self.committed:
                             self.committed = True

@@ -74,6 +74,7 @@ from llama_smart_proxy.supervisor.proxy.http import (
     without_length,
 )
 from llama_smart_proxy.supervisor.proxy.loading_notes import LoadingNotes, error_event, upstream_error_event, wants_stream
+from llama_smart_proxy.supervisor.proxy.loop_clock import now as loop_now
 from llama_smart_proxy.supervisor.proxy.metrics import MODEL_MISSING, MODEL_UNKNOWN, NO_MODEL, ProxyMetrics
 from llama_smart_proxy.supervisor.proxy.relay_framing import RelayFraming, relay_head
 from llama_smart_proxy.supervisor.proxy.sockets import Socket, accept
@@ -268,7 +269,10 @@ class ProxyServer:
     async def _accept_loop(self, listener: socket.socket, tg: anyio.abc.TaskGroup) -> None:
         assert self._slots is not None
         while True:
-            await self._slots.acquire()
+            try:  # a burst of connections is accepted without a pass of the loop for each
+                self._slots.acquire_nowait()
+            except anyio.WouldBlock:
+                await self._slots.acquire()
             try:
                 sock, address = await accept(listener)
             except OSError as exc:  # out of file descriptors, mostly: wait, never die
@@ -346,6 +350,7 @@ class ProxyServer:
                 if self.draining:
                     scope.cancel()
                 self._waiting_for_request.add(scope)
+            head_began = False  # and the deadline is not yet header_timeout from then
             while True:
                 try:
                     event = conn.next_event()
@@ -362,6 +367,9 @@ class ProxyServer:
                         raise version_error(event.http_version)
                     return event
                 if event is h11.NEED_DATA:
+                    if head_began:  # moved only now: a head that came whole in one read needs no timer
+                        head_began = False
+                        scope.deadline = loop_now() + settings.header_timeout
                     try:
                         data = await client.receive()
                     finally:
@@ -369,7 +377,7 @@ class ProxyServer:
                     fed += len(data)
                     if data and waited_for_first_byte:
                         waited_for_first_byte = False
-                        scope.deadline = anyio.current_time() + settings.header_timeout
+                        head_began = True
                     conn.receive_data(data)
                     continue
                 # ConnectionClosed (or PAUSED, which cannot happen between requests)
@@ -612,7 +620,7 @@ class ProxyServer:
                 # a drain (or the serving task group's end, right after it): end the stream whole,
                 # so that the client sees an ended stream and reconnects, not a broken one
                 with anyio.CancelScope(shield=True) as ending:
-                    ending.deadline = anyio.current_time() + STREAM_WRITE_S
+                    ending.deadline = loop_now() + STREAM_WRITE_S
                     try:
                         await client.send(conn.send(h11.EndOfMessage()) or b"")
                     except ClientGone:
@@ -636,7 +644,7 @@ class ProxyServer:
         """One piece of a stream of our own, written whole or not begun: a cancellation (a drain)
         never cuts a chunk in two. A client that takes none of it for STREAM_WRITE_S is dropped."""
         with anyio.CancelScope(shield=True) as scope:
-            scope.deadline = anyio.current_time() + STREAM_WRITE_S
+            scope.deadline = loop_now() + STREAM_WRITE_S
             await client.send(conn.send(h11.Data(data=data)) or b"")
         if scope.cancelled_caught:
             raise ClientGone()
@@ -704,7 +712,7 @@ class ProxyServer:
                             )
 
                             def on_sent() -> None:
-                                scope.deadline = anyio.current_time() + settings.first_byte_timeout
+                                scope.deadline = loop_now() + settings.first_byte_timeout
 
                             upstream_conn, response = await self.pool.exchange(
                                 upstream,
@@ -920,7 +928,7 @@ class ProxyServer:
                     pending.clear()
                 # Push the idle deadline only once half of it is used: re-arming a timer per
                 # chunk is measurable at thousands of chunks a second.
-                now = anyio.current_time()
+                now = loop_now()
                 if got_data and progress is not None:
                     progress.at = now
                     got_data = False

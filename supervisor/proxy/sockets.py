@@ -226,7 +226,12 @@ async def connect(host: str, port: int) -> Socket:
         anyio.notify_closing(sock)
         sock.close()
         raise
-    return Socket(sock)
+    connected = Socket(sock)
+    # read from now on, as every socket is once read from: a connection that waits in the pool
+    # (a successor, opened before a request needs it) then pays its registration while idle, and
+    # the child's close of it shows without a system call when it is taken
+    connected._resume_reading()
+    return connected
 
 
 async def accept(listener: socket.socket) -> tuple[socket.socket, object]:

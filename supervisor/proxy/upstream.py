@@ -26,6 +26,7 @@ import anyio
 
 from llama_smart_proxy.supervisor.proxy.backends import Upstream, UpstreamUnreachable
 from llama_smart_proxy.supervisor.proxy.http import Headers
+from llama_smart_proxy.supervisor.proxy.loop_clock import now as loop_now
 from llama_smart_proxy.supervisor.proxy.sockets import Socket, connect
 from llama_smart_proxy.supervisor.proxy.upstream_http import (
     NEED_DATA,
@@ -168,7 +169,7 @@ class UpstreamPool:
         key = (upstream.host, upstream.port)
         if not fresh:
             idle = self._idle.get(key)
-            now = anyio.current_time()
+            now = loop_now()
             while idle:
                 conn = idle.pop()
                 if conn.has_expired(now) or conn.is_dropped_by_peer():
@@ -225,7 +226,7 @@ class UpstreamPool:
         self._keep(conn)
 
     def _keep(self, conn: UpstreamConnection) -> None:
-        conn.idle_since = anyio.current_time()
+        conn.idle_since = loop_now()
         idle = self._idle.setdefault((conn.upstream.host, conn.upstream.port), [])
         idle.append(conn)
         if len(idle) > conn.upstream.pool_size:
@@ -267,7 +268,7 @@ class UpstreamPool:
             out.difference_update([c for c in out if c.closed])
             if not out:
                 del self._out[key]
-        now = anyio.current_time()
+        now = loop_now()
         for key in list(self._idle):
             idle = self._idle[key]
             keep = [c for c in idle if not c.has_expired(now)]
