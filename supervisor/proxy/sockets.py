@@ -1,12 +1,12 @@
 """Non-blocking TCP sockets for the proxy on anyio's asyncio backend: reads as asyncio's
 transports do them, writes through anyio's wait_writable.
 
-Reading: once a socket is first read from, it stays registered with the loop, and the loop's
-readiness callback reads what arrived into a buffer (up to BUFFER_BYTES, then reading pauses
-until the reader takes some) and wakes the reader. anyio's wait_readable registered and
-unregistered the socket around every wait (two epoll_ctl calls) and each wait began with a recv()
-that found nothing: with this, serve's CPU per relayed request fell ~22 % and per streamed chunk
-more (benchmarks/results/proxy-profile.md).
+Reading: once a socket is first read from (one from `connect` at once), it stays registered
+with the loop, and the loop's readiness callback reads what arrived into a buffer (up to
+BUFFER_BYTES, then reading pauses until the reader takes some) and wakes the reader. anyio's
+wait_readable registered and unregistered the socket around every wait (two epoll_ctl calls) and
+each wait began with a recv() that found nothing: with this, serve's CPU per relayed request fell
+~22 % and per streamed chunk more (benchmarks/results/proxy-profile.md).
 Writing: a send() is tried first and the task waits only when the kernel has no room.
 Why not anyio's SocketStream: its send always yields to the loop, and the pool needs what it does
 not offer: a close that never awaits (a cancelled relay closes at once) and a look at an idle
