@@ -39,6 +39,7 @@ import anyio
 import anyio.to_thread
 import h11
 from anyio.abc import SocketAttribute, SocketListener, TaskStatus
+from anyio.lowlevel import checkpoint
 
 from llama_smart_proxy.schemas.config import ProxySettings, parse_listen
 from llama_smart_proxy.supervisor.errors import RuntimeFailure
@@ -93,6 +94,7 @@ LINGER_S = 1.0  # after an early error reply, how long unread request bytes are 
 SSE_PING = b":\n\n"  # what llama-server sends while a stream is silent (--sse-ping-interval)
 STATUS_CLIENT_GONE = 499  # nginx's code for "client closed the request", used in metrics and logs
 ACCEPT_BACKOFF_S = 0.1  # pause after accept() fails (out of file descriptors) before trying again
+ACCEPT_BATCH = 64  # connections accepted in one pass of the event loop, at most
 # Bodies larger than this (base64 images, long prompts) are JSON-parsed in a worker thread: 2-7 ms
 # per MB of parsing on the event loop would stall every other connection.
 THREAD_PARSE_BYTES = 256 * 1024
@@ -268,8 +270,14 @@ class ProxyServer:
 
     async def _accept_loop(self, listener: socket.socket, tg: anyio.abc.TaskGroup) -> None:
         assert self._slots is not None
+        accepted = 0
         while True:
-            try:  # a burst of connections is accepted without a pass of the loop for each
+            # a burst of connections is accepted without a pass of the loop for each, ACCEPT_BATCH
+            # at most (as asyncio's own servers do): a flood does not hold the loop
+            if accepted == ACCEPT_BATCH:
+                accepted = 0
+                await checkpoint()
+            try:
                 self._slots.acquire_nowait()
             except anyio.WouldBlock:
                 await self._slots.acquire()
@@ -284,6 +292,7 @@ class ProxyServer:
                 self._slots.release()
                 raise
             tg.start_soon(self._connection, sock, address)
+            accepted += 1
 
     async def _connection(self, raw: socket.socket, address: Any) -> None:
         """One client connection; its own failure boundary."""
