@@ -7,14 +7,19 @@ size and modification time so that a stale record is noticed.
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import ConfigDict, Field
+from pydantic.dataclasses import dataclass
 
 from llama_smart_proxy.schemas.config import Contract
 
 MetadataValue = int | float | bool | str | list[int] | list[float] | list[bool]
 
 
-class TensorInfo(Contract):
+# A contract like the others (frozen, unknown keys are errors), but a dataclass: a snapshot of 64
+# models holds 21,000 of them, which validate in a third of the time a model class takes (38 ms
+# against 96: benchmarks/results/planner-bench.md).
+@dataclass(frozen=True, slots=True, config=ConfigDict(extra="forbid"))
+class TensorInfo:
     name: str = Field(description="Tensor name, e.g. blk.0.attn_q.weight.")
     type: str = Field(description="GGML type name as stored, e.g. Q4_K, F16.")
     shape: list[int] = Field(description="Dimensions as GGUF stores them (ne0 first).")

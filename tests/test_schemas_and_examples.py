@@ -86,3 +86,22 @@ def test_plan_json_reads_back_into_the_same_plan(tmp_path: Path, tiny_model: Pat
     plan = Plan.model_validate_json(result.stdout)
     assert plan.model_dump_json() == Plan.model_validate_json(plan.model_dump_json()).model_dump_json()
     assert any(m.estimate is not None and m.estimate.gpus for m in plan.models)
+
+
+def test_a_snapshots_tensor_infos_are_a_contract_like_the_others() -> None:
+    """TensorInfo is a dataclass (a snapshot holds tens of thousands): still frozen, still strict."""
+    import dataclasses
+
+    import pydantic
+
+    from llama_smart_proxy.schemas.header import ModelHeader, TensorInfo
+
+    tensor = {"name": "blk.0.attn_q.weight", "type": "Q4_K", "shape": [4096, 4096], "n_bytes": 9437184, "offset": 0}
+    header = ModelHeader.model_validate({"path": "/m.gguf", "file_size": 1, "mtime_ns": 1, "architecture": "llama", "tensors": [tensor]})
+    assert header.tensors[0] == TensorInfo(**tensor)
+    assert ModelHeader.model_validate_json(header.model_dump_json()) == header
+    for bad in ({**tensor, "dtype": "f16"}, {**tensor, "n_bytes": -1}, {**tensor, "shape": "4096"}):
+        with pytest.raises(pydantic.ValidationError):
+            ModelHeader.model_validate({**header.model_dump(), "tensors": [bad]})
+    with pytest.raises((dataclasses.FrozenInstanceError, pydantic.ValidationError)):
+        header.tensors[0].name = "other"  # type: ignore[misc]
