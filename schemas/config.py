@@ -35,7 +35,7 @@ class Contract(BaseModel):
     """Base of every contract: frozen, unknown keys are errors."""
 
     # defer_build: a contract's validator is built when it is first used, not at import: every
-    # command imports all of them and most use a few (`--help` none), ~40 % of the CLI's import
+    # command imports all of them and most use a few (`--help` none): ~40 ms of a ~300 ms import
     model_config = ConfigDict(frozen=True, extra="forbid", defer_build=True)
 
 
