@@ -9,7 +9,8 @@ other stage.
 - `upstream`: pooled keep-alive connections to the children;
 - `upstream_http`: a request's bytes and a child's response read from bytes, without h11 (pure);
 - `relay_framing`: a child's response framed for the client, as h11 would, without it (pure);
-- `sockets`: non-blocking sockets driven by anyio's wait_readable/wait_writable;
+- `sockets`: non-blocking sockets read as asyncio's transports read, written through anyio;
+- `loop_clock`: the event loop's clock, read without anyio's per-call backend lookup;
 - `access`: API keys and CORS;
 - `routes`: the proxy's own routes (/health, /status, /v1/models, /metrics, admin) (pure);
 - `events`: the numbered state-change log behind `GET /events`, and server-sent events' framing;
