@@ -231,3 +231,32 @@ async def test_a_broken_save_made_again_after_a_good_one_is_handed_on_again(tmp_
 
     assert await run_watcher(path, broken_fixed_broken, problems=problems) == 0
     assert len(problems) == 2
+
+
+async def test_a_write_in_place_that_begins_while_a_settled_save_is_read_is_never_handed_on_half_done(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the editor's next save truncates the file at the instant the watcher reads the settled one,
+    # then writes it whole: what was read (nothing) must not be handed on as a refused save
+    from llama_smart_proxy.supervisor.service import watch
+
+    path = tmp_path / "config.toml"
+    path.write_text(CONFIG.format(ctx=1))
+    read_files = watch.content_digest
+
+    def read_as_the_editor_writes_in_place(paths):  # type: ignore[no-untyped-def]
+        if path.read_text() != CONFIG.format(ctx=2):
+            return read_files(paths)
+        path.write_text("")
+        result = read_files(paths)
+        path.write_text(CONFIG.format(ctx=3))
+        return result
+
+    monkeypatch.setattr(watch, "content_digest", read_as_the_editor_writes_in_place)
+
+    async def save() -> None:
+        path.write_text(CONFIG.format(ctx=2))
+
+    problems: list[str] = []
+    assert await run_watcher(path, save, problems=problems) == 1  # the whole ctx=3 save, once
+    assert problems == []

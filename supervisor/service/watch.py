@@ -6,7 +6,7 @@ Rules kept here:
 - the files watched are the config and whatever its `include` globs match now: a new file that
   matches is a change, and so is an included file that is gone;
 - a change counts once the files have stopped changing for `debounce_s` (one save, one reload,
-  however many writes the editor made);
+  however many writes the editor made), and only if they did not change while they were read;
 - a save is compared with the bytes the running config was read from, not with the file as it was
   when watching began: an edit made while the first models load is applied once watching starts;
 - a save whose bytes equal what runs does nothing, and so does one whose bytes equal the last
@@ -129,6 +129,8 @@ async def watch_config(
             if current == seen:
                 break
         digest, problem = content_digest(current.paths)
+        if take_stats(current.paths) != current:
+            continue  # written again while it was read (an editor's next write in place): settle again
         running = loaded().digest
         if digest != running and (digest, running) != last:
             if problem is not None:
