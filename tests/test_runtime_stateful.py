@@ -71,7 +71,9 @@ REQUEST_DEADLINE_S = QUEUE_TIMEOUT_S + 8.0
 """No request may take longer: waits are bounded by queue_timeout, and a hung child is noticed in
 about a second."""
 SLOW_DRIVER_S = 0.6
-SLOW_PROC_S = 0.3
+SLOW_PROC_S = 0.6
+"""A probe of the service's routes must answer in half of either: a CI run's own load once made a
+/health take 0.18 s, so a margin of 0.15 s over the noise failed runs whose loop never blocked."""
 WATCH_NOTICE_S = 8.0
 """A save is polled within 0.25 s, settles in 0.5 s, then its reload may restart c (a cache save)."""
 HAS_LIVENESS = "health_interval" in LlamaServerSettings.model_fields
@@ -205,6 +207,7 @@ class RuntimeMachine(RuleBasedStateMachine):
         self._serving = self.harness.serving(self.config, watch=True)
         self.running: Running = self._serving.__enter__()
         self.usable = self.running.status()["plan"]["gpus"][0]["usable_bytes"]
+        self.loop_thread = self.running.portal.call(threading.get_ident)
 
     # ---- config
 
@@ -518,6 +521,7 @@ class RuntimeMachine(RuleBasedStateMachine):
         """NVML takes its time to answer; the service's own routes must not wait for it."""
         self.steps.append("slow_gpu_driver()")
         self.nvml.memory_info_delay_s = SLOW_DRIVER_S
+        self.nvml.slow_reads_on.clear()
         try:
             # two rounds more than a second apart: a reading cached for up to a second expires
             for round_ in range(2):
@@ -527,6 +531,8 @@ class RuntimeMachine(RuleBasedStateMachine):
                     self.answers_at_once(path, SLOW_DRIVER_S / 2, f"while each NVML read took {SLOW_DRIVER_S} s")
         finally:
             self.nvml.memory_info_delay_s = 0.0
+        if self.loop_thread in self.nvml.slow_reads_on:
+            self.failures["loop_blocked"].append(f"an NVML read that took {SLOW_DRIVER_S} s ran on the event loop")
 
     @rule(model=st.sampled_from(("o1", "o2")))
     def unload_with_a_slow_proc(self, model: str) -> None:
@@ -538,6 +544,8 @@ class RuntimeMachine(RuleBasedStateMachine):
         scan = process_group.group_has_live_members
 
         def slow_scan(pgid: int) -> bool:
+            if threading.get_ident() == self.loop_thread:
+                self.failures["loop_blocked"].append(f"a /proc scan for {model}'s stop ran on the event loop")
             time.sleep(SLOW_PROC_S)
             return scan(pgid)
 

@@ -12,6 +12,7 @@ H200 returned str). Build one per test:
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass, field
 from types import SimpleNamespace
@@ -75,6 +76,8 @@ class FakeNvml:
     shutdowns: int = 0
     memory_info_delay_s: float = 0.0
     """How long each memory read takes: a driver that is slow to answer (it blocks the caller)."""
+    slow_reads_on: list[int] = field(default_factory=list)
+    """The thread of each slow memory read, so a test can tell that none blocked the event loop."""
 
     NVMLError = NVMLError
     NVML_ERROR_DRIVER_NOT_LOADED = NVML_ERROR_DRIVER_NOT_LOADED
@@ -123,6 +126,7 @@ class FakeNvml:
     def nvmlDeviceGetMemoryInfo(self, handle: FakeDevice) -> SimpleNamespace:
         d = self._device(handle)
         if self.memory_info_delay_s:
+            self.slow_reads_on.append(threading.get_ident())
             time.sleep(self.memory_info_delay_s)
         return SimpleNamespace(total=d.total, used=d.used, free=d.total - d.used)
 
