@@ -119,6 +119,17 @@ def test_missing_config_file_is_one_line(tmp_path: Path) -> None:
     assert problems_of(tmp_path / "absent.toml") == [f"{tmp_path / 'absent.toml'}: file not found"]
 
 
+def test_an_empty_config_or_include_file_is_refused_not_read_as_no_models(model_dir: Path) -> None:
+    # an editor truncates a file before it writes it: read then, it would stop every model
+    empty = write(model_dir / "c.toml", "  \n")
+    assert problems_of(empty) == [f"{empty}: the file is empty (a comment makes an empty file deliberate)"]
+    write(model_dir / "more.toml", "")
+    main = write(model_dir / "main.toml", 'include = ["more.toml"]\n[models.m]\nfile = "a.gguf"\n')
+    assert problems_of(main) == [f"{model_dir / 'more.toml'}: the file is empty (a comment makes an empty file deliberate)"]
+    write(model_dir / "more.toml", "# no models here yet\n")
+    assert list(load_config(main).config.models) == ["m"]
+
+
 def test_alias_equal_to_another_models_name_is_rejected(model_dir: Path) -> None:
     path = write(
         model_dir / "c.toml",
@@ -185,7 +196,7 @@ def test_environment_overrides_toml_and_command_line_overrides_environment(
 
 
 def test_bad_environment_value_names_the_variable(model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    path = write(model_dir / "c.toml", "")
+    path = write(model_dir / "c.toml", "# everything from the environment\n")
     monkeypatch.setenv("LLAMA_SMART_PROXY_LOG_LEVEL", "loud")
     [problem] = problems_of(path)
     assert problem.startswith("LLAMA_SMART_PROXY_LOG_LEVEL: proxy.log_level: ")

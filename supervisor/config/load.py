@@ -96,15 +96,17 @@ def load_config(
     overrides: Mapping[str, Any] | None = None,
     *,
     require_model_files: bool = True,
+    contents: Mapping[Path, bytes] | None = None,
 ) -> LoadedConfig:
     """Parse, merge, validate and check the config; raise ConfigError listing every problem.
 
     require_model_files=False lets the GGUF files be absent (`plan` from a snapshot in CI, where
-    the headers travel in the snapshot); every other file must still exist.
+    the headers travel in the snapshot); every other file must still exist. `contents`: config
+    files' bytes already read (absolute paths), parsed instead of reading those files again.
     """
     path = Path(path).absolute()
     problems: list[ConfigProblem] = []
-    main = _read_toml(path, problems)
+    main = _read_toml(path, problems, contents)
     if main is None:
         raise ConfigError(problems)
 
@@ -113,7 +115,7 @@ def load_config(
     for name in main.data.get("models", {}) if isinstance(main.data.get("models"), dict) else {}:
         owner[name] = main
     for included in _included_files(main, problems):
-        source = _read_toml(included, problems)
+        source = _read_toml(included, problems, contents)
         if source is None:
             continue
         sources.append(source)
@@ -219,15 +221,18 @@ def _toml_only(value: Any) -> str:
     raise TypeError(f"{type(value).__name__} is not a TOML value")
 
 
-def _read_toml(path: Path, problems: list[ConfigProblem]) -> _Source | None:
+def _read_toml(path: Path, problems: list[ConfigProblem], contents: Mapping[Path, bytes] | None) -> _Source | None:
     try:
-        raw = path.read_bytes()
+        raw = contents[path] if contents is not None and path in contents else path.read_bytes()
         text = raw.decode("utf-8")
     except FileNotFoundError:
         problems.append(ConfigProblem(path, None, "", "file not found"))
         return None
     except (OSError, UnicodeDecodeError) as exc:
         problems.append(ConfigProblem(path, None, "", f"cannot read: {exc}"))
+        return None
+    if not text.strip():  # an editor truncates before it writes: a file caught then would stop every model
+        problems.append(ConfigProblem(path, None, "", "the file is empty (a comment makes an empty file deliberate)"))
         return None
     try:
         data = tomllib.loads(text)
