@@ -10,6 +10,7 @@ import httpx
 import pytest
 
 from llama_smart_proxy.supervisor.proxy.backends import ActionRefused
+from llama_smart_proxy.supervisor.service import reload_transaction
 from tests.service_harness import Harness
 
 
@@ -92,6 +93,36 @@ def test_admin_reload_route_reports_a_refusal(harness: Harness) -> None:
         response = httpx.post(f"{running.base}/admin/reload", timeout=30)
         assert response.status_code == 409
         assert "TOML syntax error" in response.json()["error"]["message"]
+
+
+def test_a_watched_save_is_reloaded_from_the_bytes_the_watcher_read(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The editor writes the same save again in place, and has truncated the file when the reload
+    # reads it. Reading the file again, the old reload was refused as a broken config; the watcher,
+    # having dealt with those bytes once, then never handed on the whole save that followed.
+    config = harness.write_config({"a": {"ctx": 512}})
+    with harness.serving(config, watch=True) as running:
+        real_prepare = reload_transaction.prepare
+
+        def prepare_while_the_editor_writes_again(source, **kwargs):  # type: ignore[no-untyped-def]
+            saved = config.read_bytes()
+            config.write_bytes(b"")
+            try:
+                return real_prepare(source, **kwargs)
+            finally:
+                config.write_bytes(saved)
+
+        monkeypatch.setattr(reload_transaction, "prepare", prepare_while_the_editor_writes_again)
+        harness.write_config({"a": {"ctx": 1024}})
+        deadline = time.monotonic() + 10
+        while running.status()["last_reload"] is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(1.5)  # the rewrite settles in 0.5 s: a second reload would have begun by now
+        status = running.status()
+        assert status["last_reload"] is not None and status["last_reload"]["ok"], status["last_reload"]
+        assert status["reloads"] == {"ok": 1, "failed": 0}
+        assert running.service.runtime.prepared.loaded.config.models["a"].ctx == 1024
 
 
 def test_hundred_reloads_under_load_lose_no_request(harness: Harness) -> None:

@@ -5,6 +5,7 @@ include glob is a change."""
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,12 +50,12 @@ async def run_watcher(
     reloads = 0
     running = loaded or Loaded.read(path)
 
-    async def on_change(problem: str | None) -> None:
+    async def on_change(problem: str | None, contents: Mapping[Path, bytes]) -> None:
         nonlocal reloads
         if problem is None:
             reloads += 1
             if applies:
-                running.digest = Loaded.read(path).digest
+                running.digest = files_digest(contents.items())  # what a reload parses
         elif problems is not None:
             problems.append(problem)
 

@@ -70,12 +70,17 @@ class Source:
     """`serve --host NAME`: this host in the config's [hosts]; None: the host named like this machine."""
     host_inventories: Mapping[str, Path] | None = None
     """`plan --inventory NAME=FILE`: snapshots used instead of those hosts' `inventory`."""
+    contents: Mapping[Path, bytes] | None = None
+    """Config files' bytes already read (the save `--watch` settled on), parsed instead of
+    reading those files again: an editor's next write may have begun since."""
 
     def load(self) -> LoadedConfig:
         if self.builtin is not None:
             return self.builtin
         assert self.config_path is not None
-        return load_config(self.config_path, self.overrides, require_model_files=self.require_model_files)
+        return load_config(
+            self.config_path, self.overrides, require_model_files=self.require_model_files, contents=self.contents
+        )
 
     def inventory(self) -> tuple[Inventory, str]:
         if self.inventory_path is not None:

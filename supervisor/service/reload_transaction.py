@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import replace
+from pathlib import Path
 
 import anyio
 import anyio.to_thread
@@ -47,10 +49,11 @@ class ReloadTransaction:
         self._status_line = status_line
         self._lock = anyio.Lock()
 
-    async def run(self, problem: str | None = None) -> str:
+    async def run(self, problem: str | None = None, contents: Mapping[Path, bytes] | None = None) -> str:
         """Reload; returns what was applied, or raises ActionRefused having changed nothing.
 
-        `problem`: the watcher saw a save it cannot read; it is refused as such."""
+        `problem`: the watcher saw a save it cannot read; it is refused as such. `contents`: the
+        config files' bytes the watcher read, used instead of reading the files again."""
         async with self._lock:
             self.notifier.reloading()
             started = time.monotonic()
@@ -58,7 +61,7 @@ class ReloadTransaction:
                 try:
                     if problem is not None:
                         raise UserError(problem)
-                    staged, setup = await self._stage()
+                    staged, setup = await self._stage(contents)
                 except Exception as exc:
                     raise self._refused(exc) from None
                 # phase 2: nothing below refuses
@@ -76,12 +79,13 @@ class ReloadTransaction:
             finally:
                 self.notifier.ready(self._status_line())
 
-    async def _stage(self) -> tuple[Staged, Setup]:
+    async def _stage(self, contents: Mapping[Path, bytes] | None) -> tuple[Staged, Setup]:
         """Phase 1. Raises on any problem; changes nothing."""
         runtime = self.runtime
+        source = self.source if contents is None else replace(self.source, contents=contents)
         # our children's memory shows as used in a fresh inventory: give it back to the planner
         credit = runtime.ledger.reserved_by_gpu()
-        new = await anyio.to_thread.run_sync(lambda: prepare(self.source, credit=credit))
+        new = await anyio.to_thread.run_sync(lambda: prepare(source, credit=credit))
         why = refusal(runtime.prepared.plan, new.plan)
         if why is not None:
             raise ActionRefused(why)

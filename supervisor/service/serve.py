@@ -17,6 +17,7 @@ from __future__ import annotations
 import gc
 import logging
 import signal
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -103,19 +104,19 @@ class Service:
         host, port = self.proxy.address or ("?", 0)
         return f"{len(models)} models ({counts}) on {host}:{port}"
 
-    async def reload(self, problem: str | None = None) -> str:
+    async def reload(self, problem: str | None = None, contents: Mapping[Path, bytes] | None = None) -> str:
         """Reload the config as a transaction (supervisor/service/reload_transaction.py); ActionRefused
-        when it is refused, the running config whole."""
+        when it is refused, the running config whole. `problem`, `contents`: from --watch."""
         await self.ready.wait()  # a reload asked for during start-up waits for the residents
         try:
-            return await self.transaction.run(problem)
+            return await self.transaction.run(problem, contents)
         finally:
             if self.settles_heap:
                 _settle_heap()
 
-    async def reload_logged(self, problem: str | None = None) -> None:
+    async def reload_logged(self, problem: str | None = None, contents: Mapping[Path, bytes] | None = None) -> None:
         try:
-            await self.reload(problem)
+            await self.reload(problem, contents)
         except ActionRefused:
             pass  # logged and recorded by reload()
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import glob
 import logging
 import tomllib
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -67,8 +67,8 @@ def watched_files(loaded: Loaded) -> list[Path]:
     return files
 
 
-def content_digest(paths: Sequence[Path]) -> tuple[str, str | None]:
-    """(digest of every file's bytes, the first TOML syntax problem or None)."""
+def content_digest(paths: Sequence[Path]) -> tuple[str, str | None, dict[Path, bytes]]:
+    """(digest of every file's bytes, the first TOML syntax problem or None, the bytes read)."""
     contents: list[tuple[Path, bytes]] = []
     problem = None
     for path in paths:
@@ -85,7 +85,7 @@ def content_digest(paths: Sequence[Path]) -> tuple[str, str | None]:
                 tomllib.loads(data.decode("utf-8"))
             except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
                 problem = f"{path}: TOML syntax error: {exc}"
-    return files_digest(contents), problem
+    return files_digest(contents), problem, dict(contents)
 
 
 class Loaded(Protocol):
@@ -103,14 +103,17 @@ class Loaded(Protocol):
 
 async def watch_config(
     loaded: Callable[[], Loaded],
-    on_change: Callable[[str | None], Awaitable[None]],
+    on_change: Callable[[str | None, Mapping[Path, bytes]], Awaitable[None]],
     *,
     debounce_s: float = 0.5,
     poll_s: float = POLL_S,
 ) -> None:
-    """Call `on_change(None)` once per settled save of the watched files whose bytes differ from
-    those `loaded()` was read from, and `on_change(problem)` once per settled save that is empty
-    or does not parse. Runs until cancelled.
+    """Call `on_change(None, contents)` once per settled save of the watched files whose bytes
+    differ from those `loaded()` was read from, and `on_change(problem, contents)` once per settled
+    save that is empty or does not parse. Runs until cancelled.
+
+    `contents` holds the bytes judged, for the reload to parse: read again, the files may be
+    half-way through an editor's next write.
 
     `loaded` is asked again at every poll, since a reload may change what is included.
     """
@@ -128,7 +131,7 @@ async def watch_config(
             current = take_stats(watched_files(loaded()))
             if current == seen:
                 break
-        digest, problem = content_digest(current.paths)
+        digest, problem, contents = content_digest(current.paths)
         if take_stats(current.paths) != current:
             continue  # written again while it was read (an editor's next write in place): settle again
         running = loaded().digest
@@ -137,7 +140,7 @@ async def watch_config(
                 log.warning("config changed but cannot be read as TOML, not applied: %s", problem)
             else:
                 log.info("config file changed: reloading")
-            await on_change(problem)
+            await on_change(problem, contents)
             running = loaded().digest
             seen = None  # a save made during the reload is read on the next poll
         last = (digest, running)
