@@ -213,7 +213,8 @@ def test_a_stream_from_the_real_llama_server_passes_whole_through_haproxy(fleet:
     print(f"\nstream direct: {len(direct)} reads with events, first {direct[0] * 1000:.1f} ms, last {direct[-1] * 1000:.1f} ms")
     print(f"stream through HAProxy: {len(events_at)} reads with events, first {events_at[0] * 1000:.1f} ms, last {events_at[-1] * 1000:.1f} ms")
     assert raw.startswith(b"HTTP/1.1 200") and raw.endswith(b"data: [DONE]\n\n\r\n0\r\n\r\n"), raw[-300:]
-    assert raw.count(b"data: ") >= 20 and direct_raw.count(b"data: ") >= 20  # tokens may merge into one event
+    # 40 tokens; llama-server merges some into one event (a CI run saw 19 events), so ask for many, not 20
+    assert raw.count(b"data: ") >= 10 and direct_raw.count(b"data: ") >= 10
 
 
 def test_models_listing_and_a_misspelt_model_are_answered_by_a_healthy_host(fleet: Fleet) -> None:
